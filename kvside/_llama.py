@@ -1,0 +1,71 @@
+"""The one place that loads llama.cpp.
+
+`lib` is llama-cpp-python's low-level ctypes module. `LLAMA_CPP_LIB_PATH` makes it load another
+libllama (the patched build in native/), with the same bindings.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import threading
+
+import llama_cpp  # noqa: F401  (loads libllama before numpy; see kvside/__init__.py)
+from llama_cpp import llama_cpp as lib
+
+# llama.cpp logs a lot to stderr. Keep the last lines so a failed load can say why, and show
+# nothing unless KVSIDE_LLAMA_LOG=1.
+_recent: collections.deque[str] = collections.deque(maxlen=64)
+_log_lock = threading.Lock()
+_echo = os.environ.get("KVSIDE_LLAMA_LOG") == "1"
+
+
+@lib.llama_log_callback
+def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", errors="replace")
+    with _log_lock:
+        _recent.append(line)
+    if _echo:
+        print(line, end="", file=__import__("sys").stderr)
+
+
+lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
+lib.llama_backend_init()
+
+
+def recent_log(n: int = 8) -> str:
+    """The last `n` non-empty lines llama.cpp logged, for error messages."""
+    with _log_lock:
+        lines = [line.strip() for line in _recent if line.strip()]
+    return " | ".join(lines[-n:])
+
+
+def system_info() -> str:
+    return lib.llama_print_system_info().decode("utf-8", errors="replace")
+
+
+def backend() -> str:
+    """'cuda', 'metal', 'vulkan' or 'cpu': what this libllama was built to use."""
+    info = system_info().upper()
+    for name, marker in (("cuda", "CUDA"), ("metal", "MTL"), ("metal", "METAL"), ("vulkan", "VULKAN")):
+        if marker in info:
+            return name
+    return "cpu"
+
+
+def library_path() -> str:
+    return getattr(lib._lib, "_name", "?")
+
+
+def has_symbol(name: str) -> bool:
+    try:
+        getattr(lib._lib, name)
+    except AttributeError:
+        return False
+    return True
+
+
+def native_patch_loaded() -> bool:
+    """True when libllama carries kvside's native patch (native/): it exports this symbol."""
+    return has_symbol("llama_kvside_patch_version")

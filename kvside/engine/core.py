@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvside._llama import backend, lib, recent_log
+from kvside.engine import edits
 from kvside.engine.batch import Batch
 from kvside.engine.ledger import LIVE, Ledger
 from kvside.engine.memory import Memory
@@ -49,6 +50,7 @@ class EngineConfig:
     n_threads: int | None = None
     n_gpu_layers: int | None = None  # None: every layer on a GPU backend, none on CPU
     default_system: str | None = None
+    flash_attn: bool | None = None  # None: llama.cpp decides; False for exact fidelity references
 
 
 @dataclass
@@ -66,6 +68,7 @@ class _Gen:
     mode: str  # "chat" or "text"
     history: list[dict]  # template history before the reply
     rollback: dict
+    rollback_first_msg: int = -1  # the turn's first new message: protected from auto-roll
     phase: str = PREFILL
     next_token: int = -1
     tokens: list[int] = field(default_factory=list)
@@ -127,6 +130,13 @@ class Core:
         params.n_seq_max = self.n_seq_max
         params.kv_unified = True  # cells can move between sequences (seq_cp, forks, blocks)
         params.no_perf = True
+        # Measured on CPU: with flash attention a row's result depends on where its cells sit in
+        # the cache (a re-prefill into other cells moved logits by up to 0.45); without it, on the
+        # shape of the batch it was decoded in. Serving keeps llama.cpp's choice (batch-invariant
+        # under the small-batch rule below); fidelity measurements turn it off so that a
+        # re-prefill reproduces the cache bit for bit.
+        if config.flash_attn is not None:
+            params.flash_attn_type = 1 if config.flash_attn else 0
         threads = config.n_threads or os.cpu_count() or 2
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -334,6 +344,10 @@ class Core:
     def _start(self, s, pieces, params, stream, reply_id, mode, history, new) -> None:
         todo = [t for _, toks in pieces for t in toks]
         todo_msg = [m for m, toks in pieces for _ in toks]
+        notices = []
+        rolled = edits.auto_roll(self, s, len(todo) + 1, protect={m.id for m in new})
+        if rolled:
+            notices.append(self._notice(stream, rolled))
         self._room_check(s, len(todo), params.max_tokens)
         rollback = {
             "start": s.ledger.next_pos,
@@ -346,6 +360,8 @@ class Core:
         self._clear_pending(s)
         sampler = Sampler(params, s.ledger.tok + todo, self.model.n_vocab)
         gen = _Gen(s, stream, params, sampler, StopMatcher(params.stop), todo, todo_msg, reply_id, mode, history, rollback)
+        gen.rollback_first_msg = new[0].id if new else -1
+        gen.notices.extend(notices)
         gen.usage.cached_tokens = len(s.ledger)
         gen.usage.prompt_tokens = len(s.ledger) + len(todo)
         s.busy = True
@@ -441,8 +457,20 @@ class Core:
         if len(g.tokens) >= g.params.max_tokens:
             return self._finish(g, "length")
         if g.session.ledger.next_pos + 1 >= self.n_ctx:
-            return self._finish(g, "length")
+            protect = set(range(g.rollback_first_msg, g.reply_id + 1))
+            try:
+                rolled = edits.auto_roll(self, g.session, 1 + self.n_ctx // 8, protect=protect)
+            except KvsideError:
+                rolled = None
+            if not rolled or g.session.ledger.next_pos + 1 >= self.n_ctx:
+                return self._finish(g, "length")
+            g.notices.append(self._notice(g.stream, rolled))
         g.next_token = token
+
+    def _notice(self, stream: Stream, report: dict) -> dict:
+        notice = {"kind": "roll", **report}
+        stream.put(Event("notice", text=f"context full: rolled {report['dropped']} tokens ({report['strategy']})", data=notice))
+        return notice
 
     def _finish(self, g: _Gen, reason: str, stop_hit: bool = False) -> None:
         s = g.session

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kvside._llama import native_patch_loaded
+from kvside.engine import edits
 from kvside.engine.core import Core, EngineConfig
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
@@ -149,6 +150,38 @@ class Engine:
 
     def next_logits(self, name: str, tokens: list[int] | None = None, all_logits: bool = False) -> np.ndarray:
         return self.call(lambda core: core.probe(name, tokens, all_logits), session=name)
+
+    # -- edits (each runs after the session's current work) -----------------------------------
+    def _edit(self, name: str, fn) -> Any:
+        return self.call(lambda core: fn(core, core.get(name)), session=name)
+
+    def roll(self, name: str, drop: int, keep: int | None = None, strategy: str | None = None,
+             boundary: bool = False) -> dict:
+        return self._edit(name, lambda core, s: edits.roll(core, s, drop, keep, strategy or s.roll_strategy, boundary))
+
+    def mask(self, name: str, messages: list[int] | None = None, span: tuple[int, int] | None = None,
+             close_gap: bool = False) -> dict:
+        return self._edit(name, lambda core, s: edits.mask(core, s, messages, span, close_gap))
+
+    def compact(self, name: str, up_to: int, summary: str | None = None, mode: str = "mask") -> dict:
+        return self._edit(name, lambda core, s: edits.compact(core, s, up_to, summary, mode))
+
+    def prune(self, name: str, kind: str = "tool", keep_last: int = 1, close_gap: bool = False) -> dict:
+        return self._edit(name, lambda core, s: edits.prune(core, s, kind, keep_last, close_gap))
+
+    def erratum(self, name: str, text: str) -> dict:
+        return self._edit(name, lambda core, s: edits.erratum(core, s, text))
+
+    def fork(self, name: str, new_name: str | None = None) -> str:
+        return self._edit(name, lambda core, s: edits.fork(core, s, new_name)[0].name)
+
+    def set_roll_strategy(self, name: str, strategy: str) -> None:
+        def apply(core, s):
+            s.roll_strategy = str(edits.Strategy.parse(strategy))
+        self._edit(name, apply)
+
+    def edit_log(self, name: str) -> list[dict]:
+        return self._edit(name, lambda core, s: list(s.edit_log))
 
     # -- generation -----------------------------------------------------------------------------
     def chat(self, session: str, message: str | list[dict], **params: Any) -> Stream:

@@ -1,0 +1,404 @@
+"""Cache edits: each changes a session's cells in place and records itself in the ledger and the
+edit log. All run on the engine thread with the session idle.
+
+Every edit has a fallback, `reprefill`: rebuild the session's cells from the ledger's tokens. It is
+also the reference every edit is measured against, and what runs when the cache cannot shift
+(`llama_memory_can_shift` is false) or llama.cpp refuses a removal. An edit either completes or the
+session is rebuilt from its ledger: it is never left half-edited.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kvside.engine.ledger import ERRATUM, LIVE, RECOMPUTED, SUMMARY
+from kvside.engine.session import MSG_MASKED, MSG_PRUNED, MSG_ROLLED, MSG_SUMMARIZED, Message, Session
+from kvside.engine.state import get_seq_state, set_seq_state
+from kvside.errors import EditError, InvalidRequest, KvsideError
+
+SINK = 4  # tokens kept at the front when a session has no pinned messages (the attention sink)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str  # "shift", "recompute" or "reprefill"
+    r: int = 0  # recompute: how many tokens of the kept window to recompute
+
+    @classmethod
+    def parse(cls, text: str) -> "Strategy":
+        text = (text or "shift").strip()
+        if text in ("shift", "reprefill"):
+            return cls(text)
+        if text.startswith("recompute:"):
+            try:
+                r = int(text.split(":", 1)[1])
+            except ValueError:
+                r = -1
+            if r < 0:
+                raise InvalidRequest(f"bad strategy {text!r}: recompute:R needs R >= 0")
+            return cls("recompute", r)
+        if text.startswith(("values:", "select:")):
+            raise InvalidRequest(f"strategy {text!r} needs kvside's native patch to llama.cpp (not loaded)")
+        raise InvalidRequest(f"unknown strategy {text!r} (shift, recompute:R, reprefill)")
+
+    def __str__(self) -> str:
+        return f"recompute:{self.r}" if self.name == "recompute" else self.name
+
+
+def head_size(s: Session) -> int:
+    """Cells kept at the front by default: every pinned message (the system prompt), else the sink."""
+    pinned = {m.id for m in s.messages if m.pinned}
+    n = 0
+    while n < len(s.ledger) and s.ledger.msg[n] in pinned:
+        n += 1
+    return n if n else min(SINK, len(s.ledger))
+
+
+# -- the rebuild every edit can fall back to --------------------------------------------------------
+def reprefill(core, s: Session) -> None:
+    """Rebuild s's cells densely from its ledger's tokens (positions 0..n-1)."""
+    led = s.ledger
+    core.mem.clear_seq(s.seq)
+    tokens = list(led.tok)
+    try:
+        core.decode_now(s.seq, tokens, 0, logits="none")
+    except KvsideError:
+        led.truncate(0)
+        raise EditError(f"session {s.name!r} could not be rebuilt; its cache was cleared") from None
+    led.pos = list(range(len(tokens)))
+
+
+# -- roll -------------------------------------------------------------------------------------------
+def roll(core, s: Session, drop: int, keep: int | None = None, strategy: str | Strategy = "shift",
+         boundary: bool = False, reason: str = "rolled") -> dict:
+    """Drop `drop` cells after the first `keep` (default: the system prompt, else the sink) and move
+    the rest down to follow the head. With `boundary`, round `drop` up to a whole message."""
+    strat = strategy if isinstance(strategy, Strategy) else Strategy.parse(strategy)
+    led = s.ledger
+    keep = head_size(s) if keep is None else keep
+    if keep < 0 or drop < 0:
+        raise InvalidRequest("keep and drop must be >= 0")
+    if keep + drop > len(led):
+        raise InvalidRequest(f"cannot drop {drop} after {keep} kept: the session holds {len(led)} cells")
+    if drop == 0:
+        return {"dropped": 0, "strategy": str(strat)}
+    end = keep + drop  # cell index of the first kept window cell
+    if boundary:
+        last_msg = led.msg[end - 1]
+        while end < len(led) and led.msg[end] == last_msg:
+            end += 1
+    dropped_msgs = set(led.msg[keep:end])
+    kept_after = set(led.msg[end:]) | set(led.msg[:keep])
+    if s.pending_msg in dropped_msgs and s.pending_msg not in kept_after:
+        kept_after.add(s.pending_msg)
+    t0 = time.perf_counter()
+    p_drop = led.pos[keep] if keep < len(led) else led.next_pos
+    p_rest = led.pos[end] if end < len(led) else led.next_pos
+    p_head_end = (led.pos[keep - 1] + 1) if keep else 0  # the window moves to follow the head
+    n_dropped = end - keep
+    fallback = None
+    try:
+        if strat.name == "reprefill" or not core.mem.can_shift():
+            if strat.name != "reprefill":
+                fallback = "reprefill (this cache cannot shift positions)"
+            led.remove(p_drop, p_rest, reason)
+            reprefill(core, s)
+            recomputed = len(led)
+        else:
+            core.mem.rm(s.seq, p_drop, p_rest)
+            led.remove(p_drop, p_rest, reason)
+            delta = p_head_end - p_rest
+            if delta:
+                core.mem.add(s.seq, p_rest, -1, delta)
+                led.shift(p_rest, -1, delta)
+            recomputed = _recompute_window(core, s, keep, strat.r) if strat.name == "recompute" else 0
+    except EditError as exc:
+        fallback = f"reprefill ({exc.message})"
+        reprefill(core, s)
+        recomputed = len(led)
+    for m in s.messages:
+        if m.id in dropped_msgs and m.id not in kept_after:
+            m.state = MSG_ROLLED
+    report = {
+        "dropped": n_dropped,
+        "kept_head": keep,
+        "strategy": str(strat),
+        "recomputed": recomputed,
+        "n_cells": len(led),
+        "messages_rolled": sorted(dropped_msgs - kept_after),
+        "t_edit_s": time.perf_counter() - t0,
+    }
+    if fallback:
+        report["fallback"] = fallback
+    s.log("roll", **report)
+    return report
+
+
+def _recompute_window(core, s: Session, keep: int, r: int) -> int:
+    """Recompute the first r cells of the window after the head exactly, with stock llama.cpp:
+    the head's cells are shared into the scratch sequence, the window's tokens decoded there after
+    them, and the fresh cells handed back to the session in place of the shifted ones."""
+    led = s.ledger
+    r = min(r, len(led) - keep)
+    if r <= 0:
+        return 0
+    p0 = led.pos[keep]
+    # only a contiguous run can be decoded in one go (a batch must start at pos_max + 1)
+    run = 1
+    while run < r and led.pos[keep + run] == p0 + run:
+        run += 1
+    r = run
+    scratch = core.scratch_seq
+    head_end = led.pos[keep - 1] + 1 if keep else 0
+    if head_end != p0:
+        raise EditError("the window does not follow the head")
+    core.mem.clear_seq(scratch)
+    try:
+        if keep:
+            core.mem.cp(s.seq, scratch, 0, p0)
+        core.decode_now(scratch, led.tok[keep : keep + r], p0, logits="none")
+        core.mem.rm(s.seq, p0, p0 + r)
+        core.mem.cp(scratch, s.seq, p0, p0 + r)
+    finally:
+        core.mem.clear_seq(scratch)
+    led.mark(p0, p0 + r, RECOMPUTED)
+    return r
+
+
+# -- auto-roll --------------------------------------------------------------------------------------
+def auto_roll(core, s: Session, need: int, protect: set[int]) -> dict | None:
+    """Make room for `need` more positions by rolling whole oldest turns (never pinned messages or
+    those in `protect`). Returns the roll's report, or None when nothing had to go."""
+    led = s.ledger
+    if led.next_pos + need < core.n_ctx:
+        return None
+    keep = head_size(s)
+    pinned = {m.id for m in s.messages if m.pinned} | protect
+    end = keep
+    # roll whole messages from the head on until the rest fits
+    while end < len(led) and led.msg[end] not in pinned:
+        first_msg = led.msg[end]
+        while end < len(led) and led.msg[end] == first_msg:
+            end += 1
+        p_rest = led.pos[end] if end < len(led) else led.next_pos
+        head_end = led.pos[keep - 1] + 1 if keep else 0
+        if head_end + (led.next_pos - p_rest) + need < core.n_ctx:
+            break
+    if end == keep:
+        return None
+    report = roll(core, s, end - keep, keep=keep, strategy=s.roll_strategy, reason="auto-rolled")
+    report["auto"] = True
+    return report
+
+
+# -- mask -------------------------------------------------------------------------------------------
+def _spans(positions: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive positions as half-open spans."""
+    spans: list[tuple[int, int]] = []
+    for p in positions:
+        if spans and spans[-1][1] == p:
+            spans[-1] = (spans[-1][0], p + 1)
+        else:
+            spans.append((p, p + 1))
+    return spans
+
+
+def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, int] | None = None,
+         close_gap: bool = False, reason: str = "masked", state: str = MSG_MASKED) -> dict:
+    """Remove the cells of `messages` (or of the position span [p0, p1)); later cells keep the KV
+    computed while those were visible. With close_gap the later cells move down to close the hole."""
+    led = s.ledger
+    if (messages is None) == (span is None):
+        raise InvalidRequest("mask needs either messages or a position span")
+    if messages is not None:
+        ids = set(messages)
+        known = {m.id for m in s.messages}
+        if not ids <= known:
+            raise InvalidRequest(f"unknown message ids: {sorted(ids - known)}")
+        if any(s.message(i).pinned for i in ids):
+            raise InvalidRequest("pinned messages (the system prompt) cannot be masked")
+        positions = led.positions_of(ids)
+    else:
+        p0, p1 = span
+        if not 0 <= p0 < p1:
+            raise InvalidRequest("span must satisfy 0 <= p0 < p1")
+        i0, i1 = led.span(p0, p1)
+        positions = led.pos[i0:i1]
+        ids = set(led.msg[i0:i1])
+    t0 = time.perf_counter()
+    spans = _spans(positions)
+    n = len(positions)
+    fallback = None
+    try:
+        if close_gap and not core.mem.can_shift():
+            raise EditError("this cache cannot shift positions")
+        for p0, p1 in reversed(spans):  # from the end, so earlier spans keep their positions
+            core.mem.rm(s.seq, p0, p1)
+            led.remove(p0, p1, reason)
+            if close_gap and p1 < led.next_pos + (p1 - p0):
+                core.mem.add(s.seq, p1, -1, p0 - p1)
+                led.shift(p1, -1, p0 - p1)
+    except EditError as exc:
+        fallback = f"reprefill ({exc.message})"
+        for p0, p1 in reversed(spans):
+            led.remove(p0, p1, reason)
+        reprefill(core, s)
+    for m in s.messages:
+        if m.id in ids and not led.positions_of({m.id}):
+            m.state = state
+    report = {"masked": n, "messages": sorted(ids), "spans": spans, "close_gap": close_gap,
+              "n_cells": len(led), "next_pos": led.next_pos, "t_edit_s": time.perf_counter() - t0}
+    if fallback:
+        report["fallback"] = fallback
+    s.log("mask", **report)
+    return report
+
+
+def prune(core, s: Session, kind: str = "tool", keep_last: int = 1, close_gap: bool = False) -> dict:
+    """Mask old messages of one kind (tool results by default), keeping the last `keep_last`."""
+    candidates = [m.id for m in s.messages if m.kind == kind and s.ledger.positions_of({m.id})]
+    old = candidates[: max(len(candidates) - keep_last, 0)]
+    if not old:
+        return {"masked": 0, "messages": []}
+    return mask(core, s, messages=old, close_gap=close_gap, reason="pruned", state=MSG_PRUNED)
+
+
+# -- append-only notes ------------------------------------------------------------------------------
+def append_note(core, s: Session, role: str, content: str, kind: str, state: str) -> tuple[Message, dict]:
+    """Append a message to the cache now (no generation) with its cells in `state`."""
+    msg = Message(s.next_message_id(), role, content, kind=kind)
+    pieces = core._chat_pieces(s, [msg], generation=False)
+    tokens = [t for _, toks in pieces for t in toks]
+    rolled = auto_roll(core, s, len(tokens) + 1, protect=set())
+    core._room_check(s, len(tokens), 0)
+    start = s.ledger.next_pos
+    core.decode_now(s.seq, tokens, start, logits="none")
+    for msg_id, toks in pieces:
+        s.ledger.append(toks, msg_id, state if msg_id == msg.id else LIVE)
+    s.messages.append(msg)
+    s.pending, s.pending_msg, s.closing = [], -1, ""
+    report = {"message": msg.id, "n_tokens": len(tokens)}
+    if rolled:
+        report["rolled"] = rolled
+    return msg, report
+
+
+def erratum(core, s: Session, text: str) -> dict:
+    """An append-only correction: the earlier text stays, a note after it says what was wrong."""
+    if not text.strip():
+        raise InvalidRequest("the erratum is empty")
+    _, report = append_note(core, s, "system", f"Correction: {text}", "erratum", ERRATUM)
+    s.log("erratum", **report)
+    return report
+
+
+# -- compaction -------------------------------------------------------------------------------------
+SUMMARY_PROMPT = "Summarize the conversation so far in a few sentences. Keep names, numbers and facts."
+
+
+def compact(core, s: Session, up_to: int, summary: str | None = None, mode: str = "mask",
+            max_summary_tokens: int = 160, close_gap: bool = True) -> dict:
+    """Summarize messages up to id `up_to` (inclusive, pinned ones excepted), append the summary and
+    mask the summarized turns (mode 'mask'), or rebuild the cache from text (mode 'restart').
+    close_gap (default) moves the later cells down so the masked positions are free again."""
+    if mode not in ("mask", "restart"):
+        raise InvalidRequest("compact mode is 'mask' or 'restart'")
+    targets = [m.id for m in s.messages if m.id <= up_to and not m.pinned and m.kind != "summary"
+               and s.ledger.positions_of({m.id})]
+    if not targets:
+        raise InvalidRequest(f"nothing to compact up to message {up_to}")
+    t0 = time.perf_counter()
+    if summary is None:
+        summary = write_summary(core, s, targets, max_summary_tokens)
+    if mode == "mask":
+        msg, note = append_note(core, s, "system", f"Summary of earlier turns: {summary}", "summary", SUMMARY)
+        masked = mask(core, s, messages=targets, close_gap=close_gap, reason="compacted", state=MSG_SUMMARIZED)
+        report = {"mode": mode, "summary": summary, "summary_message": msg.id, "masked": masked["masked"],
+                  "messages": targets}
+    else:
+        report = _restart(core, s, targets, summary)
+    report["t_edit_s"] = time.perf_counter() - t0
+    s.log("compact", **report)
+    return report
+
+
+def write_summary(core, s: Session, targets: list[int], max_tokens: int) -> str:
+    """Have the model summarize the target messages, greedily, in the scratch sequence."""
+    from kvside.engine.sampling import Sampler, SamplingParams
+
+    lines = [f"{s.message(i).role}: {s.message(i).content}" for i in targets]
+    prompt = [{"role": "user", "content": SUMMARY_PROMPT + "\n\n" + "\n".join(lines)}]
+    text = core.template.render(prompt, add_generation_prompt=True)
+    tokens = core.model.tokenize(text, add_special=core.model.add_bos, parse_special=True)
+    room = core.n_ctx - max_tokens - 1
+    if len(tokens) > room:  # keep the end of the transcript, which the summary matters most for
+        tokens = tokens[:8] + tokens[-(room - 8):]
+    scratch = core.scratch_seq
+    core.mem.clear_seq(scratch)
+    params = SamplingParams(temperature=0.0, repeat_penalty=1.1, max_tokens=max_tokens)
+    sampler = Sampler(params, tokens, core.model.n_vocab)
+    out: list[int] = []
+    try:
+        core.decode_now(scratch, tokens, 0, logits="last")
+        pos = len(tokens)
+        while len(out) < max_tokens:
+            tok = sampler.sample(core.ctx, core.batch.n - 1)
+            if core.model.is_eog(tok):
+                break
+            out.append(tok)
+            core.decode_now(scratch, [tok], pos, logits="last")
+            pos += 1
+    finally:
+        sampler.close()
+        core.mem.clear_seq(scratch)
+    return core.model.detokenize(out).strip()
+
+
+def _restart(core, s: Session, targets: list[int], summary: str) -> dict:
+    """The baseline compaction: re-prefill <system><summary><later turns> from text."""
+    keep = [m for m in s.messages if m.id not in targets and m.kind != "text" and s.ledger.positions_of({m.id})]
+    summary_msg = Message(s.next_message_id(), "system", f"Summary of earlier turns: {summary}", kind="summary")
+    pinned = [m for m in keep if m.pinned]
+    later = [m for m in keep if not m.pinned]
+    order = pinned + [summary_msg] + later
+    for m in s.messages:
+        if m.id in targets:
+            m.state = MSG_SUMMARIZED
+    s.messages.append(summary_msg)
+    old_cells = len(s.ledger)
+    s.ledger.remove(0, -1, "restarted")
+    core.mem.clear_seq(s.seq)
+    s.pending, s.pending_msg, s.closing = [], -1, ""
+    hist: list[dict] = []
+    for m in order:
+        seg = core.template.delta(hist, [m.as_template()], add_generation_prompt=False) or ""
+        toks = core.model.tokenize(seg, add_special=not hist and core.model.add_bos, parse_special=True)
+        start = s.ledger.next_pos
+        core.decode_now(s.seq, toks, start, logits="none")
+        s.ledger.append(toks, m.id, SUMMARY if m is summary_msg else LIVE)
+        hist.append(m.as_template())
+    return {"mode": "restart", "summary": summary, "summary_message": summary_msg.id,
+            "reprefilled": len(s.ledger), "cells_before": old_cells, "messages": targets}
+
+
+# -- fork -------------------------------------------------------------------------------------------
+def fork(core, s: Session, name: str | None = None) -> tuple[Session, dict]:
+    """An independent copy: the state is copied through host memory into a new sequence, because
+    seq_cp would share cells and a later shift of one would move the other."""
+    t0 = time.perf_counter()
+    child = core.new_session(name)
+    try:
+        blob = get_seq_state(core.ctx, s.seq)
+        set_seq_state(core.ctx, child.seq, blob)
+    except KvsideError:
+        core.delete_session(child.name)
+        raise
+    child.ledger = s.ledger.copy()
+    child.messages = [Message(**m.to_dict()) for m in s.messages]
+    child.pending, child.pending_msg, child.closing = list(s.pending), s.pending_msg, s.closing
+    child.defaults, child.roll_strategy = s.defaults, s.roll_strategy
+    child.edit_log = list(s.edit_log)
+    report = {"parent": s.name, "child": child.name, "bytes": len(blob), "t_edit_s": time.perf_counter() - t0}
+    child.log("fork", **report)
+    return child, report

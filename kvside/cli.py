@@ -137,6 +137,19 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         keys = ["model", "n_prompt", "n_tokens", "kvside_tok_s", "llama_cpp_python_tok_s", "ratio", "prefill_tok_s"]
         print_report(result, ns.json, [(k, result[k]) for k in keys])
         return 0
+    if ns.what == "roll":
+        from kvside.bench import roll
+
+        strategies = ns.strategy or roll.DEFAULT_STRATEGIES
+        for s in strategies:
+            from kvside.engine.edits import Strategy
+
+            Strategy.parse(s)  # a bad name fails before any work
+        if ns.drop < 1 or ns.drop >= ns.ctx - ns.keep:
+            raise KvsideError_usage("--drop must be between 1 and ctx - keep - 1")
+        result = roll.run(ns.model, ns.ctx, ns.drop, ns.keep, strategies, ns.steps, ns.threads)
+        print(json.dumps(result, indent=2) if ns.json else roll.table(result))
+        return 0
     raise KvsideError_usage(f"unknown benchmark {ns.what!r}")
 
 
@@ -174,10 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
-    p.add_argument("what", choices=["decode"])
+    p.add_argument("what", choices=["decode", "roll"])
     p.add_argument("--json", action="store_true")
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128, help="decode: tokens to generate")
+    p.add_argument("--reps", type=int, default=3, help="decode: repetitions")
+    p.add_argument("--ctx", type=int, default=1024, help="roll: tokens in the cache before the roll")
+    p.add_argument("--drop", type=int, default=256, help="roll: tokens dropped")
+    p.add_argument("--keep", type=int, default=4, help="roll: tokens kept at the front")
+    p.add_argument("--strategy", action="append", default=None, help="roll: strategy (repeatable)")
+    p.add_argument("--steps", type=int, default=32, help="roll: teacher-forced steps")
     _engine_args(p, n_ctx=1024)
     p.set_defaults(func=cmd_bench)
     return parser

@@ -312,6 +312,22 @@ class Core:
         assert out is not None
         return out
 
+    def greedy(self, name: str, first: list[int], n: int) -> list[int]:
+        """The greedy continuation after feeding `first`; the cache is left as it was."""
+        s = self.get(name)
+        start = s.ledger.next_pos
+        out: list[int] = []
+        try:
+            logits = self.decode_now(s.seq, first, start, logits="last")
+            pos = start + len(first)
+            while len(out) < n and pos < self.n_ctx:
+                out.append(int(np.argmax(logits)))
+                logits = self.decode_now(s.seq, [out[-1]], pos, logits="last")
+                pos += 1
+        finally:
+            self.mem.rm(s.seq, start, -1)
+        return out
+
     # -- generations ----------------------------------------------------------------------------
     def start_chat(self, name: str, messages: list[dict], params: SamplingParams, stream: Stream) -> None:
         s = self.get(name)

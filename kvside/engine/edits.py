@@ -98,6 +98,7 @@ def roll(core, s: Session, drop: int, keep: int | None = None, strategy: str | S
     p_head_end = (led.pos[keep - 1] + 1) if keep else 0  # the window moves to follow the head
     n_dropped = end - keep
     fallback = None
+    snapshot = led.copy()
     try:
         if strat.name == "reprefill" or not core.mem.can_shift():
             if strat.name != "reprefill":
@@ -115,6 +116,8 @@ def roll(core, s: Session, drop: int, keep: int | None = None, strategy: str | S
             recomputed = _recompute_window(core, s, keep, strat.r) if strat.name == "recompute" else 0
     except EditError as exc:
         fallback = f"reprefill ({exc.message})"
+        s.ledger = led = snapshot  # the cache may be half-edited: rebuild it from the ledger
+        led.remove(p_drop, p_rest, reason)
         reprefill(core, s)
         recomputed = len(led)
     for m in s.messages:
@@ -230,6 +233,7 @@ def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, i
     spans = _spans(positions)
     n = len(positions)
     fallback = None
+    snapshot = led.copy()
     try:
         if close_gap and not core.mem.can_shift():
             raise EditError("this cache cannot shift positions")
@@ -241,6 +245,7 @@ def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, i
                 led.shift(p1, -1, p0 - p1)
     except EditError as exc:
         fallback = f"reprefill ({exc.message})"
+        s.ledger = led = snapshot  # the cache may be half-edited: rebuild it from the ledger
         for p0, p1 in reversed(spans):
             led.remove(p0, p1, reason)
         reprefill(core, s)

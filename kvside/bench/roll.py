@@ -1,0 +1,80 @@
+"""`kvside bench roll`: roll a full context with each strategy and measure, in one run, the time
+from the edit request to the first token against a re-prefill of the same edited tokens, and the
+fidelity of the edited cache (teacher-forced on the reference's greedy continuation)."""
+
+from __future__ import annotations
+
+import time
+
+from kvside.bench import corpus
+from kvside.bench.fidelity import compare
+from kvside.engine import Engine, edits
+
+DEFAULT_STRATEGIES = ["shift", "recompute:16", "recompute:64", "recompute:256", "reprefill"]
+
+
+def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: str, steps: int) -> dict:
+    """One strategy: tokens[:-1] fill the cache, tokens[-1] is the first token after the edit."""
+    context, nxt = tokens[:-1], tokens[-1]
+
+    def run(core):
+        s = core.new_session()
+        ref = core.new_session()
+        try:
+            core._prefill_now(s, [(0, context)])
+            t0 = time.perf_counter()
+            report = edits.roll(core, s, drop, keep, strategy)
+            core.probe(s.name, [nxt])
+            t_edit = time.perf_counter() - t0
+            kept = list(s.ledger.tok)
+            t0 = time.perf_counter()
+            core._prefill_now(ref, [(0, kept)])
+            core.probe(ref.name, [nxt])
+            t_ref = time.perf_counter() - t0
+            cont = core.greedy(ref.name, [nxt], steps)
+            forced = [nxt] + cont[:-1]
+            fid = compare(core.probe(s.name, forced, all_logits=True), core.probe(ref.name, forced, all_logits=True))
+            return {
+                "strategy": strategy,
+                "t_edit_s": t_edit,
+                "t_reprefill_s": t_ref,
+                "speedup": t_ref / t_edit if t_edit else 0.0,
+                **fid,
+                "recompute_frac": report["recomputed"] / max(len(s.ledger), 1),
+                "dropped": report["dropped"],
+                "n_cells": len(s.ledger),
+                "fallback": report.get("fallback"),
+            }
+        finally:
+            core.delete_session(s.name)
+            core.delete_session(ref.name)
+
+    return engine.call(run)
+
+
+def run(model: str | None, ctx: int, drop: int, keep: int, strategies: list[str], steps: int,
+        n_threads: int | None) -> dict:
+    # flash attention off: a re-prefill then reproduces a cache bit for bit, so the figures
+    # below carry no layout noise (see EngineConfig.flash_attn)
+    engine = Engine(model=model, n_ctx=ctx + steps + 8, max_sessions=2, n_threads=n_threads, flash_attn=False).start()
+    try:
+        tokens = engine.call(lambda core: corpus.tokens(core.model, ctx + 1))
+        rows = [measure(engine, tokens, drop, keep, s, steps) for s in strategies]
+        info = engine.info()
+    finally:
+        engine.close()
+    return {"model": info["model_name"], "ctx": ctx, "drop": drop, "keep": keep, "steps": steps,
+            "n_threads": info["n_threads"], "results": rows}
+
+
+COLUMNS = ["strategy", "t_edit_s", "t_reprefill_s", "speedup", "kl", "kl_first", "logit_cos", "top1", "recompute_frac"]
+
+
+def table(result: dict) -> str:
+    lines = [f"roll: ctx {result['ctx']}, drop {result['drop']}, keep {result['keep']}, "
+             f"{result['steps']} teacher-forced steps, model {result['model']}"]
+    lines.append(" | ".join(COLUMNS))
+    for row in result["results"]:
+        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)

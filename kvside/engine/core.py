@@ -12,11 +12,12 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from kvside._llama import backend, lib, recent_log
-from kvside.engine import edits
+from kvside.engine import edits, persist
 from kvside.engine.batch import Batch
 from kvside.engine.ledger import LIVE, Ledger
 from kvside.engine.memory import Memory
@@ -34,6 +35,7 @@ from kvside.errors import (
     SessionBusy,
     SessionNotFound,
 )
+from kvside.home import subdir
 from kvside.models import resolve
 
 PREFILL = "prefill"
@@ -50,7 +52,9 @@ class EngineConfig:
     n_threads: int | None = None
     n_gpu_layers: int | None = None  # None: every layer on a GPU backend, none on CPU
     default_system: str | None = None
-    flash_attn: bool | None = None  # None: llama.cpp decides; False for exact fidelity references
+    sessions_dir: str | None = None  # where idle sessions go (default: $KVSIDE_HOME/sessions)
+    persist: bool = False  # save resident sessions on close, know saved ones on start
+    flash_attn: bool | None = None  # None: llama.cpp decides; False for bit-exact references and restores
 
 
 @dataclass
@@ -116,11 +120,17 @@ class Core:
             eos_token=self.model.token_text(self.model.eos) if self.model.eos >= 0 else "",
         )
         self.sessions: dict[str, Session] = {}
+        self.evicted: dict[str, Path] = {}  # sessions on disk, restored on first use
+        self.sessions_dir = Path(config.sessions_dir) if config.sessions_dir else subdir("sessions")
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        self.type_k = self.type_v = "f16"  # llama.cpp's default KV types; recorded in session files
         self.free_seqs = list(range(self.scratch_seq))
         self.gens: list[_Gen] = []
         self.ready: list = []  # deferred work whose session became free
         self._counter = 0
         self._last_big = False
+        if config.persist:
+            persist.scan(self)
 
     def _new_context(self, config: EngineConfig):
         params = lib.llama_context_default_params()
@@ -130,11 +140,12 @@ class Core:
         params.n_seq_max = self.n_seq_max
         params.kv_unified = True  # cells can move between sequences (seq_cp, forks, blocks)
         params.no_perf = True
-        # Measured on CPU: with flash attention a row's result depends on where its cells sit in
-        # the cache (a re-prefill into other cells moved logits by up to 0.45); without it, on the
-        # shape of the batch it was decoded in. Serving keeps llama.cpp's choice (batch-invariant
-        # under the small-batch rule below); fidelity measurements turn it off so that a
-        # re-prefill reproduces the cache bit for bit.
+        # Measured on CPU: with flash attention (llama.cpp's default) a row's result depends on
+        # where its cells sit in the cache (a re-prefill or a restore into other cells moved
+        # logits by up to 0.45), but not on which other sessions share its batch (under the
+        # small-batch rule below). Without it, a restore or a re-prefill reproduces the cache bit
+        # for bit, but a decode batch holding several sessions rounds differently from a solo
+        # one. Serving keeps the default; fidelity measurements and exact restores turn it off.
         if config.flash_attn is not None:
             params.flash_attn_type = 1 if config.flash_attn else 0
         threads = config.n_threads or os.cpu_count() or 2
@@ -149,6 +160,12 @@ class Core:
     def close(self) -> None:
         for g in list(self.gens):
             self._fail(g, KvsideError("engine closed"))
+        if self.config.persist and self.ctx:
+            for s in list(self.sessions.values()):
+                try:
+                    persist.save(self, s, persist.session_path(self, s.name))
+                except KvsideError:
+                    pass  # a session that cannot be saved is lost with the process, as without persist
         self.batch.close()
         if self.ctx:
             lib.llama_free(self.ctx)
@@ -157,10 +174,12 @@ class Core:
 
     # -- sessions -----------------------------------------------------------------------------
     def get(self, name: str) -> Session:
-        try:
-            return self.sessions[name]
-        except KeyError:
-            raise SessionNotFound(f"no session named {name!r}") from None
+        s = self.sessions.get(name)
+        if s is not None:
+            return s
+        if name in self.evicted:
+            return persist.bring_back(self, name)
+        raise SessionNotFound(f"no session named {name!r}")
 
     def new_session(self, name: str | None = None, system: str | None = None) -> Session:
         if name is None:
@@ -170,10 +189,10 @@ class Core:
                 self._counter += 1
                 name = f"s{self._counter}"
         check_name(name)
-        if name in self.sessions:
+        if name in self.sessions or name in self.evicted:
             raise InvalidRequest(f"session {name!r} already exists")
         if not self.free_seqs:
-            raise CacheFull(f"all {self.n_seq_max - 1} session slots are in use")
+            persist.make_room(self)
         seq = self.free_seqs.pop(0)
         self.mem.clear_seq(seq)
         session = Session(name=name, seq=seq)
@@ -185,7 +204,12 @@ class Core:
         self.sessions[name] = session
         return session
 
-    def delete_session(self, name: str) -> None:
+    def delete_session(self, name: str, forget_file: bool = False) -> None:
+        if name not in self.sessions and name in self.evicted:
+            path = self.evicted.pop(name)
+            if forget_file:
+                path.unlink(missing_ok=True)
+            return
         session = self.get(name)
         if session.busy:
             raise SessionBusy(f"session {name!r} is generating; cancel it first")

@@ -15,7 +15,9 @@ from typing import Any, Callable
 import numpy as np
 
 from kvside._llama import native_patch_loaded
-from kvside.engine import edits
+from pathlib import Path
+
+from kvside.engine import edits, persist
 from kvside.engine.core import Core, EngineConfig
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
@@ -132,11 +134,26 @@ class Engine:
     def new_session(self, name: str | None = None, system: str | None = None) -> str:
         return self.call(lambda core: core.new_session(name, system).name)
 
-    def delete_session(self, name: str) -> None:
-        self.call(lambda core: core.delete_session(name), session=name)
+    def delete_session(self, name: str, forget_file: bool = True) -> None:
+        self.call(lambda core: core.delete_session(name, forget_file), session=name)
 
     def sessions(self) -> list[dict]:
-        return self.call(lambda core: [s.summary() for s in core.sessions.values()])
+        def listing(core):
+            rows = [dict(s.summary(), resident=True) for s in core.sessions.values()]
+            rows += [{"name": n, "resident": False, "path": str(p)} for n, p in core.evicted.items()]
+            return rows
+        return self.call(listing)
+
+    def save(self, name: str, path: str | None = None) -> dict:
+        """Write the session to a file (default: its place in the sessions folder)."""
+        return self._edit(name, lambda core, s: persist.save(core, s, Path(path) if path else persist.session_path(core, name)))
+
+    def restore(self, path: str, name: str | None = None) -> str:
+        return self.call(lambda core: persist.restore(core, Path(path), name).name)
+
+    def evict(self, name: str) -> str:
+        """Send a session to disk now; it comes back on its next use."""
+        return str(self._edit(name, lambda core, s: persist.evict(core, s)))
 
     def ledger(self, name: str) -> Ledger:
         return self.call(lambda core: core.get(name).ledger.copy(), session=name)

@@ -1,0 +1,186 @@
+"""Session files: a session's exact KV state plus everything needed to trust it.
+
+Layout (all integers little-endian):
+    magic      8 bytes   b"KVSIDE\\x00S"
+    head_len   4 bytes   length of the msgpack header
+    header     head_len  msgpack map: format, version, model fingerprint, n_ctx, KV types, rope
+                         settings, ledger, messages, edit log, timestamps, state_len
+    state      state_len raw llama.cpp sequence state (llama_state_seq_get_data)
+    checksum   32 bytes  sha256 over header and state
+
+Writes go to a temporary file in the same folder, are fsynced and renamed over the target, so a
+failed save leaves the old file as it was. Reads check everything (magic, sizes, checksum, format,
+version, model, context) before the caller touches the cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+
+from kvside import __version__
+from kvside.errors import KvsideError
+
+MAGIC = b"KVSIDE\x00S"
+FORMAT = "kvside-session"
+VERSION = 1
+CHECKSUM_LEN = 32
+MAX_HEADER = 256 * 1024 * 1024  # a ledger of millions of cells still fits; anything above is hostile
+_PREFIX = struct.Struct("<8sI")
+_CHUNK = 4 * 1024 * 1024
+
+
+class SessionFileError(KvsideError):
+    status = 400
+    kind = "invalid_request_error"
+    code = "bad_session_file"
+
+
+class SessionSaveError(KvsideError):
+    status = 507
+    kind = "server_error"
+    code = "session_save_failed"
+
+
+# Migrations: MIGRATIONS[v] turns a version-v header into a version v+1 header. Append only.
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+
+
+@dataclass
+class SessionFile:
+    header: dict
+    state_offset: int
+    state_len: int
+    path: Path
+    checksum_ok: bool
+
+
+def write(path: Path, header: dict, state: Any) -> int:
+    """Write header + state (bytes or a ctypes buffer) atomically. Returns the file size."""
+    path = Path(path)
+    state_view = memoryview(state).cast("B")
+    head = dict(header, format=FORMAT, version=VERSION, kvside_version=__version__,
+                state_len=len(state_view), saved_at=time.time())
+    packed = msgpack.packb(head, use_bin_type=True)
+    digest = hashlib.sha256(packed)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(_PREFIX.pack(MAGIC, len(packed)))
+            f.write(packed)
+            for i in range(0, len(state_view), _CHUNK):  # the state is written in place, never copied
+                chunk = state_view[i : i + _CHUNK]
+                digest.update(chunk)
+                f.write(chunk)
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise SessionSaveError(f"could not save {path.name}: {exc.strerror or exc}") from None
+    return _PREFIX.size + len(packed) + len(state_view) + CHECKSUM_LEN
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_header(path: Path, verify: bool = True) -> SessionFile:
+    """Parse and check a session file without loading its state. Raises SessionFileError."""
+    path = Path(path)
+    name = path.name
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise SessionFileError(f"no such session file: {path}") from None
+    except OSError as exc:
+        raise SessionFileError(f"cannot read {name}: {exc.strerror}") from None
+    with f:
+        prefix = f.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise SessionFileError(f"{name} is not a kvside session file (too short)")
+        magic, head_len = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise SessionFileError(f"{name} is not a kvside session file")
+        if head_len > MAX_HEADER or _PREFIX.size + head_len + CHECKSUM_LEN > size:
+            raise SessionFileError(f"{name} is truncated or damaged (header of {head_len} bytes)")
+        packed = f.read(head_len)
+        try:
+            header = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        except Exception:  # msgpack raises several kinds on garbage
+            raise SessionFileError(f"{name} has a damaged header") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise SessionFileError(f"{name} is not a kvside session file (format {header.get('format') if isinstance(header, dict) else '?'})")
+        version = header.get("version")
+        if not isinstance(version, int) or version < 1:
+            raise SessionFileError(f"{name} has an invalid format version")
+        if version > VERSION:
+            raise SessionFileError(f"{name} was written by a newer kvside (format v{version}; this one reads v{VERSION})")
+        state_len = header.get("state_len")
+        if not isinstance(state_len, int) or state_len < 0:
+            raise SessionFileError(f"{name} has an invalid state size")
+        state_offset = _PREFIX.size + head_len
+        if state_offset + state_len + CHECKSUM_LEN != size:
+            raise SessionFileError(
+                f"{name} is truncated or damaged ({size} bytes, header says {state_offset + state_len + CHECKSUM_LEN})"
+            )
+        ok = True
+        if verify:
+            digest = hashlib.sha256(packed)
+            remaining = state_len
+            while remaining:
+                chunk = f.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise SessionFileError(f"{name} is truncated")
+                digest.update(chunk)
+                remaining -= len(chunk)
+            ok = digest.digest() == f.read(CHECKSUM_LEN)
+            if not ok:
+                raise SessionFileError(f"{name} failed its checksum: the file is damaged")
+    while header["version"] < VERSION:
+        header = MIGRATIONS[header["version"]](header)
+    return SessionFile(header, state_offset, state_len, path, ok)
+
+
+def read_state(sf: SessionFile):
+    """The state blob as a ctypes buffer (one copy in memory), re-checked against the checksum."""
+    buf = (ctypes.c_uint8 * sf.state_len)()
+    view = memoryview(buf).cast("B")
+    with open(sf.path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        _, head_len = _PREFIX.unpack(prefix)
+        digest = hashlib.sha256(f.read(head_len))
+        got = 0
+        while got < sf.state_len:
+            n = f.readinto(view[got : got + _CHUNK])
+            if not n:
+                raise SessionFileError(f"{sf.path.name} is truncated")
+            digest.update(view[got : got + n])
+            got += n
+        if digest.digest() != f.read(CHECKSUM_LEN):
+            raise SessionFileError(f"{sf.path.name} changed or is damaged: checksum mismatch")
+    return buf

@@ -20,6 +20,9 @@ def _engine_args(p: argparse.ArgumentParser, n_ctx: int = 2048) -> None:
     p.add_argument("--n-ctx", type=int, default=n_ctx, help="context window per session (tokens)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: all on GPU builds)")
+    p.add_argument("--exact", action="store_true",
+                   help="attention kernels whose results do not depend on cell layout: bit-exact restores "
+                        "of edited sessions, slower prefill (flash attention off)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -38,12 +41,21 @@ def _sampling(ns: argparse.Namespace) -> dict:
     return {k: getattr(ns, k) for k in keys if getattr(ns, k, None) is not None}
 
 
-def _engine(ns: argparse.Namespace, max_sessions: int = 2):
+def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False):
     from kvside.engine import Engine
 
     return Engine(
-        model=ns.model, n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads, n_gpu_layers=ns.n_gpu_layers
+        model=ns.model, n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads,
+        n_gpu_layers=ns.n_gpu_layers, persist=persist, sessions_dir=getattr(ns, "sessions_dir", None),
+        flash_attn=False if getattr(ns, "exact", False) else None,
     ).start()
+
+
+def _open_session(engine, name: str | None, system: str | None) -> str:
+    """A saved session by name (restored exactly), a new one under that name, or a throwaway."""
+    if name and any(row["name"] == name for row in engine.sessions()):
+        return name
+    return engine.new_session(name, system=system)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -53,8 +65,8 @@ def cmd_ask(ns: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise KvsideError_usage("the prompt is empty")
-    with _engine(ns) as engine:
-        name = engine.new_session(system=ns.system)
+    with _engine(ns, persist=bool(ns.session)) as engine:
+        name = _open_session(engine, ns.session, ns.system)
         stream = engine.chat(name, prompt, **_sampling(ns))
         try:
             for text in stream:
@@ -123,8 +135,9 @@ def cmd_models(ns: argparse.Namespace) -> int:
 def cmd_chat(ns: argparse.Namespace) -> int:
     from kvside.termchat import run_terminal_chat
 
-    with _engine(ns) as engine:
-        return run_terminal_chat(engine, system=ns.system, params=_sampling(ns))
+    with _engine(ns, persist=bool(ns.session)) as engine:
+        name = _open_session(engine, ns.session, ns.system)
+        return run_terminal_chat(engine, name, params=_sampling(ns))
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
@@ -136,6 +149,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         result = run(ns.model, ns.tokens, ns.reps, ns.n_ctx, ns.threads)
         keys = ["model", "n_prompt", "n_tokens", "kvside_tok_s", "llama_cpp_python_tok_s", "ratio", "prefill_tok_s"]
         print_report(result, ns.json, [(k, result[k]) for k in keys])
+        return 0
+    if ns.what == "restore":
+        from kvside.bench import restore
+
+        flash = {"auto": None, "on": True, "off": False}[ns.flash_attn]
+        result = restore.run(ns.model, ns.ctx, ns.reps, ns.threads, flash)
+        print_report(result, ns.json)
         return 0
     if ns.what == "roll":
         from kvside.bench import roll
@@ -153,6 +173,57 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     raise KvsideError_usage(f"unknown benchmark {ns.what!r}")
 
 
+def cmd_save(ns: argparse.Namespace) -> int:
+    from kvside import sessions_cli as sc
+
+    out = sc.export(ns.session, ns.file, sc.sessions_dir(ns.sessions_dir))
+    print(f"saved {out['session']} to {out['file']} ({out['bytes'] / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_restore(ns: argparse.Namespace) -> int:
+    from kvside import sessions_cli as sc
+
+    out = sc.import_file(ns.file, ns.as_name, sc.sessions_dir(ns.sessions_dir), ns.model, ns.force)
+    print(f"restored {out['session']} ({out['cells']} cells) into {out['file']}")
+    return 0
+
+
+def cmd_sessions(ns: argparse.Namespace) -> int:
+    from kvside import sessions_cli as sc
+
+    folder = sc.sessions_dir(ns.sessions_dir)
+    if ns.action == "list":
+        sc.print_listing(sc.listing(folder), ns.json)
+        return 0
+    if not ns.name:
+        raise KvsideError_usage(f"sessions {ns.action} needs a session name")
+    path = sc.stored(ns.name, folder)
+    if ns.action == "rm":
+        path.unlink()
+        print(f"removed {ns.name}")
+        return 0
+    return _print_info(sc.describe(path, ns.model), ns.json)
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvside import sessions_cli as sc
+
+    return _print_info(sc.describe(Path(ns.file), ns.model), ns.json)
+
+
+def _print_info(info: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
 class KvsideError_usage(KvsideError):  # noqa: N801  (a usage error: exit 2)
     pass
 
@@ -166,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="one-shot answer, streamed")
     p.add_argument("prompt", nargs="*", help="the question ('-' reads standard input)")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--session", default=None, help="continue (or start) a saved session by name")
+    p.add_argument("--sessions-dir", default=None, help="where sessions are saved")
     p.add_argument("--verbose", "-v", action="store_true", help="print timing to stderr")
     _engine_args(p)
     _sampling_args(p)
@@ -173,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat in the terminal")
     p.add_argument("--system", default=None)
+    p.add_argument("--session", default=None, help="continue (or start) a saved session by name")
+    p.add_argument("--sessions-dir", default=None, help="where sessions are saved")
     _engine_args(p)
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
@@ -186,12 +261,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
+    p = sub.add_parser("save", help="export a saved session to a file")
+    p.add_argument("session")
+    p.add_argument("file", nargs="?", default=None)
+    p.add_argument("--sessions-dir", default=None)
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("restore", help="import a session file (checked in full) into the sessions folder")
+    p.add_argument("file")
+    p.add_argument("--as", dest="as_name", default=None, help="name for the restored session")
+    p.add_argument("--force", action="store_true", help="replace a session of that name")
+    p.add_argument("--model", "-m", default=None, help="model the file must match (default: the default model)")
+    p.add_argument("--sessions-dir", default=None)
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("sessions", help="list, show or remove saved sessions")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "rm"])
+    p.add_argument("name", nargs="?", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--sessions-dir", default=None)
+    p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("inspect", help="what a session file holds, whether it is intact and fits the model")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--model", "-m", default=None)
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
-    p.add_argument("what", choices=["decode", "roll"])
+    p.add_argument("what", choices=["decode", "roll", "restore"])
+    p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto", help="restore: attention kernel")
     p.add_argument("--json", action="store_true")
     p.add_argument("--tokens", type=int, default=128, help="decode: tokens to generate")
     p.add_argument("--reps", type=int, default=3, help="decode: repetitions")
-    p.add_argument("--ctx", type=int, default=1024, help="roll: tokens in the cache before the roll")
+    p.add_argument("--ctx", type=int, default=1024, help="roll, restore: tokens in the cache")
     p.add_argument("--drop", type=int, default=256, help="roll: tokens dropped")
     p.add_argument("--keep", type=int, default=4, help="roll: tokens kept at the front")
     p.add_argument("--strategy", action="append", default=None, help="roll: strategy (repeatable)")

@@ -8,8 +8,7 @@ import sys
 from kvside.errors import KvsideError
 
 
-def run_terminal_chat(engine, system: str | None = None, params: dict | None = None) -> int:
-    name = engine.new_session(system=system)
+def run_terminal_chat(engine, name: str, params: dict | None = None) -> int:
     print("kvside chat: type a message; /quit or Ctrl-D leaves, Ctrl-C stops a reply.")
     while True:
         try:

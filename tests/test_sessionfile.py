@@ -173,3 +173,17 @@ def test_interrupted_save_leaves_the_old_file(exact, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     assert real_write is os.write
     exact.delete_session(name)
+
+
+def test_eviction_is_exact_with_default_kernels(tmp_path):
+    """With llama.cpp's default (flash) attention a result depends on where cells sit; a session
+    whose cells were not rearranged by edits comes back into the same cells, bit-identical.
+    (Edited sessions need flash_attn=False for that, as the tests above use.)"""
+    with Engine(n_ctx=256, max_sessions=1, n_threads=2, sessions_dir=str(tmp_path)) as e:
+        e.new_session("idle")
+        e.chat("idle", "Name a mountain.", max_tokens=12, **GREEDY).wait()
+        before = e.next_logits("idle")
+        e.evict("idle")
+        assert {r["name"]: r["resident"] for r in e.sessions()}["idle"] is False
+        np.testing.assert_array_equal(e.next_logits("idle"), before)
+        e.check("idle")

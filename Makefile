@@ -15,7 +15,7 @@ CMAKE_ARGS_cuda   := -DGGML_CUDA=on
 CMAKE_ARGS_metal  := -DGGML_METAL=on
 CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
 
-.PHONY: setup chat test doctor bench clean
+.PHONY: setup chat test serve doctor bench clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ chat: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+serve: setup
+	$(BIN)/kvside serve
 
 doctor: setup
 	$(BIN)/kvside doctor

@@ -173,6 +173,20 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     raise KvsideError_usage(f"unknown benchmark {ns.what!r}")
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvside.server.app import Daemon
+
+    if ns.host not in ("127.0.0.1", "localhost", "::1") and not ns.api_key:
+        print("kvside: warning: listening beyond loopback without --api-key", file=sys.stderr)
+    with _engine(ns, max_sessions=ns.max_sessions, persist=True) as engine:
+        daemon = Daemon(engine, api_key=ns.api_key, reuse=not ns.no_reuse)
+        print(f"kvside serving {daemon.model_name} on http://{ns.host}:{ns.port}", file=sys.stderr)
+        uvicorn.run(daemon.app, host=ns.host, port=ns.port, log_level="warning")
+    return 0
+
+
 def cmd_save(ns: argparse.Namespace) -> int:
     from kvside import sessions_cli as sc
 
@@ -260,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models kvside can name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("serve", help="the OpenAI-compatible daemon")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8077)
+    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
+    p.add_argument("--sessions", dest="sessions_dir", default=None, help="folder for saved sessions")
+    p.add_argument("--max-sessions", type=int, default=4, help="sessions resident in the cache")
+    p.add_argument("--no-reuse", action="store_true", help="a fresh session per request (for comparison)")
+    _engine_args(p, n_ctx=4096)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("save", help="export a saved session to a file")
     p.add_argument("session")

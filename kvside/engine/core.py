@@ -366,6 +366,8 @@ class Core:
             raise InvalidRequest("no messages to send")
         if not any(m.content.strip() for m in new):
             raise InvalidRequest("the message is empty")
+        if not s.messages and new[0].role == "system":
+            new[0].pinned = True  # the system prompt is never rolled away
         history = s.template_history() + [m.as_template() for m in new]
         pieces = self._chat_pieces(s, new, generation=True)
         reply_id = next_id + len(new)
@@ -379,6 +381,16 @@ class Core:
         msg_id = s.next_message_id()
         new = [Message(msg_id, "user", text, kind="text")]
         pieces = self._text_pieces(s, msg_id, text)
+        self._start(s, pieces, params, stream, msg_id + 1, "text", [], new)
+
+    def start_tokens(self, name: str, tokens: list[int], params: SamplingParams, stream: Stream) -> None:
+        """Continue a session from raw tokens (fill-in-the-middle prompts carry special tokens)."""
+        s = self.get(name)
+        if not tokens:
+            raise InvalidRequest("the prompt is empty")
+        msg_id = s.next_message_id()
+        new = [Message(msg_id, "user", "", kind="text")]
+        pieces = [(msg_id, list(tokens))]
         self._start(s, pieces, params, stream, msg_id + 1, "text", [], new)
 
     def _start(self, s, pieces, params, stream, reply_id, mode, history, new) -> None:

@@ -201,17 +201,22 @@ class Engine:
         return self._edit(name, lambda core, s: list(s.edit_log))
 
     # -- generation -----------------------------------------------------------------------------
-    def chat(self, session: str, message: str | list[dict], **params: Any) -> Stream:
-        """Append message(s) to a chat session and stream the reply."""
+    def chat(self, session: str, message: str | list[dict], on_event=None, **params: Any) -> Stream:
+        """Append message(s) to a chat session and stream the reply. `on_event` (called on the
+        engine thread for every event) lets an asyncio loop be woken without polling."""
         messages = [{"role": "user", "content": message}] if isinstance(message, str) else list(message)
-        return self._generate(session, params, lambda core, p, st: core.start_chat(session, messages, p, st))
+        return self._generate(session, params, lambda core, p, st: core.start_chat(session, messages, p, st), on_event)
 
-    def complete(self, session: str, text: str, **params: Any) -> Stream:
+    def complete(self, session: str, text: str, on_event=None, **params: Any) -> Stream:
         """Append raw text to a session and stream its continuation (no chat template)."""
-        return self._generate(session, params, lambda core, p, st: core.start_text(session, text, p, st))
+        return self._generate(session, params, lambda core, p, st: core.start_text(session, text, p, st), on_event)
 
-    def _generate(self, session: str, params: dict, start) -> Stream:
+    def complete_tokens(self, session: str, tokens: list[int], on_event=None, **params: Any) -> Stream:
+        return self._generate(session, params, lambda core, p, st: core.start_tokens(session, tokens, p, st), on_event)
+
+    def _generate(self, session: str, params: dict, start, on_event=None) -> Stream:
         stream = Stream(session)
+        stream.on_event = on_event
 
         def run(core: Core) -> None:
             try:

@@ -1,0 +1,1 @@
+"""`kvside serve`: an OpenAI-compatible HTTP daemon over the engine."""

@@ -15,7 +15,7 @@ CMAKE_ARGS_cuda   := -DGGML_CUDA=on
 CMAKE_ARGS_metal  := -DGGML_METAL=on
 CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
 
-.PHONY: setup chat test serve doctor bench clean
+.PHONY: setup chat test serve doctor bench peer clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,26 @@ doctor: setup
 
 bench: setup
 	$(BIN)/kvside bench decode
+
+# llama.cpp's own sources, from the same llama-cpp-python sdist that kvside's bindings build.
+LLAMA_SRC := build/llama.cpp
+NPROC := $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+
+$(LLAMA_SRC)/CMakeLists.txt:
+	@test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
+	mkdir -p build/sdist
+	$(BIN)/pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_PYTHON)" -d build/sdist
+	tar -xzf build/sdist/llama_cpp_python-*.tar.gz -C build/sdist
+	rm -rf $(LLAMA_SRC)
+	cp -r build/sdist/llama_cpp_python-*/vendor/llama.cpp $(LLAMA_SRC)
+
+# llama.cpp's llama-server, the peer `kvside bench serve` compares against (optional).
+peer: $(LLAMA_SRC)/CMakeLists.txt
+	cmake -S $(LLAMA_SRC) -B build/peer -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	  -DLLAMA_BUILD_UI=OFF $(CMAKE_ARGS_$(BACKEND))
+	cmake --build build/peer -j $(NPROC) --target llama-server
 
 clean:
 	rm -rf $(VENV) build *.egg-info

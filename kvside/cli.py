@@ -133,11 +133,37 @@ def cmd_models(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    from kvside.termchat import run_terminal_chat
+    if ns.plain:
+        from kvside.termchat import run_terminal_chat
 
-    with _engine(ns, persist=bool(ns.session)) as engine:
-        name = _open_session(engine, ns.session, ns.system)
-        return run_terminal_chat(engine, name, params=_sampling(ns))
+        with _engine(ns, persist=bool(ns.session)) as engine:
+            name = _open_session(engine, ns.session, ns.system)
+            return run_terminal_chat(engine, name, params=_sampling(ns))
+    import asyncio
+
+    from kvside.tui.app import run
+    from kvside.tui.backend import LocalBackend, RemoteBackend
+
+    engines = []
+
+    async def local():
+        engine = await asyncio.to_thread(_engine, ns, 4, True)
+        engines.append(engine)
+        return LocalBackend(engine)
+
+    async def remote():
+        backend = RemoteBackend(ns.connect, ns.api_key)
+        try:
+            await backend.connect()
+        except Exception as exc:  # shown in the app as one line
+            raise KvsideError(f"cannot reach {ns.connect}: {exc}") from None
+        return backend
+
+    try:
+        return run(remote if ns.connect else local, system=ns.system)
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
@@ -156,6 +182,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         flash = {"auto": None, "on": True, "off": False}[ns.flash_attn]
         result = restore.run(ns.model, ns.ctx, ns.reps, ns.threads, flash)
         print_report(result, ns.json)
+        return 0
+    if ns.what == "serve":
+        from kvside.bench import serve
+
+        result = serve.run(ns.model, ns.n_ctx, ns.turns, ns.budget_chars, ns.max_tokens, ns.threads or os.cpu_count() or 2,
+                           ns.late_from, ns.load_clients, ns.load_requests)
+        print(json.dumps(result, indent=2) if ns.json else serve.table(result))
         return 0
     if ns.what == "roll":
         from kvside.bench import roll
@@ -258,8 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    p = sub.add_parser("chat", help="the chat app (Textual), or a plain terminal chat with --plain")
     p.add_argument("--system", default=None)
+    p.add_argument("--plain", action="store_true", help="a plain line-by-line chat instead of the app")
+    p.add_argument("--connect", default=None, metavar="URL", help="use a running `kvside serve` instead of an in-process engine")
+    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
     p.add_argument("--session", default=None, help="continue (or start) a saved session by name")
     p.add_argument("--sessions-dir", default=None, help="where sessions are saved")
     _engine_args(p)
@@ -314,7 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
-    p.add_argument("what", choices=["decode", "roll", "restore"])
+    p.add_argument("what", choices=["decode", "roll", "restore", "serve"])
+    p.add_argument("--turns", type=int, default=20, help="serve: chat turns")
+    p.add_argument("--budget-chars", type=int, default=2400, help="serve: history kept by the client, in characters")
+    p.add_argument("--max-tokens", type=int, default=48, help="serve: tokens per reply")
+    p.add_argument("--late-from", type=int, default=10, help="serve: first turn counted as late")
+    p.add_argument("--load-clients", type=int, default=8, help="serve: concurrent clients in the load run")
+    p.add_argument("--load-requests", type=int, default=3, help="serve: requests per load client")
     p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto", help="restore: attention kernel")
     p.add_argument("--json", action="store_true")
     p.add_argument("--tokens", type=int, default=128, help="decode: tokens to generate")

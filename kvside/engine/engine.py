@@ -22,7 +22,8 @@ from kvside.engine.core import Core, EngineConfig
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
 from kvside.engine.stream import Stream
-from kvside.errors import EngineClosed, KvsideError
+from kvside.engine.session import check_name
+from kvside.errors import EngineClosed, InvalidRequest, KvsideError
 
 _STOP = object()
 
@@ -136,6 +137,16 @@ class Engine:
 
     def delete_session(self, name: str, forget_file: bool = True) -> None:
         self.call(lambda core: core.delete_session(name, forget_file), session=name)
+
+    def rename(self, name: str, new_name: str) -> None:
+        def apply(core):
+            check_name(new_name)
+            if new_name in core.sessions or new_name in core.evicted:
+                raise InvalidRequest(f"session {new_name!r} already exists")
+            s = core.get(name)
+            core.sessions[new_name] = core.sessions.pop(name)
+            s.name = new_name
+        self.call(apply, session=name)
 
     def sessions(self) -> list[dict]:
         def listing(core):

@@ -1,0 +1,200 @@
+"""`kvside bench serve`: a 20-turn chat sent as full message arrays, the way an editor sends it;
+once the history passes a budget the oldest turns are dropped from the front. In one run: kvside
+with reuse, kvside without reuse, kvside told the session explicitly and sent only the new turn
+(the time to prefill the new turn alone), and llama.cpp's llama-server with --cache-reuse 256
+when `make peer` has built it. Then a load run: concurrent streaming clients against kvside."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from kvside.models import resolve
+
+QUESTIONS = [
+    "What is a hash table?", "How does a linked list differ from an array?", "Explain binary search.",
+    "What is a closure in Python?", "Why are tuples immutable?", "What does a garbage collector do?",
+    "What is a race condition?", "How does TCP differ from UDP?", "What is a B-tree used for?",
+    "What is memoization?", "Explain recursion with an example.", "What is a deadlock?",
+    "What is the difference between a process and a thread?", "What is a REST API?",
+    "How do databases use indexes?", "What is a Bloom filter?", "Explain big-O notation.",
+    "What is a mutex?", "What is lazy evaluation?", "What does a compiler do?",
+]
+SYSTEM = "You are a concise programming assistant. Answer in two sentences."
+PEER = Path(__file__).resolve().parents[2] / "build" / "peer" / "bin" / "llama-server"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("server did not become healthy")
+
+
+def _start(kind: str, model: Path, n_ctx: int, threads: int, home: str) -> tuple[subprocess.Popen, str]:
+    port = _port()
+    if kind == "llama-server":
+        cmd = [str(PEER), "-m", str(model), "-c", str(n_ctx), "--cache-reuse", "256", "--port", str(port),
+               "-t", str(threads), "-np", "1", "--no-webui"]
+    else:
+        cmd = [sys.executable, "-m", "kvside.cli", "serve", "--model", str(model), "--n-ctx", str(n_ctx),
+               "--port", str(port), "--threads", str(threads), "--max-sessions", "4"]
+        if kind == "kvside-noreuse":
+            cmd.append("--no-reuse")
+    env = dict(os.environ, KVSIDE_HOME=home)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
+    _wait(base, proc)
+    return proc, base
+
+
+def _stream(base: str, body: dict, headers: dict | None = None) -> dict:
+    """One streamed chat request: time to first content, text, cached tokens."""
+    t0 = time.perf_counter()
+    ttft = None
+    text = []
+    usage = {}
+    timings = {}
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=headers, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("timings"):
+                timings = chunk["timings"]
+            for choice in chunk.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    text.append(piece)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is None:
+        cached = timings.get("cache_n", 0)
+    return {"ttft_s": ttft if ttft is not None else time.perf_counter() - t0, "text": "".join(text),
+            "cached_tokens": cached, "prompt_tokens": usage.get("prompt_tokens") or timings.get("prompt_n", 0)}
+
+
+def chat_run(base: str, turns: int, budget_chars: int, max_tokens: int, explicit: bool) -> list[dict]:
+    history: list[dict] = []
+    rows = []
+    headers = {"X-Kvside-Session": "bench-explicit"} if explicit else None
+    for i in range(turns):
+        user = {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}
+        history.append(user)
+        dropped = 0
+        while sum(len(m["content"]) for m in history) > budget_chars and len(history) > 2:
+            del history[:2]  # the editor drops the oldest exchange
+            dropped += 1
+        messages = [{"role": "system", "content": SYSTEM}] + history
+        sent = [user] if explicit and i > 0 else messages
+        if explicit and i == 0:
+            sent = messages
+        r = _stream(base, {"messages": sent, "max_tokens": max_tokens, "temperature": 0}, headers)
+        history.append({"role": "assistant", "content": r["text"]})
+        rows.append({"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
+                     "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped})
+    return rows
+
+
+def load_run(base: str, clients: int, requests: int, max_tokens: int) -> dict:
+    ttfts: list[float] = []
+    tokens = 0
+    errors = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        nonlocal tokens
+        for k in range(requests):
+            q = QUESTIONS[(c * requests + k) % len(QUESTIONS)]
+            try:
+                r = _stream(base, {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
+                                   "temperature": 0})
+                with lock:
+                    ttfts.append(r["ttft_s"])
+                    tokens += max(len(r["text"]) // 4, 1)
+            except Exception as exc:  # counted, reported
+                with lock:
+                    errors.append(repr(exc))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttfts.sort()
+    return {"clients": clients, "requests": clients * requests, "errors": len(errors),
+            "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
+            "ttft_p95_s": ttfts[int(0.95 * (len(ttfts) - 1))] if ttfts else None,
+            "approx_tok_s": tokens / wall, "wall_s": wall, "error_samples": errors[:3]}
+
+
+def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens: int, threads: int,
+        late_from: int, load_clients: int, load_requests: int) -> dict:
+    path = resolve(model).path
+    configs = ["kvside", "kvside-noreuse", "kvside-explicit"] + (["llama-server"] if PEER.exists() else [])
+    result: dict = {"model": str(path.name), "n_ctx": n_ctx, "turns": turns, "budget_chars": budget_chars,
+                    "max_tokens": max_tokens, "threads": threads, "late_from": late_from, "runs": {}}
+    if not PEER.exists():
+        result["notice"] = "llama-server not built (make peer): skipped"
+    for kind in configs:
+        home = tempfile.mkdtemp(prefix="kvside-bench-serve-")
+        proc, base = _start("llama-server" if kind == "llama-server" else
+                            ("kvside-noreuse" if kind == "kvside-noreuse" else "kvside"), path, n_ctx, threads, home)
+        try:
+            rows = chat_run(base, turns, budget_chars, max_tokens, explicit=(kind == "kvside-explicit"))
+            late = [r["ttft_s"] for r in rows if r["turn"] >= late_from]
+            result["runs"][kind] = {"turns": rows, "late_ttft_median_s": statistics.median(late)}
+            if kind == "kvside" and load_clients:
+                result["load"] = load_run(base, load_clients, load_requests, max_tokens)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return result
+
+
+def table(result: dict) -> str:
+    runs = result["runs"]
+    kinds = list(runs)
+    lines = [f"serve: {result['turns']} turns, model {result['model']}, n_ctx {result['n_ctx']}; "
+             f"TTFT s / cached tokens per turn"]
+    lines.append("turn | " + " | ".join(kinds))
+    for i in range(result["turns"]):
+        cells = [f"{runs[k]['turns'][i]['ttft_s']:.3f} / {runs[k]['turns'][i]['cached_tokens']}" for k in kinds]
+        lines.append(f"{i} | " + " | ".join(cells))
+    lines.append(f"late median (turn >= {result['late_from']}) | " +
+                 " | ".join(f"{runs[k]['late_ttft_median_s']:.3f}" for k in kinds))
+    if "load" in result:
+        lines.append("load: " + json.dumps({k: v for k, v in result["load"].items() if k != "error_samples"}))
+    if "notice" in result:
+        lines.append(result["notice"])
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The chat app driven by Textual's pilot against the real default model."""
+
+import asyncio
+
+import pytest
+
+from kvside.engine import Engine
+from kvside.tui.app import ChatApp, PromptInput
+from kvside.tui.backend import LocalBackend
+from kvside.tui.cachemap import CacheMap
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def tui_engine(tmp_path_factory):
+    with Engine(n_ctx=256, max_sessions=4, n_threads=2, sessions_dir=str(tmp_path_factory.mktemp("tui"))) as e:
+        yield e
+
+
+def app_for(engine):
+    async def factory():
+        return LocalBackend(engine)
+    return ChatApp(factory)
+
+
+async def ready(pilot):
+    for _ in range(200):
+        if pilot.app.current is not None:
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("the app did not start")
+
+
+async def type_and_send(pilot, text):
+    prompt = pilot.app.query_one("#prompt", PromptInput)
+    prompt.text = text
+    prompt.focus()
+    await pilot.press("enter")
+
+
+async def wait_idle(pilot, name, timeout=240):
+    for _ in range(int(timeout / 0.05)):
+        if pilot.app.chats[name].reply is None:
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("the reply did not finish")
+
+
+async def test_send_and_stream_a_reply(tui_engine):
+    app = app_for(tui_engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        name = app.current
+        await type_and_send(pilot, "Say hello in three words.")
+        await wait_idle(pilot, name)
+        items = app.chats[name].items
+        assert [i.role for i in items] == ["user", "assistant"]
+        assert items[1].text.strip()
+        assert app.query_one("#prompt", PromptInput).text == ""
+        assert "reused" in str(app.query_one("#status").render())
+
+
+async def test_escape_cancels_and_keeps_the_prompt(tui_engine):
+    app = app_for(tui_engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        name = app.current
+        await type_and_send(pilot, "Write a very long story about a lighthouse keeper and the sea.")
+        await pilot.pause(0.3)
+        prompt = app.query_one("#prompt", PromptInput)
+        prompt.text = "my next question"
+        await pilot.press("escape")
+        await wait_idle(pilot, name)
+        assert prompt.text == "my next question"
+        assert "cancelled" in app.chats[name].status or "stop" in app.chats[name].status or "length" in app.chats[name].status
+
+
+async def test_switching_sessions_mid_stream_keeps_replies_apart(tui_engine):
+    app = app_for(tui_engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        first = app.current
+        await type_and_send(pilot, "Describe the moon in two sentences.")
+        await pilot.pause(0.2)
+        await app.new_chat(None)
+        second = app.current
+        assert second != first
+        await type_and_send(pilot, "Name three colors.")
+        await wait_idle(pilot, first)
+        await wait_idle(pilot, second)
+        a, b = app.chats[first].items, app.chats[second].items
+        assert [i.role for i in a] == ["user", "assistant"] == [i.role for i in b]
+        assert a[0].text.startswith("Describe") and b[0].text.startswith("Name")
+        assert a[1].text and b[1].text
+        # what the engine holds for each session matches what each transcript shows
+        for name, chat in ((first, a), (second, b)):
+            msgs = tui_engine.messages(name)
+            assert msgs[-1]["content"] == chat[1].text
+
+
+async def test_roll_command_changes_the_cache_map(tui_engine):
+    app = app_for(tui_engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        name = app.current
+        await type_and_send(pilot, "Tell me about rivers.")
+        await wait_idle(pilot, name)
+        before = dict(app.query_one("#map", CacheMap).snapshot)
+        await type_and_send(pilot, "/roll 10")
+        await pilot.pause(0.5)
+        after = app.query_one("#map", CacheMap).snapshot
+        assert after["n_cells"] == before["n_cells"] - 10
+        assert any(r["reason"] == "rolled" for r in after["removed"])
+
+
+async def test_auto_roll_shows_a_notice(tmp_path):
+    with Engine(n_ctx=96, max_sessions=1, n_threads=2, sessions_dir=str(tmp_path)) as engine:
+        app = app_for(engine)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await ready(pilot)
+            name = app.current
+            notes = []
+            app.notify = lambda message, **kw: notes.append((kw.get("title"), message))  # record
+            for q in ["Tell me about the ocean.", "And about mountains?", "And rivers?"]:
+                await type_and_send(pilot, q)
+                await wait_idle(pilot, name)
+            assert any(title == "auto-roll" for title, _ in notes), notes
+
+
+async def test_failed_command_is_a_notification_not_a_crash(tui_engine):
+    app = app_for(tui_engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        await type_and_send(pilot, "/roll 999999")
+        await type_and_send(pilot, "/mask nope")
+        await type_and_send(pilot, "/frobnicate")
+        await pilot.pause(0.3)
+        assert app.is_running

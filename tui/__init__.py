@@ -1,0 +1,1 @@
+"""The Textual chat (installed as kvside.tui)."""

@@ -245,3 +245,21 @@ def test_bad_edits_are_clear_errors(exact):
     exact.check(name)
     assert len(exact.ledger(name)) == 60
     exact.delete_session(name)
+
+
+def test_masked_holes_are_closed_when_positions_run_out():
+    with Engine(n_ctx=160, max_sessions=1, n_threads=2) as e:
+        name = e.new_session(system="You are brief.")
+        e.chat(name, "One.", max_tokens=30, ignore_eos=True, **GREEDY).wait()
+        e.chat(name, "Two.", max_tokens=30, ignore_eos=True, **GREEDY).wait()
+        e.mask(name, messages=[1, 2])  # a hole, positions unchanged
+        led = e.ledger(name)
+        assert len(led) < led.next_pos
+        done = e.chat(name, "Three, a longer question that needs room in the window.", max_tokens=70,
+                      ignore_eos=True, **GREEDY).wait()
+        kinds = [n.get("strategy") for n in done.notices]
+        assert "close_gaps" in kinds
+        led = e.ledger(name)
+        e.check(name)
+        assert led.pos == list(range(len(led)))
+        assert any(entry["edit"] == "close_gaps" for entry in e.edit_log(name))

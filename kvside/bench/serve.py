@@ -1,6 +1,6 @@
 """`kvside bench serve`: a 20-turn chat sent as full message arrays, the way an editor sends it;
-once the history passes a budget the oldest turns are dropped from the front. In one run: kvside
-with reuse, kvside without reuse, kvside told the session explicitly and sent only the new turn
+once the history passes a budget the oldest turns are dropped from the front. In one run, each daemon with one session's worth of
+cache (as llama-server with one slot): kvside with reuse, kvside without reuse, kvside told the session explicitly and sent only the new turn
 (the time to prefill the new turn alone), and llama.cpp's llama-server with --cache-reuse 256
 when `make peer` has built it. Then a load run: concurrent streaming clients against kvside."""
 
@@ -54,14 +54,14 @@ def _wait(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise RuntimeError("server did not become healthy")
 
 
-def _start(kind: str, model: Path, n_ctx: int, threads: int, home: str) -> tuple[subprocess.Popen, str]:
+def _start(kind: str, model: Path, n_ctx: int, threads: int, home: str, sessions: int = 1) -> tuple[subprocess.Popen, str]:
     port = _port()
     if kind == "llama-server":
         cmd = [str(PEER), "-m", str(model), "-c", str(n_ctx), "--cache-reuse", "256", "--port", str(port),
                "-t", str(threads), "-np", "1", "--no-webui"]
     else:
         cmd = [sys.executable, "-m", "kvside.cli", "serve", "--model", str(model), "--n-ctx", str(n_ctx),
-               "--port", str(port), "--threads", str(threads), "--max-sessions", "4"]
+               "--port", str(port), "--threads", str(threads), "--max-sessions", str(sessions)]
         if kind == "kvside-noreuse":
             cmd.append("--no-reuse")
     env = dict(os.environ, KVSIDE_HOME=home)
@@ -174,8 +174,13 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
             rows = chat_run(base, turns, budget_chars, max_tokens, explicit=(kind == "kvside-explicit"))
             late = [r["ttft_s"] for r in rows if r["turn"] >= late_from]
             result["runs"][kind] = {"turns": rows, "late_ttft_median_s": statistics.median(late)}
-            if kind == "kvside" and load_clients:
-                result["load"] = load_run(base, load_clients, load_requests, max_tokens)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    if load_clients:  # a daemon with room for several sessions, as one serving editors runs
+        proc, base = _start("kvside", path, n_ctx, threads, tempfile.mkdtemp(prefix="kvside-bench-load-"), sessions=4)
+        try:
+            result["load"] = load_run(base, load_clients, load_requests, max_tokens)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

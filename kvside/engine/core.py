@@ -521,7 +521,11 @@ class Core:
 
     def _notice(self, stream: Stream, report: dict) -> dict:
         notice = {"kind": "roll", **report}
-        stream.put(Event("notice", text=f"context full: rolled {report['dropped']} tokens ({report['strategy']})", data=notice))
+        if report.get("strategy") == "close_gaps":
+            text = f"context full: closed {report['gaps_closed']} holes left by masks"
+        else:
+            text = f"context full: rolled {report['dropped']} tokens ({report['strategy']})"
+        stream.put(Event("notice", text=text, data=notice))
         return notice
 
     def _finish(self, g: _Gen, reason: str, stop_hit: bool = False) -> None:
@@ -584,6 +588,22 @@ class Core:
             if closing.startswith(eog_text):
                 return closing[len(eog_text) :], True
         return closing, False
+
+    def fail_all(self, error: KvsideError) -> None:
+        """End every generation with `error`; their sessions are rebuilt from their ledgers, so
+        none is left between states."""
+        for g in list(self.gens):
+            if g in self.gens:
+                self.gens.remove(g)
+            g.sampler.close()
+            g.session.busy = False
+            try:
+                edits.reprefill(self, g.session)
+            except KvsideError:
+                pass  # reprefill cleared the session's cache and ledger; it starts empty
+            self.ready.extend(g.session.backlog)
+            g.session.backlog.clear()
+            g.stream.fail(error)
 
     def _undo(self, g: _Gen) -> None:
         s, rb = g.session, g.rollback

@@ -169,13 +169,42 @@ def _recompute_window(core, s: Session, keep: int, r: int) -> int:
     return r
 
 
+# -- gaps -------------------------------------------------------------------------------------------
+def close_gaps(core, s: Session) -> dict:
+    """Move every cell down so positions are dense again (one K-shift at the next decode).
+    Masks leave holes on purpose: the kept cells keep the distances they were computed with, and
+    llama.cpp re-rotates every cell of the cache on a shift, so kvside closes holes only when the
+    positions run out."""
+    led = s.ledger
+    t0 = time.perf_counter()
+    moved = 0
+    if not core.mem.can_shift():
+        raise EditError("this cache cannot shift positions")
+    for i in range(len(led.pos)):
+        p = led.pos[i]
+        if p != i:  # everything from here on moves down by the hole's width
+            core.mem.add(s.seq, p, -1, i - p)
+            led.shift(p, -1, i - p)
+            moved += 1
+    report = {"strategy": "close_gaps", "dropped": 0, "gaps_closed": moved, "next_pos": led.next_pos,
+              "t_edit_s": time.perf_counter() - t0}
+    if moved:
+        s.log("close_gaps", **report)
+    return report
+
+
 # -- auto-roll --------------------------------------------------------------------------------------
 def auto_roll(core, s: Session, need: int, protect: set[int]) -> dict | None:
-    """Make room for `need` more positions by rolling whole oldest turns (never pinned messages or
-    those in `protect`). Returns the roll's report, or None when nothing had to go."""
+    """Make room for `need` more positions: close holes left by masks if that is enough, else roll
+    whole oldest turns (never pinned messages or those in `protect`). Returns the report, or None
+    when nothing had to change."""
     led = s.ledger
     if led.next_pos + need < core.n_ctx:
         return None
+    if len(led) + need < core.n_ctx and len(led) < led.next_pos and core.mem.can_shift():
+        report = close_gaps(core, s)
+        report["auto"] = True
+        return report
     keep = head_size(s)
     pinned = {m.id for m in s.messages if m.pinned} | protect
     end = keep

@@ -92,7 +92,10 @@ class Engine:
                 while core.ready:
                     self._dispatch(core.ready.pop(0))
                 if core.active:
-                    core.step()
+                    try:
+                        core.step()
+                    except Exception as exc:  # a bug must cost the requests in flight, not the engine
+                        core.fail_all(KvsideError(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             core.close()
             self._drain()

@@ -182,10 +182,11 @@ class Daemon:
         return [m for m in messages if m.get("kind") in CHAT_KINDS]
 
     def _apply(self, match) -> dict:
-        """The client dropped messages from the front: drop their cells, keep the later KV."""
+        """The client dropped messages from the front: drop their cells, keep the later KV. The hole
+        stays until positions run out (a shift re-rotates every cell of the cache, see close_gaps)."""
         note = {"reused_messages": match.reused}
         if match.dropped:
-            report = self.engine.mask(match.session, messages=match.dropped, close_gap=True)
+            report = self.engine.mask(match.session, messages=match.dropped, close_gap=False)
             note["dropped_messages"] = match.dropped
             note["dropped_tokens"] = report["masked"]
         return note

@@ -144,11 +144,12 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     from kvside.tui.app import run
     from kvside.tui.backend import LocalBackend, RemoteBackend
 
-    engines = []
+    engines, watchers = [], []
 
     async def local():
         engine = await asyncio.to_thread(_engine, ns, 4, True)
         engines.append(engine)
+        watchers.append(_watch_docs(engine, ns.docs))
         return LocalBackend(engine)
 
     async def remote():
@@ -162,6 +163,9 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     try:
         return run(remote if ns.connect else local, system=ns.system)
     finally:
+        for w in watchers:
+            if w:
+                w.stop()
         for engine in engines:
             engine.close()
 
@@ -190,6 +194,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                            ns.late_from, ns.load_clients, ns.load_requests)
         print(json.dumps(result, indent=2) if ns.json else serve.table(result))
         return 0
+    if ns.what == "compose":
+        from kvside.bench import compose as bench_compose
+
+        result = bench_compose.run(ns.model, [1, 3, 8], ns.recompute or [0, 16, -1], ns.steps, ns.threads)
+        print(json.dumps(result, indent=2) if ns.json else bench_compose.table(result))
+        return 0
     if ns.what == "roll":
         from kvside.bench import roll
 
@@ -214,9 +224,88 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.host not in ("127.0.0.1", "localhost", "::1") and not ns.api_key:
         print("kvside: warning: listening beyond loopback without --api-key", file=sys.stderr)
     with _engine(ns, max_sessions=ns.max_sessions, persist=True) as engine:
+        watcher = _watch_docs(engine, ns.docs)
         daemon = Daemon(engine, api_key=ns.api_key, reuse=not ns.no_reuse)
         print(f"kvside serving {daemon.model_name} on http://{ns.host}:{ns.port}", file=sys.stderr)
-        uvicorn.run(daemon.app, host=ns.host, port=ns.port, log_level="warning")
+        try:
+            uvicorn.run(daemon.app, host=ns.host, port=ns.port, log_level="warning")
+        finally:
+            if watcher:
+                watcher.stop()
+    return 0
+
+
+def _watch_docs(engine, folder: str | None):
+    """--docs DIR: compile the folder's documents and keep them compiled as they change."""
+    if not folder:
+        return None
+    from pathlib import Path
+
+    from kvside.docwatch import DocWatcher
+
+    def report(path, result, error):
+        if error is not None:
+            print(f"kvside: docs: {path}: {error.message}", file=sys.stderr)
+
+    return DocWatcher(engine, Path(folder), on_result=report).start()
+
+
+def cmd_compile(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from kvside.docwatch import documents_in
+
+    paths: list[Path] = []
+    for p in ns.paths:
+        path = Path(p)
+        if not path.exists():
+            raise KvsideError_usage(f"no such file or folder: {p}")
+        paths += documents_in(path) if path.is_dir() else [path]
+    failed = 0
+    with _engine(ns, max_sessions=1) as engine, Progress(transient=True) as progress:
+        for path in paths:
+            task = progress.add_task(path.name, total=None)
+            try:
+                r = engine.compile(str(path), progress=lambda i, n, t=task: progress.update(t, completed=i, total=n))
+            except KvsideError as exc:
+                failed += 1
+                progress.console.print(f"skipped {path}: {exc.message}")
+                continue
+            finally:
+                progress.remove_task(task)
+            how = "unchanged" if r["reused"] else f"compiled in {r['t_compile_s']:.1f} s"
+            progress.console.print(f"{path}: {r['tokens']} tokens, {r['blocks']} block(s), {how}")
+    return 1 if failed and failed == len(paths) else 0
+
+
+def cmd_docs(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvside.engine import compose
+
+    if ns.action == "add":
+        ns.paths = ns.paths or []
+        if not ns.paths:
+            raise KvsideError_usage("docs add needs a path")
+        return cmd_compile(ns)
+    if ns.action == "rm":
+        if not ns.paths:
+            raise KvsideError_usage("docs rm needs a path")
+        for p in ns.paths:
+            key, _ = compose.find(p)
+            compose.forget_document(Path(key))
+            print(f"removed {key}")
+        return 0
+    index = compose.load_index()
+    if ns.json:
+        print(json.dumps(index, indent=2))
+        return 0
+    if not index:
+        print("no compiled documents (kvside compile PATH)")
+    for key, e in sorted(index.items()):
+        print(f"{e.get('name', key):<28} {e['tokens']:>7} tokens {len(e['blocks']):>3} block(s)  {key}")
     return 0
 
 
@@ -295,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None)
     p.add_argument("--plain", action="store_true", help="a plain line-by-line chat instead of the app")
     p.add_argument("--connect", default=None, metavar="URL", help="use a running `kvside serve` instead of an in-process engine")
+    p.add_argument("--docs", default=None, metavar="DIR", help="compile and watch a folder of documents (/attach NAME)")
     p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
     p.add_argument("--session", default=None, help="continue (or start) a saved session by name")
     p.add_argument("--sessions-dir", default=None, help="where sessions are saved")
@@ -318,8 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", dest="sessions_dir", default=None, help="folder for saved sessions")
     p.add_argument("--max-sessions", type=int, default=4, help="sessions resident in the cache")
     p.add_argument("--no-reuse", action="store_true", help="a fresh session per request (for comparison)")
+    p.add_argument("--docs", default=None, metavar="DIR", help="compile and watch a folder of documents")
     _engine_args(p, n_ctx=4096)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("compile", help="precompute documents' KV blocks (files or folders)")
+    p.add_argument("paths", nargs="+")
+    _engine_args(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("docs", help="list, add or remove compiled documents")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "add", "rm"])
+    p.add_argument("paths", nargs="*")
+    p.add_argument("--json", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("save", help="export a saved session to a file")
     p.add_argument("session")
@@ -350,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
-    p.add_argument("what", choices=["decode", "roll", "restore", "serve"])
+    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose"])
+    p.add_argument("--recompute", type=int, action="append", default=None,
+                   help="compose: tokens recomputed at the start of each block (repeatable; -1 = all)")
     p.add_argument("--turns", type=int, default=20, help="serve: chat turns")
     p.add_argument("--budget-chars", type=int, default=2400, help="serve: history kept by the client, in characters")
     p.add_argument("--max-tokens", type=int, default=48, help="serve: tokens per reply")

@@ -63,11 +63,11 @@ class SessionFile:
     checksum_ok: bool
 
 
-def write(path: Path, header: dict, state: Any) -> int:
+def write(path: Path, header: dict, state: Any, fmt: str = FORMAT) -> int:
     """Write header + state (bytes or a ctypes buffer) atomically. Returns the file size."""
     path = Path(path)
     state_view = memoryview(state).cast("B")
-    head = dict(header, format=FORMAT, version=VERSION, kvside_version=__version__,
+    head = dict(header, format=fmt, version=VERSION, kvside_version=__version__,
                 state_len=len(state_view), saved_at=time.time())
     packed = msgpack.packb(head, use_bin_type=True)
     digest = hashlib.sha256(packed)
@@ -108,7 +108,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_header(path: Path, verify: bool = True) -> SessionFile:
+def read_header(path: Path, verify: bool = True, fmt: str = FORMAT) -> SessionFile:
     """Parse and check a session file without loading its state. Raises SessionFileError."""
     path = Path(path)
     name = path.name
@@ -133,7 +133,7 @@ def read_header(path: Path, verify: bool = True) -> SessionFile:
             header = msgpack.unpackb(packed, raw=False, strict_map_key=False)
         except Exception:  # msgpack raises several kinds on garbage
             raise SessionFileError(f"{name} has a damaged header") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != fmt:
             raise SessionFileError(f"{name} is not a kvside session file (format {header.get('format') if isinstance(header, dict) else '?'})")
         version = header.get("version")
         if not isinstance(version, int) or version < 1:

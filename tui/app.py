@@ -23,7 +23,7 @@ from kvside.tui.backend import Reply, drain
 from kvside.tui.cachemap import CacheMap
 
 HELP = """/new [NAME]  /rename NAME  /delete  /roll N [STRATEGY]  /compact [UP_TO]  /mask ID [close]
-/fork [NAME]  /save [FILE]  /restore FILE [NAME]  /strategy shift|recompute:R|reprefill  /attach DOC  /help"""
+/fork [NAME]  /save [FILE]  /restore FILE [NAME]  /strategy shift|recompute:R|reprefill  /attach DOC [K]  /help"""
 
 
 @dataclass
@@ -284,7 +284,7 @@ class ChatApp(App):
             self.notify(HELP, title="commands", timeout=15)
         elif cmd == "new":
             await self.new_chat(args[0] if args else None)
-        elif cmd in ("roll", "compact", "mask", "fork", "save", "strategy", "delete", "rename") and \
+        elif cmd in ("roll", "compact", "mask", "fork", "save", "strategy", "delete", "rename", "attach") and \
                 self.chats[name].reply is not None:
             self.notify("wait for the reply to finish (Esc stops it)", severity="warning")
         elif cmd == "roll":
@@ -340,7 +340,11 @@ class ChatApp(App):
             await self.query_one("#sidebar", ListView).append(ListItem(Label(new), id=f"s-{_safe(new)}"))
             await self.switch_to(new)
         elif cmd == "attach":
-            self.notify("documents are not available in this version", title="attach", severity="warning")
+            r = await b.edit(name, "attach", document=args[0], recompute=int(args[1]) if len(args) > 1 else 0)
+            self.chats[name].items.append(Item("user", f"*attached {args[0]}: {r['tokens']} tokens, no prefill*"))
+            await self._mount_item(self.chats[name].items[-1])
+            self.notify(f"attached {r['tokens']} tokens in {r['t_attach_s'] * 1000:.0f} ms "
+                        f"({r['blocks']} block(s), {r['recomputed']} recomputed)", title="attach")
         else:
             self.notify(f"unknown command /{cmd}; /help lists them", severity="error")
 

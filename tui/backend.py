@@ -84,6 +84,7 @@ class LocalBackend:
             "save": lambda: e.save(name, args.get("path")),
             "strategy": lambda: (e.set_roll_strategy(name, args["strategy"]), {"strategy": args["strategy"]})[1],
             "erratum": lambda: e.erratum(name, args["text"]),
+            "attach": lambda: e.attach(name, args["document"], int(args.get("recompute", 0))),
         }
         if edit not in calls:
             raise KvsideError(f"unknown command {edit}")

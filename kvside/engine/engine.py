@@ -17,7 +17,7 @@ import numpy as np
 from kvside._llama import native_patch_loaded
 from pathlib import Path
 
-from kvside.engine import edits, persist
+from kvside.engine import compose, edits, persist
 from kvside.engine.core import Core, EngineConfig
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
@@ -213,6 +213,19 @@ class Engine:
 
     def edit_log(self, name: str) -> list[dict]:
         return self._edit(name, lambda core, s: list(s.edit_log))
+
+    # -- documents ------------------------------------------------------------------------------
+    def compile(self, path: str, progress=None) -> dict:
+        """Compute and store a document's KV blocks (reused when content and model match)."""
+        return self.call(lambda core: compose.compile_document(core, Path(path), progress=progress))
+
+    def attach(self, name: str, document: str, recompute: int = 0) -> dict:
+        """Splice a compiled document into the session: no prefill of the document."""
+        return self._edit(name, lambda core, s: compose.attach(core, s, document, recompute))
+
+    @staticmethod
+    def documents() -> dict:
+        return compose.load_index()
 
     # -- generation -----------------------------------------------------------------------------
     def chat(self, session: str, message: str | list[dict], on_event=None, **params: Any) -> Stream:

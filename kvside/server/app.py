@@ -177,6 +177,18 @@ class Daemon:
         self.claimed.add(name)
         return name, messages, False, {}
 
+    def _attach_documents(self, name: str, documents: list[str]) -> list[dict]:
+        """Attach the named documents the session does not hold yet (no prefill of them)."""
+        held = {e.get("document") for e in self.engine.edit_log(name) if e.get("edit") == "attach"}
+        from kvside.engine import compose
+
+        out = []
+        for doc in documents:
+            key, _ = compose.find(doc)
+            if key not in held:
+                out.append(self.engine.attach(name, doc))
+        return out
+
     @staticmethod
     def _chat_messages(messages: list[dict]) -> list[dict]:
         return [m for m in messages if m.get("kind") in CHAT_KINDS]
@@ -254,6 +266,8 @@ class Daemon:
         name, temporary = "", False
         try:
             name, new, temporary, note = await run_in_threadpool(self._bind_chat, req.messages, explicit)
+            if req.documents:
+                note["attached"] = await run_in_threadpool(self._attach_documents, name, req.documents)
             queue, on_event = self._pipe()
             stream = self.engine.chat(name, new, on_event=on_event, **req.params)
             first = await self._first(queue) if req.stream else None
@@ -430,6 +444,7 @@ class Daemon:
             "fork": lambda: {"session": e.fork(name, body.get("name"))},
             "save": lambda: e.save(name, body.get("path")),
             "strategy": lambda: (e.set_roll_strategy(name, str(body.get("strategy", ""))), {"strategy": body.get("strategy")})[1],
+            "attach": lambda: e.attach(name, str(body.get("document", "")), int(body.get("recompute", 0))),
         }
         if edit not in calls:
             raise HTTPException(404, f"unknown edit {edit!r} (one of: {', '.join(calls)})")

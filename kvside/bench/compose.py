@@ -1,0 +1,101 @@
+"""`kvside bench compose`: attach 1, 3 and 8 precompiled documents to a session and measure, in one
+run, the time to first token against a prefill of the same concatenated tokens, and the fidelity of
+the composed cache per strategy (first k tokens of each block recomputed; -1 = all)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from kvside.bench.fidelity import compare
+from kvside.engine import Engine, compose
+
+MODULES = ["json", "csv", "heapq", "queue", "textwrap", "uuid", "fractions", "shutil", "difflib", "zipfile"]
+SYSTEM = "Answer questions about the documents."
+QUESTION = "Summarize what these documents describe."
+
+
+def _write_documents(folder: Path, n: int) -> list[Path]:
+    paths = []
+    for name in MODULES:
+        doc = (importlib.import_module(name).__doc__ or "").strip()
+        if len(doc) < 200:
+            continue
+        path = folder / f"{name}.txt"
+        path.write_text(doc[:2400])
+        paths.append(path)
+        if len(paths) == n:
+            break
+    return paths
+
+
+def measure(engine: Engine, docs: list[Path], recompute: int, steps: int) -> dict:
+    def run(core):
+        s = core.new_session(system=SYSTEM)
+        ref = core.new_session()
+        try:
+            q = core.template.delta(s.template_history() + [{"role": "user", "content": "x"}] * len(docs),
+                                    [{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+            question = core.model.tokenize(q, add_special=False, parse_special=True)
+            t0 = time.perf_counter()
+            for d in docs:
+                compose.attach(core, s, str(d), recompute)
+            core.probe(s.name, question)
+            t_attach = time.perf_counter() - t0
+            tokens = list(s.ledger.tok)
+            t0 = time.perf_counter()
+            core._prefill_now(ref, [(0, tokens)])
+            core.probe(ref.name, question)
+            t_prefill = time.perf_counter() - t0
+            cont = core.greedy(ref.name, question, steps)
+            forced = question + cont[:-1]
+            n_q = len(question) - 1
+            e = core.probe(s.name, forced, all_logits=True)[n_q:]
+            r = core.probe(ref.name, forced, all_logits=True)[n_q:]
+            recomputed = sum(1 for st in s.ledger.state if st == "recomputed")
+            return {"documents": len(docs), "recompute": recompute, "doc_tokens": len(tokens),
+                    "t_attach_s": t_attach, "t_prefill_s": t_prefill, "speedup": t_prefill / t_attach,
+                    "recompute_frac": recomputed / len(tokens), **compare(e, r)}
+        finally:
+            core.delete_session(s.name)
+            core.delete_session(ref.name)
+
+    return engine.call(run)
+
+
+def run(model: str | None, counts: list[int], strategies: list[int], steps: int, n_threads: int | None) -> dict:
+    home = tempfile.mkdtemp(prefix="kvside-bench-compose-")
+    old = os.environ.get("KVSIDE_HOME")
+    os.environ["KVSIDE_HOME"] = home  # blocks of this run stay out of the user's store
+    try:
+        folder = Path(home) / "docs"
+        folder.mkdir()
+        docs = _write_documents(folder, max(counts))
+        engine = Engine(model=model, n_ctx=4096, max_sessions=2, n_threads=n_threads, flash_attn=False).start()
+        try:
+            for d in docs:
+                engine.compile(str(d))
+            rows = [measure(engine, docs[:n], k, steps) for n in counts for k in strategies]
+            info = engine.info()
+        finally:
+            engine.close()
+    finally:
+        if old is None:
+            os.environ.pop("KVSIDE_HOME", None)
+        else:
+            os.environ["KVSIDE_HOME"] = old
+    return {"model": info["model_name"], "steps": steps, "results": rows}
+
+
+COLUMNS = ["documents", "recompute", "doc_tokens", "t_attach_s", "t_prefill_s", "speedup", "kl", "logit_cos", "top1"]
+
+
+def table(result: dict) -> str:
+    lines = [f"compose: model {result['model']}, {result['steps']} teacher-forced steps; recompute -1 = whole blocks",
+             " | ".join(COLUMNS)]
+    for row in result["results"]:
+        lines.append(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS))
+    return "\n".join(lines)

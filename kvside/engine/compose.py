@@ -1,0 +1,241 @@
+"""Composable document blocks: a document's KV is computed once (positions 0..n-1, no context),
+stored with its tokens, the model fingerprint and a content hash, and spliced into any session
+at any offset by shifting it there (RoPE repositioning) instead of prefilling it again.
+
+Files: $KVSIDE_HOME/blocks/<sha>-<i>.kvb (one per chunk, the session-file layout with format
+'kvside-block') and index.json (document path -> content hash and block files), replaced
+atomically only once every new block is written: the old blocks stay valid until then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from kvside import sessionfile
+from kvside.engine.ledger import COMPOSED, LIVE
+from kvside.engine.session import Message, Session
+from kvside.engine.state import get_seq_state, set_seq_state
+from kvside.errors import InvalidRequest, KvsideError
+from kvside.home import subdir
+from kvside.sessionfile import SessionFileError
+
+BLOCK_FORMAT = "kvside-block"
+MAX_BYTES = 1024 * 1024
+BLOCK_TOKENS = 512
+SENTINEL = "\x00kvside-document\x00"
+
+
+class DocumentError(InvalidRequest):
+    code = "bad_document"
+
+
+def blocks_dir() -> Path:
+    return subdir("blocks")
+
+
+def _index_path() -> Path:
+    return blocks_dir() / "index.json"
+
+
+def load_index() -> dict:
+    try:
+        return json.loads(_index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_index(index: dict) -> None:
+    path = _index_path()
+    tmp = path.with_name(f".index.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, path)
+
+
+def read_document(path: Path, max_bytes: int = MAX_BYTES) -> tuple[str, str]:
+    """(text, sha256) of a text file, or DocumentError saying why not."""
+    try:
+        if not path.is_file():
+            raise DocumentError(f"{path} is not a file")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise DocumentError(f"{path.name} is {size} bytes, over the {max_bytes}-byte limit")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DocumentError(f"cannot read {path}: {exc.strerror}") from None
+    if b"\x00" in data:
+        raise DocumentError(f"{path.name} looks binary")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DocumentError(f"{path.name} is not UTF-8 text") from None
+    if not text.strip():
+        raise DocumentError(f"{path.name} is empty")
+    return text, hashlib.sha256(data).hexdigest()
+
+
+def doc_key(path: Path) -> str:
+    return str(Path(path).resolve())
+
+
+# -- compile (engine thread) -----------------------------------------------------------------------
+def compile_document(core, path: Path, block_tokens: int = BLOCK_TOKENS, progress=None) -> dict:
+    """Compute and store the blocks of one document; reuse them when content and model match."""
+    path = Path(path)
+    key = doc_key(path)
+    text, sha = read_document(path)
+    index = load_index()
+    entry = index.get(key)
+    fp = core.model.fingerprint
+    if entry and entry["sha256"] == sha and entry["fingerprint"] == fp and \
+            all((blocks_dir() / f).is_file() for f in entry["blocks"]):
+        return {"document": key, "reused": True, "blocks": len(entry["blocks"]), "tokens": entry["tokens"]}
+    tokens = core.model.tokenize(text, add_special=False, parse_special=False)
+    size = min(block_tokens, core.n_ctx - 1)
+    chunks = [tokens[i : i + size] for i in range(0, len(tokens), size)]
+    files: list[str] = []
+    scratch = core.scratch_seq
+    t0 = time.perf_counter()
+    try:
+        for i, chunk in enumerate(chunks):
+            core.mem.clear_seq(scratch)
+            core.decode_now(scratch, chunk, 0, logits="none")
+            state = get_seq_state(core.ctx, scratch)
+            name = f"{sha[:16]}-{fp[:8]}-{i}.kvb"
+            header = {"document": key, "name": path.name, "sha256": sha, "chunk": i, "n_chunks": len(chunks),
+                      "tokens": chunk, "model_fingerprint": fp, "model_name": core.model_name,
+                      "type_k": core.type_k, "type_v": core.type_v}
+            sessionfile.write(blocks_dir() / name, header, state, fmt=BLOCK_FORMAT)
+            files.append(name)
+            if progress:
+                progress(i + 1, len(chunks))
+    finally:
+        core.mem.clear_seq(scratch)
+    _, sha_after = read_document(path)
+    if sha_after != sha:  # the file changed while it was compiled: keep the old blocks
+        for f in files:
+            if not entry or f not in entry["blocks"]:
+                (blocks_dir() / f).unlink(missing_ok=True)
+        raise DocumentError(f"{path.name} changed while it was compiled; try again")
+    index = load_index()
+    old = index.get(key, {}).get("blocks", [])
+    index[key] = {"sha256": sha, "fingerprint": fp, "blocks": files, "tokens": len(tokens),
+                  "name": path.name, "compiled": time.time()}
+    _save_index(index)
+    for f in old:
+        if f not in files:
+            (blocks_dir() / f).unlink(missing_ok=True)
+    return {"document": key, "reused": False, "blocks": len(files), "tokens": len(tokens),
+            "t_compile_s": time.perf_counter() - t0}
+
+
+def forget_document(path: Path) -> bool:
+    index = load_index()
+    entry = index.pop(doc_key(path), None)
+    if entry is None:
+        return False
+    _save_index(index)
+    for f in entry["blocks"]:
+        (blocks_dir() / f).unlink(missing_ok=True)
+    return True
+
+
+def find(name: str) -> tuple[str, dict]:
+    """A compiled document by path or by file name."""
+    index = load_index()
+    key = doc_key(Path(name)) if os.sep in name or Path(name).exists() else None
+    if key and key in index:
+        return key, index[key]
+    matches = [(k, v) for k, v in index.items() if v.get("name") == name or Path(k).name == name]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise DocumentError(f"several documents are named {name!r}; give the path")
+    raise DocumentError(f"no compiled document {name!r} (kvside compile PATH)")
+
+
+# -- attach (engine thread) ------------------------------------------------------------------------
+def load_blocks(core, entry: dict) -> list[sessionfile.SessionFile]:
+    """Every block of a document, checked (format, checksum, model) before anything is attached."""
+    out = []
+    for f in entry["blocks"]:
+        sf = sessionfile.read_header(blocks_dir() / f, verify=True, fmt=BLOCK_FORMAT)
+        h = sf.header
+        if h.get("model_fingerprint") != core.model.fingerprint:
+            raise SessionFileError(f"block {f} was compiled for another model ({h.get('model_name')})")
+        if h.get("type_k") != core.type_k or h.get("type_v") != core.type_v:
+            raise SessionFileError(f"block {f} has KV types {h.get('type_k')}/{h.get('type_v')}")
+        out.append(sf)
+    return out
+
+
+def attach(core, s: Session, name: str, recompute: int = 0) -> dict:
+    """Append a compiled document to the session without prefilling it: each block is loaded into
+    the scratch sequence, shifted to the session's next positions and handed over. In a chat the
+    document becomes a user message; only the template's text around it is decoded.
+    `recompute`: recompute the first k tokens of each block exactly (EPIC-style), -1 for all."""
+    from kvside.engine import edits
+
+    if s.busy:
+        raise KvsideError(f"session {s.name!r} is generating")
+    key, entry = find(name)
+    blocks = load_blocks(core, entry)
+    label = f"Document {entry.get('name', Path(key).name)}:\n"
+    msg = Message(s.next_message_id(), "user", label + SENTINEL, kind="document")
+    seg = core.template.delta(s.template_history(), [msg.as_template()], add_generation_prompt=False) or ""
+    if SENTINEL not in seg:
+        raise DocumentError("this model's chat template does not keep the document text as given")
+    before, after = seg.split(SENTINEL, 1)
+    pieces = core._chat_pieces(s, [], generation=False)  # pending tokens and the last reply's closing
+    prefix = [t for _, toks in pieces for t in toks]
+    prefix_msgs = [m for m, toks in pieces for _ in toks]
+    head = core.model.tokenize(before, add_special=len(s.ledger) == 0 and not prefix and core.model.add_bos,
+                               parse_special=True)
+    tail = core.model.tokenize(after, add_special=False, parse_special=True)
+    n_doc = sum(len(b.header["tokens"]) for b in blocks)
+    need = len(prefix) + len(head) + n_doc + len(tail)
+    edits.auto_roll(core, s, need + 1, protect=set())
+    core._room_check(s, need, 0)
+    t0 = time.perf_counter()
+    start_cells = len(s.ledger)
+    scratch = core.scratch_seq
+    recomputed = 0
+    try:
+        start = s.ledger.next_pos
+        core.decode_now(s.seq, prefix + head, start, logits="none")
+        for tok, m in zip(prefix, prefix_msgs):
+            s.ledger.append([tok], m)
+        s.ledger.append(head, msg.id)
+        for sf in blocks:
+            toks = sf.header["tokens"]
+            p0 = s.ledger.next_pos
+            core.mem.clear_seq(scratch)
+            set_seq_state(core.ctx, scratch, sessionfile.read_state(sf))
+            core.mem.add(scratch, 0, -1, p0)  # RoPE repositioning: the block now starts at p0
+            core.mem.cp(scratch, s.seq, p0, p0 + len(toks))
+            core.mem.clear_seq(scratch)
+            i0 = len(s.ledger)
+            s.ledger.append(toks, msg.id, COMPOSED)
+            k = len(toks) if recompute < 0 else min(recompute, len(toks))
+            if k:
+                recomputed += edits._recompute_window(core, s, i0, k)
+        p = s.ledger.next_pos
+        core.decode_now(s.seq, tail, p, logits="none")
+        s.ledger.append(tail, msg.id)
+    except KvsideError:
+        core.mem.clear_seq(scratch)
+        # undo: drop whatever this attach added, the session is as before
+        first = s.ledger.pos[start_cells] if len(s.ledger) > start_cells else s.ledger.next_pos
+        core.mem.rm(s.seq, first, -1)
+        s.ledger.truncate(first)
+        raise
+    s.messages.append(Message(msg.id, "user", label + "".join(core.model.detokenize(b.header["tokens"]) for b in blocks),
+                              kind="document"))
+    s.pending, s.pending_msg, s.closing = [], -1, ""
+    report = {"document": key, "blocks": len(blocks), "tokens": n_doc, "recomputed": recomputed,
+              "message": msg.id, "first_pos": s.ledger.pos[start_cells], "t_attach_s": time.perf_counter() - t0}
+    s.log("attach", **report)
+    return report

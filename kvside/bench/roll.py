@@ -7,13 +7,14 @@ from __future__ import annotations
 import time
 
 from kvside.bench import corpus
-from kvside.bench.fidelity import compare
+from kvside.bench.fidelity import compare, degeneration, greedy_match
 from kvside.engine import Engine, edits
 
 DEFAULT_STRATEGIES = ["shift", "recompute:16", "recompute:64", "recompute:256", "reprefill"]
 
 
-def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: str, steps: int) -> dict:
+def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: str, steps: int,
+            free_run: int = 0) -> dict:
     """One strategy: tokens[:-1] fill the cache, tokens[-1] is the first token after the edit."""
     context, nxt = tokens[:-1], tokens[-1]
 
@@ -34,6 +35,12 @@ def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: s
             cont = core.greedy(ref.name, [nxt], steps)
             forced = [nxt] + cont[:-1]
             fid = compare(core.probe(s.name, forced, all_logits=True), core.probe(ref.name, forced, all_logits=True))
+            if free_run:
+                mine = core.greedy(s.name, [nxt], free_run)
+                theirs = core.greedy(ref.name, [nxt], free_run)
+                fid["greedy_match"] = greedy_match(mine, theirs)
+                fid["degeneration"] = degeneration(mine)
+                fid["degeneration_ref"] = degeneration(theirs)
             return {
                 "strategy": strategy,
                 "t_edit_s": t_edit,

@@ -1,0 +1,290 @@
+"""`kvside eval`: how faithful each edit is against a re-prefill of the same edited tokens, and at
+what cost, for any GGUF. Protocols: rolling, compaction (mask vs restart vs the full context),
+composition, the K/V analysis of the public rolling-window experiments, and the noise floor.
+Every comparison runs with flash attention off, so a re-prefill reproduces a cache bit for bit and
+the harness itself measures zero for `reprefill`."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+
+from kvside.bench import corpus, kvstate
+from kvside.bench import compose as bench_compose
+from kvside.bench import roll as bench_roll
+from kvside.bench.fidelity import compare
+from kvside.engine import Engine, edits
+from kvside.engine.state import get_seq_state
+
+SYSTEM = "You are a helpful assistant. Read carefully and answer precisely."
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"contexts": [384], "drops": [1 / 384, 0.25, 0.75], "keeps": [0, 4, "system"],
+                "strategies": ["shift", "recompute:16", "reprefill"], "steps": 16, "free_run": 32,
+                "docs": [1, 3], "doc_strategies": [0, -1], "kv_ctx": 256}
+    return {"contexts": [512, 1024], "drops": [1 / 512, 0.1, 0.25, 0.5, 0.75], "keeps": [0, 1, 4, "system"],
+            "strategies": ["shift", "recompute:16", "recompute:64", "reprefill"], "steps": 32, "free_run": 96,
+            "docs": [1, 3, 8], "doc_strategies": [0, 16, -1], "kv_ctx": 768}
+
+
+# -- 1. rolling ---------------------------------------------------------------------------------------
+def rolling(engine: Engine, cfg: dict, log) -> list[dict]:
+    rows = []
+    system = engine.call(lambda core: core.model.tokenize(
+        core.template.render([{"role": "system", "content": SYSTEM}], add_generation_prompt=False),
+        add_special=core.model.add_bos, parse_special=True))
+    for ctx in cfg["contexts"]:
+        body = engine.call(lambda core: corpus.tokens(core.model, ctx + 1))
+        for keep_spec in cfg["keeps"]:
+            tokens = (system + body[1:])[: ctx + 1] if keep_spec == "system" else body
+            keep = len(system) if keep_spec == "system" else keep_spec
+            for frac in cfg["drops"]:
+                drop = max(1, min(int(round(frac * ctx)), ctx - keep - 8))
+                for strategy in cfg["strategies"]:
+                    r = bench_roll.measure(engine, tokens, drop, keep, strategy, cfg["steps"], cfg["free_run"])
+                    r.update(ctx=ctx, keep=keep_spec, drop=drop)
+                    rows.append(r)
+                    log(f"rolling ctx={ctx} keep={keep_spec} drop={drop} {strategy}: kl {r['kl']:.4f} top1 {r['top1']:.2f}")
+    return rows
+
+
+# -- 5. noise floor -----------------------------------------------------------------------------------
+def noise_floor(engine: Engine, ctx: int, delta: int, steps: int) -> dict:
+    """seq_add(+d) then seq_add(-d), each applied by a decode, against the untouched cache."""
+    def run(core):
+        s = core.new_session()
+        try:
+            tokens = corpus.tokens(core.model, ctx + 1)
+            core._prefill_now(s, [(0, tokens[:-1])])
+            child, _ = edits.fork(core, s)
+            forced = [tokens[-1]] + core.greedy(s.name, [tokens[-1]], steps - 1)
+            for d in (delta, -delta):
+                core.mem.add(child.seq, 0, -1, d)
+                child.ledger.shift(0, -1, d)
+                core.probe(child.name, [tokens[-1]])  # applies the pending K-shift
+            out = compare(core.probe(child.name, forced, all_logits=True), core.probe(s.name, forced, all_logits=True))
+            core.delete_session(child.name)
+            return dict(out, ctx=ctx, delta=delta)
+        finally:
+            core.delete_session(s.name)
+
+    return engine.call(run)
+
+
+# -- 2. compaction ------------------------------------------------------------------------------------
+FACTS = [
+    ("My passkey is 73914. Please remember it.", "73914"),
+    ("My cat is called Pixel.", "pixel"),
+    ("I live in Lisbon.", "lisbon"),
+]
+FILLER = ["Tell me one fact about volcanoes.", "Tell me one fact about glaciers.", "Tell me one fact about deserts."]
+QUESTIONS = [("What is my passkey?", "73914"), ("What is my cat called?", "pixel"), ("Where do I live?", "lisbon")]
+
+
+def compaction(engine: Engine, steps: int, log) -> dict:
+    greedy = dict(temperature=0.0, repeat_penalty=1.0, max_tokens=40)
+    base = engine.new_session(system=SYSTEM)
+    try:
+        for text, _ in FACTS:
+            engine.chat(base, text, **greedy).wait()
+        for text in FILLER:
+            engine.chat(base, text, **greedy).wait()
+        fact_ids = [m["id"] for m in engine.messages(base) if m["role"] != "system"][: 2 * len(FACTS)]
+        summary = engine.call(lambda core: edits.write_summary(core, core.get(base), fact_ids, 96))
+        results = {"summary": summary, "questions": []}
+        variants = {}
+        for mode in ("oracle", "mask", "restart"):
+            name = engine.fork(base)
+            if mode != "oracle":
+                engine.compact(name, up_to=fact_ids[-1], summary=summary, mode=mode)
+            variants[mode] = name
+        for q, expect in QUESTIONS:
+            answers, logits = {}, {}
+            for mode, name in variants.items():
+                probe = engine.call(lambda core, n=name: _question_tokens(core, core.get(n), q))
+                ref_answer = None
+                answers[mode] = engine.call(lambda core, n=name, p=probe: core.model.detokenize(core.greedy(n, p, 24)))
+            oracle_cont = engine.call(lambda core: core.greedy(variants["oracle"], _question_tokens(core, core.get(variants["oracle"]), q), steps))
+            for mode, name in variants.items():
+                probe = engine.call(lambda core, n=name: _question_tokens(core, core.get(n), q))
+                forced = probe + oracle_cont[:-1]
+                rows = engine.next_logits(name, forced, all_logits=True)[len(probe) - 1:]
+                logits[mode] = rows
+            entry = {"question": q, "expect": expect,
+                     "recall": {m: expect in a.lower() for m, a in answers.items()},
+                     "answers": answers,
+                     "kl_vs_oracle": {m: compare(logits[m], logits["oracle"])["kl"] for m in ("mask", "restart")},
+                     "kl_mask_vs_restart": compare(logits["mask"], logits["restart"])["kl"]}
+            results["questions"].append(entry)
+            log(f"compaction {q!r}: recall {entry['recall']} kl vs oracle {entry['kl_vs_oracle']}")
+            del ref_answer
+        for name in variants.values():
+            engine.delete_session(name)
+        n = len(QUESTIONS)
+        results["recall"] = {m: sum(e["recall"][m] for e in results["questions"]) / n for m in variants}
+        results["kl_vs_oracle"] = {m: float(np.mean([e["kl_vs_oracle"][m] for e in results["questions"]]))
+                                   for m in ("mask", "restart")}
+        return results
+    finally:
+        engine.delete_session(base)
+
+
+def _question_tokens(core, s, question: str) -> list[int]:
+    pieces = core._chat_pieces(s, [], generation=False)
+    head = [t for _, toks in pieces for t in toks]
+    text = core.template.delta(s.template_history(), [{"role": "user", "content": question}], add_generation_prompt=True)
+    return head + core.model.tokenize(text, add_special=False, parse_special=True)
+
+
+# -- 4. K/V analysis ----------------------------------------------------------------------------------
+def kv_analysis(engine: Engine, ctx: int, drop: int, keep: int) -> dict:
+    """Keys and values of the kept window: the suffix cache (before and after re-rotation) against a
+    re-prefill of the kept tokens, per layer and per position; keys raw and with RoPE undone."""
+    def run(core):
+        info = core.model.info()
+        if info.rope_type not in ("norm", "neox"):
+            return {"skipped": f"rope type {info.rope_type}"}
+        head_dim = info.n_embd // info.n_head
+        base = info.rope_freq_base or 10000.0
+        neox = info.rope_type == "neox"
+        s = core.new_session()
+        ref = core.new_session()
+        try:
+            tokens = corpus.tokens(core.model, ctx)
+            core._prefill_now(s, [(0, tokens)])
+            before = kvstate.parse(get_seq_state(core.ctx, s.seq))
+            edits.roll(core, s, drop, keep, "shift")
+            core.probe(s.name, [tokens[-1]])  # applies the K-shift
+            after = kvstate.parse(get_seq_state(core.ctx, s.seq))
+            core._prefill_now(ref, [(0, list(s.ledger.tok))])
+            reference = kvstate.parse(get_seq_state(core.ctx, ref.seq))
+        finally:
+            core.delete_session(s.name)
+            core.delete_session(ref.name)
+        window_old = slice(keep + drop, ctx)  # the kept window in the original cache
+        window_new = slice(keep, ctx - drop)
+        out = {"ctx": ctx, "drop": drop, "keep": keep, "rope": info.rope_type, "layers": []}
+        per_pos = {"k_raw_before": [], "k_unroped_before": [], "k_after": [], "v": []}
+        for layer in range(len(reference.k)):
+            kb = before.k[layer][window_old]
+            ka = after.k[layer][window_new]
+            kr = reference.k[layer][window_new]
+            vb = before.v[layer][window_old]
+            vr = reference.v[layer][window_new]
+            pb, pr = before.pos[window_old], reference.pos[window_new]
+            ub = kvstate.unrope(kb, pb, head_dim, base, neox)
+            ur = kvstate.unrope(kr, pr, head_dim, base, neox)
+            series = {"k_raw_before": kvstate.cosine_rows(kb, kr), "k_unroped_before": kvstate.cosine_rows(ub, ur),
+                      "k_after": kvstate.cosine_rows(ka, kr), "v": kvstate.cosine_rows(vb, vr)}
+            out["layers"].append({k: float(v.mean()) for k, v in series.items()})
+            for k, v in series.items():
+                per_pos[k].append(v)
+        out["per_position"] = {k: np.mean(v, axis=0).tolist() for k, v in per_pos.items()}
+        out["mean"] = {k: float(np.mean([l[k] for l in out["layers"]])) for k in per_pos}
+        return out
+
+    return engine.call(run)
+
+
+# -- the whole eval -----------------------------------------------------------------------------------
+def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: None) -> dict:
+    cfg = settings(quick)
+    t0 = time.perf_counter()
+    n_ctx = max(cfg["contexts"]) + cfg["steps"] + cfg["free_run"] + 16
+    engine = Engine(model=model, n_ctx=max(n_ctx, 1024), max_sessions=4, n_threads=n_threads, flash_attn=False).start()
+    try:
+        info = engine.info()
+        result = {"model": info["model_name"], "quick": quick, "settings": cfg}
+        result["noise_floor"] = noise_floor(engine, min(cfg["contexts"]), 16, cfg["steps"])
+        log(f"noise floor: kl {result['noise_floor']['kl']:.2e}")
+        result["rolling"] = rolling(engine, cfg, log)
+        result["kv_analysis"] = kv_analysis(engine, cfg["kv_ctx"], cfg["kv_ctx"] // 4, 4)
+        log(f"kv analysis: {result['kv_analysis'].get('mean')}")
+        result["compaction"] = compaction(engine, cfg["steps"], log)
+    finally:
+        engine.close()
+    result["composition"] = bench_compose.run(model, cfg["docs"], cfg["doc_strategies"], cfg["steps"], n_threads)["results"]
+    result["t_total_s"] = time.perf_counter() - t0
+    return result
+
+
+def tables(result: dict) -> str:
+    lines = [f"kvside eval: model {result['model']}{' (quick)' if result['quick'] else ''}"]
+    nf = result["noise_floor"]
+    lines.append(f"noise floor (seq_add +{nf['delta']} then -{nf['delta']}, ctx {nf['ctx']}): kl {nf['kl']:.3g}, "
+                 f"max logit diff {nf['max_abs_diff']:.3g}, top1 {nf['top1']:.3f}")
+    lines.append("\nrolling | ctx | keep | drop | strategy | t_edit_s | t_reprefill_s | speedup | kl | logit_cos | top1 | greedy_match | degeneration")
+    for r in result["rolling"]:
+        lines.append(f"| {r['ctx']} | {r['keep']} | {r['drop']} | {r['strategy']} | {r['t_edit_s']:.3f} | "
+                     f"{r['t_reprefill_s']:.3f} | {r['speedup']:.1f} | {r['kl']:.4f} | {r['logit_cos']:.4f} | "
+                     f"{r['top1']:.3f} | {r.get('greedy_match', '')} | {r.get('degeneration', 0):.3f}")
+    kv = result["kv_analysis"]
+    if "mean" in kv:
+        lines.append(f"\nK/V analysis (ctx {kv['ctx']}, drop {kv['drop']}, keep {kv['keep']}, rope {kv['rope']}), "
+                     "mean cosine over layers against the re-prefill:")
+        for k, v in kv["mean"].items():
+            lines.append(f"  {k}: {v:.4f}")
+    c = result["compaction"]
+    lines.append(f"\ncompaction: recall {c['recall']}, kl vs full context {c['kl_vs_oracle']}")
+    lines.append("\ncomposition | documents | recompute | t_attach_s | t_prefill_s | speedup | kl | logit_cos | top1")
+    for r in result["composition"]:
+        lines.append(f"| {r['documents']} | {r['recompute']} | {r['t_attach_s']:.3f} | {r['t_prefill_s']:.3f} | "
+                     f"{r['speedup']:.1f} | {r['kl']:.4f} | {r['logit_cos']:.4f} | {r['top1']:.3f}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, folder) -> list[str]:
+    """PNG figures: fidelity against drop size per strategy, and the K/V analysis."""
+    from pathlib import Path
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from kvside.errors import KvsideError
+
+        raise KvsideError("--plot needs matplotlib: pip install 'kvside[plot]'") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    rows = result["rolling"]
+    for keep in sorted({str(r["keep"]) for r in rows}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for strategy in sorted({r["strategy"] for r in rows}):
+            pts = sorted((r["drop"] / r["ctx"], r["kl"]) for r in rows if str(r["keep"]) == keep and r["strategy"] == strategy)
+            if pts:
+                ax.plot([p[0] for p in pts], [max(p[1], 1e-7) for p in pts], marker="o", label=strategy)
+        ax.set_yscale("log")
+        ax.set_xlabel("dropped fraction of the context")
+        ax.set_ylabel("KL(reprefill || edited), nats")
+        ax.set_title(f"rolling, keep {keep}")
+        ax.legend()
+        path = folder / f"rolling_keep_{re.sub(r'[^a-z0-9]', '', keep)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    kv = result["kv_analysis"]
+    if "layers" in kv:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        for key in kv["mean"]:
+            a.plot([l[key] for l in kv["layers"]], label=key)
+            b.plot(kv["per_position"][key], label=key)
+        a.set_xlabel("layer")
+        a.set_ylabel("cosine vs re-prefill")
+        b.set_xlabel("position in the kept window")
+        a.legend()
+        a.set_title("per layer")
+        b.set_title("per position (mean over layers)")
+        fig.tight_layout()
+        path = folder / "kv_analysis.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written

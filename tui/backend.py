@@ -19,10 +19,8 @@ class Reply:
     cancel: callable
 
 
-class LocalBackend:
-    def __init__(self, engine):
-        self.engine = engine
-        self.info = engine.info()
+class _Backend:
+    info: dict
 
     @property
     def model_name(self) -> str:
@@ -31,6 +29,12 @@ class LocalBackend:
     @property
     def n_ctx(self) -> int:
         return self.info["n_ctx"]
+
+
+class LocalBackend(_Backend):
+    def __init__(self, engine):
+        self.engine = engine
+        self.info = engine.info()
 
     async def call(self, fn, *args, **kwargs):
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -94,7 +98,7 @@ class LocalBackend:
         return await self.call(self.engine.restore, path, name)
 
 
-class RemoteBackend:
+class RemoteBackend(_Backend):
     """The same interface over a running `kvside serve` (--connect URL)."""
 
     def __init__(self, url: str, api_key: str | None = None):
@@ -108,14 +112,6 @@ class RemoteBackend:
     async def connect(self) -> None:
         r = await self.http.get("/health")
         self.info["model_name"] = r.json().get("model", "?")
-
-    @property
-    def model_name(self) -> str:
-        return self.info["model_name"]
-
-    @property
-    def n_ctx(self) -> int:
-        return self.info["n_ctx"]
 
     async def _json(self, method: str, path: str, **kw) -> dict:
         r = await self.http.request(method, path, **kw)

@@ -108,6 +108,25 @@ def test_completions_and_fim_refusal(client):
     assert "fill-in-the-middle" in str(err.value)
 
 
+def test_infill_without_fim_tokens_is_a_clear_error(server):
+    r = httpx.post(server[0] + "/infill", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"input_prefix": "def add(a, b):\n    ", "input_suffix": "\n", "n_predict": 8})
+    assert r.status_code == 400 and "fill-in-the-middle" in r.json()["error"]["message"]
+
+
+def test_queue_full_answers_429_with_retry_after(server):
+    base, daemon = server
+    saved = daemon.max_active
+    daemon.max_active = 0
+    try:
+        r = httpx.post(base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    finally:
+        daemon.max_active = saved
+    assert r.status_code == 429 and r.headers.get("retry-after") == "1"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+
+
 def test_openai_errors(client, server):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])

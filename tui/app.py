@@ -208,6 +208,7 @@ class ChatApp(App):
         except KvsideError as exc:
             self.notify(exc.message, severity="error")
             return
+        self.query_one("#status", Static).update(f"{chat.name}: reading the prompt...")
         self.stream_reply(chat, answer)
 
     @work(group="replies")
@@ -218,8 +219,12 @@ class ChatApp(App):
             pass  # the app is closing; the transcript already holds the text
 
     async def _stream_reply(self, chat: Chat, item: Item) -> None:
+        started = False
         async for kind, value in drain(chat.reply):
             if kind == "text":
+                if not started and self.current == chat.name:
+                    started = True
+                    self.query_one("#status", Static).update(f"{chat.name}: answering... (Esc stops)")
                 item.text += value
                 if self.current == chat.name and item.widget is not None and item.widget.is_mounted:
                     if item.stream is None:

@@ -26,8 +26,8 @@ def settings(quick: bool) -> dict:
         return {"contexts": [384], "drops": [1 / 384, 0.25, 0.75], "keeps": [0, 4, "system"],
                 "strategies": ["shift", "recompute:16", "reprefill"], "steps": 16, "free_run": 32,
                 "docs": [1, 3], "doc_strategies": [0, -1], "kv_ctx": 256}
-    return {"contexts": [512, 1024], "drops": [1 / 1024, 0.25, 0.5, 0.75], "keeps": [0, 1, 4, "system"],
-            "strategies": ["shift", "recompute:16", "recompute:64", "reprefill"], "steps": 32, "free_run": 64,
+    return {"contexts": [512, 1024], "drops": [1 / 1024, 0.25, 0.75], "keeps": [0, 4, "system"],
+            "strategies": ["shift", "recompute:16", "recompute:64", "reprefill"], "steps": 32, "free_run": 48,
             "docs": [1, 3, 8], "doc_strategies": [0, 16, -1], "kv_ctx": 768}
 
 

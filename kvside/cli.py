@@ -320,9 +320,24 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon(ns: argparse.Namespace):
+    """The running daemon the session commands should use, or None (then they work on files)."""
+    from kvside.remote import Daemon, find_daemon
+
+    if getattr(ns, "offline", False):
+        return None
+    url = find_daemon(getattr(ns, "connect", None))
+    return Daemon(url, getattr(ns, "api_key", None)) if url else None
+
+
 def cmd_save(ns: argparse.Namespace) -> int:
     from kvside import sessions_cli as sc
 
+    daemon = _daemon(ns)
+    if daemon:
+        out = daemon.save(ns.session, ns.file)
+        print(f"saved {out['session']} to {out['path']} ({out['bytes'] / 1e6:.2f} MB) from the running daemon")
+        return 0
     out = sc.export(ns.session, ns.file, sc.sessions_dir(ns.sessions_dir))
     print(f"saved {out['session']} to {out['file']} ({out['bytes'] / 1e6:.2f} MB)")
     return 0
@@ -331,6 +346,11 @@ def cmd_save(ns: argparse.Namespace) -> int:
 def cmd_restore(ns: argparse.Namespace) -> int:
     from kvside import sessions_cli as sc
 
+    daemon = _daemon(ns)
+    if daemon:
+        out = daemon.restore(ns.file, ns.as_name)
+        print(f"restored {out['session']} into the running daemon")
+        return 0
     out = sc.import_file(ns.file, ns.as_name, sc.sessions_dir(ns.sessions_dir), ns.model, ns.force)
     print(f"restored {out['session']} ({out['cells']} cells) into {out['file']}")
     return 0
@@ -339,6 +359,21 @@ def cmd_restore(ns: argparse.Namespace) -> int:
 def cmd_sessions(ns: argparse.Namespace) -> int:
     from kvside import sessions_cli as sc
 
+    daemon = _daemon(ns)
+    if daemon:
+        if ns.action == "list":
+            rows = daemon.sessions()
+            if ns.json:
+                print(json.dumps(rows, indent=2))
+            for r in ([] if ns.json else rows):
+                where = "resident" if r.get("resident") else "on disk"
+                print(f"{r['name']:<24} {r.get('n_cells', '-'):>6} cells  {where}")
+            return 0
+        if not ns.name:
+            raise KvsideError_usage(f"sessions {ns.action} needs a session name")
+        data = daemon.remove(ns.name) if ns.action == "rm" else daemon.show(ns.name)
+        print(json.dumps(data, indent=2) if ns.json or ns.action == "show" else f"removed {ns.name}")
+        return 0
     folder = sc.sessions_dir(ns.sessions_dir)
     if ns.action == "list":
         sc.print_listing(sc.listing(folder), ns.json)
@@ -448,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session")
     p.add_argument("file", nargs="?", default=None)
     p.add_argument("--sessions-dir", default=None)
+    p.add_argument("--connect", default=None, metavar="URL", help="the daemon to use (default: $KVSIDE_URL, or one on 127.0.0.1:8077)")
+    p.add_argument("--offline", action="store_true", help="work on the session files even when a daemon runs")
+    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
     p.set_defaults(func=cmd_save)
 
     p = sub.add_parser("restore", help="import a session file (checked in full) into the sessions folder")
@@ -456,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a session of that name")
     p.add_argument("--model", "-m", default=None, help="model the file must match (default: the default model)")
     p.add_argument("--sessions-dir", default=None)
+    p.add_argument("--connect", default=None, metavar="URL", help="the daemon to use (default: $KVSIDE_URL, or one on 127.0.0.1:8077)")
+    p.add_argument("--offline", action="store_true", help="work on the session files even when a daemon runs")
+    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("sessions", help="list, show or remove saved sessions")
@@ -464,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--sessions-dir", default=None)
+    p.add_argument("--connect", default=None, metavar="URL", help="the daemon to use (default: $KVSIDE_URL, or one on 127.0.0.1:8077)")
+    p.add_argument("--offline", action="store_true", help="work on the session files even when a daemon runs")
+    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
     p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("inspect", help="what a session file holds, whether it is intact and fits the model")

@@ -217,3 +217,33 @@ def test_concurrent_streaming_clients(server):
     for t in threads:
         t.join(timeout=180)
     assert not errors
+
+
+def test_cli_uses_the_running_daemon(server, client, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = server[0]
+    client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Remember: blue."}],
+                                   extra_headers={"X-Kvside-Session": "cli-live"}, **G)
+    kvside = str(Path(sys.executable).with_name("kvside"))
+    env = dict(os.environ, KVSIDE_URL=base, KVSIDE_API_KEY=KEY)
+
+    def cli(*args):
+        return subprocess.run([kvside, *args], capture_output=True, text=True, timeout=120, env=env)
+
+    listed = cli("sessions", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert "cli-live" in [r["name"] for r in json.loads(listed.stdout)]
+    target = tmp_path / "live.kvs"
+    out = cli("save", "cli-live", str(target))
+    assert out.returncode == 0 and target.is_file(), out.stderr
+    out = cli("restore", str(target), "--as", "cli-live-2")
+    assert out.returncode == 0, out.stderr
+    assert "cli-live-2" in [s["name"] for s in httpx.get(base + "/kvside/sessions",
+                                                          headers={"Authorization": f"Bearer {KEY}"}).json()["sessions"]]
+    bad = subprocess.run([kvside, "sessions", "--connect", "http://127.0.0.1:9"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ))
+    assert bad.returncode == 1 and "no kvside daemon" in bad.stderr

@@ -279,8 +279,10 @@ class ChatApp(App):
             await self._command(cmd, args, name)
         except KvsideError as exc:
             self.notify(exc.message, title=f"/{cmd}", severity="error")
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, KeyError):
             self.notify(f"usage: {HELP}", title=f"/{cmd}", severity="error", timeout=10)
+        except Exception as exc:  # a failed command is a notification, never a crash
+            self.notify(f"{type(exc).__name__}: {exc}", title=f"/{cmd}", severity="error")
         await self.refresh_map()
 
     async def _command(self, cmd: str, args: list[str], name: str | None) -> None:
@@ -338,6 +340,8 @@ class ChatApp(App):
                 await self.new_chat(None)
         elif cmd == "rename":
             new = args[0]
+            if not hasattr(self.backend, "engine"):
+                raise KvsideError("renaming needs the in-process engine (not --connect)")
             await self.backend.call(self.backend.engine.rename, name, new)
             self.chats[new] = self.chats.pop(name)
             self.chats[new].name = new

@@ -15,29 +15,39 @@ DEFAULT_STRATEGIES = ["shift", "recompute:16", "recompute:64", "recompute:256", 
 
 def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: str, steps: int,
             free_run: int = 0) -> dict:
-    """One strategy: tokens[:-1] fill the cache, tokens[-1] is the first token after the edit."""
+    """One strategy: tokens[:-1] fill the cache, tokens[-1] is the first token after the edit.
+
+    The reference runs first, alone in an empty cache; then the edit, in the cache emptied again.
+    llama.cpp sizes its attention kernels by the extent of used cells, so only this order lets a
+    `reprefill` edit reproduce the reference bit for bit (the harness's own check)."""
     context, nxt = tokens[:-1], tokens[-1]
+    kept = context[:keep] + context[keep + drop :]
 
     def run(core):
-        s = core.new_session()
+        assert not core.sessions, "measure needs an empty cache"
         ref = core.new_session()
         try:
-            core._prefill_now(s, [(0, context)])
-            t0 = time.perf_counter()
-            report = edits.roll(core, s, drop, keep, strategy)
-            core.probe(s.name, [nxt])
-            t_edit = time.perf_counter() - t0
-            kept = list(s.ledger.tok)
             t0 = time.perf_counter()
             core._prefill_now(ref, [(0, kept)])
             core.probe(ref.name, [nxt])
             t_ref = time.perf_counter() - t0
             cont = core.greedy(ref.name, [nxt], steps)
             forced = [nxt] + cont[:-1]
-            fid = compare(core.probe(s.name, forced, all_logits=True), core.probe(ref.name, forced, all_logits=True))
+            reference = core.probe(ref.name, forced, all_logits=True)
+            theirs = core.greedy(ref.name, [nxt], free_run) if free_run else []
+        finally:
+            core.delete_session(ref.name)
+        s = core.new_session()
+        try:
+            core._prefill_now(s, [(0, context)])
+            t0 = time.perf_counter()
+            report = edits.roll(core, s, drop, keep, strategy)
+            core.probe(s.name, [nxt])
+            t_edit = time.perf_counter() - t0
+            assert s.ledger.tok == kept, "the roll kept other tokens than expected"
+            fid = compare(core.probe(s.name, forced, all_logits=True), reference)
             if free_run:
                 mine = core.greedy(s.name, [nxt], free_run)
-                theirs = core.greedy(ref.name, [nxt], free_run)
                 fid["greedy_match"] = greedy_match(mine, theirs)
                 fid["degeneration"] = degeneration(mine)
                 fid["degeneration_ref"] = degeneration(theirs)
@@ -54,7 +64,6 @@ def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: s
             }
         finally:
             core.delete_session(s.name)
-            core.delete_session(ref.name)
 
     return engine.call(run)
 

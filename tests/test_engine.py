@@ -1,5 +1,4 @@
 import threading
-import time
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """The chat app driven by Textual's pilot against the real default model."""
 
-import asyncio
 
 import pytest
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from kvside import sessionfile
-from kvside.engine.ledger import COMPOSED, LIVE
+from kvside.engine.ledger import COMPOSED
 from kvside.engine.session import Message, Session
 from kvside.engine.state import get_seq_state, set_seq_state
 from kvside.errors import InvalidRequest, KvsideError

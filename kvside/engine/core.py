@@ -19,7 +19,6 @@ import numpy as np
 from kvside._llama import backend, lib, recent_log
 from kvside.engine import edits, persist
 from kvside.engine.batch import Batch
-from kvside.engine.ledger import LIVE, Ledger
 from kvside.engine.memory import Memory
 from kvside.engine.model import Model
 from kvside.engine.sampling import Sampler, SamplingParams, StopMatcher

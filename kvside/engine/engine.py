@@ -20,7 +20,6 @@ from pathlib import Path
 from kvside.engine import compose, edits, persist
 from kvside.engine.core import Core, EngineConfig
 from kvside.engine.ledger import Ledger
-from kvside.engine.sampling import SamplingParams
 from kvside.engine.stream import Stream
 from kvside.engine.session import check_name
 from kvside.errors import EngineClosed, InvalidRequest, KvsideError

@@ -10,6 +10,8 @@ KVSIDE = str(Path(sys.executable).with_name("kvside"))
 
 
 def run(home, *args):
+    if args[0] in ("sessions", "save", "restore"):
+        args = (*args, "--offline")  # the files, even if a daemon happens to run on this machine
     env = {**os.environ, "KVSIDE_HOME": str(home)}
     return subprocess.run([KVSIDE, *args], capture_output=True, text=True, timeout=180, env=env)
 

@@ -105,11 +105,14 @@ async def test_roll_command_changes_the_cache_map(tui_engine):
         name = app.current
         await type_and_send(pilot, "Tell me about rivers.")
         await wait_idle(pilot, name)
-        before = dict(app.query_one("#map", CacheMap).snapshot)
+        before = len(tui_engine.ledger(name))
         await type_and_send(pilot, "/roll 10")
-        await pilot.pause(0.5)
-        after = app.query_one("#map", CacheMap).snapshot
-        assert after["n_cells"] == before["n_cells"] - 10
+        for _ in range(200):  # the map refreshes after the command returns
+            after = app.query_one("#map", CacheMap).snapshot
+            if after.get("n_cells") == before - 10:
+                break
+            await pilot.pause(0.05)
+        assert after["n_cells"] == before - 10
         assert any(r["reason"] == "rolled" for r in after["removed"])
 
 

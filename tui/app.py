@@ -241,15 +241,17 @@ class ChatApp(App):
                 computed = value["prompt"] - value["cached"]
                 chat.status = (f"{self.backend.model_name} | reused {value['cached']} computed {computed} "
                                f"| {value['tokens']} tokens {value['tok_s']:.0f} tok/s | {value['finish_reason']}")
-        if item.stream is not None:
-            await item.stream.stop()
-            item.stream = None
-        chat.reply = None
-        if self.current == chat.name and self.is_running and self.screen.is_mounted:
-            if item.widget is not None and item.widget.is_mounted:
-                await item.widget.update(item.text)
-            self.query_one("#status", Static).update(chat.status)
-            await self.refresh_map()
+        try:
+            if item.stream is not None:
+                await item.stream.stop()
+                item.stream = None
+            if self.current == chat.name and self.is_running and self.screen.is_mounted:
+                self.query_one("#status", Static).update(chat.status)
+                if item.widget is not None and item.widget.is_mounted:
+                    await item.widget.update(item.text)
+                await self.refresh_map()
+        finally:
+            chat.reply = None  # last: the session takes a new prompt only once its view is settled
 
     def action_stop(self) -> None:
         chat = self.chats.get(self.current or "")

@@ -184,3 +184,12 @@ def read_state(sf: SessionFile):
         if digest.digest() != f.read(CHECKSUM_LEN):
             raise SessionFileError(f"{sf.path.name} changed or is damaged: checksum mismatch")
     return buf
+
+
+def rewrite(src: Path, dst: Path, fmt: str = FORMAT, **changes) -> int:
+    """Copy a checked file to dst with some header fields changed (the state is carried as is)."""
+    sf = read_header(src, verify=True, fmt=fmt)
+    state = read_state(sf)
+    header = {k: v for k, v in sf.header.items() if k not in ("format", "version", "state_len", "kvside_version", "saved_at")}
+    header.update(changes)
+    return write(dst, header, state, fmt=fmt)

@@ -98,11 +98,7 @@ def import_file(path: str, name: str | None, folder: Path, model: str | None, fo
     if dst.exists() and not force:
         raise InvalidRequest(f"a session named {name!r} exists already (use --as NAME or --force)")
     if name != info["name"]:
-        sf = sessionfile.read_header(Path(path))
-        state = sessionfile.read_state(sf)
-        header = {k: v for k, v in sf.header.items() if k not in ("format", "version", "state_len")}
-        header["name"] = name
-        sessionfile.write(dst, header, state)
+        sessionfile.rewrite(Path(path), dst, name=name)
     else:
         _copy_atomic(Path(path), dst)
     return {"session": name, "file": str(dst), "cells": info["n_cells"]}

@@ -81,12 +81,7 @@ def test_recomputing_the_whole_block_matches_a_prefill(exact, doc):
 def test_block_of_another_model_is_refused(exact, doc, tmp_path):
     key, entry = compose.find(str(doc))
     path = compose.blocks_dir() / entry["blocks"][0]
-    sf = sessionfile.read_header(path, fmt=BLOCK_FORMAT)
-    state = sessionfile.read_state(sf)
-    header = {k: v for k, v in sf.header.items() if k not in ("format", "version", "state_len")}
-    header["model_fingerprint"] = "f" * 64
-    header["model_name"] = "other-model"
-    sessionfile.write(path, header, state, fmt=BLOCK_FORMAT)
+    sessionfile.rewrite(path, path, fmt=BLOCK_FORMAT, model_fingerprint="f" * 64, model_name="other-model")
     name = exact.new_session()
     before = exact.ledger(name).to_dict()
     with pytest.raises(SessionFileError, match="another model"):

@@ -115,11 +115,7 @@ def test_bad_files_are_refused_and_nothing_changes(exact, tmp_path, damage, mess
 
 def _resave(path, **changes):
     """A well-formed, correctly checksummed file whose header says something else."""
-    sf = sessionfile.read_header(path)
-    state = sessionfile.read_state(sf)
-    header = {k: v for k, v in sf.header.items() if k not in ("format", "version", "state_len")}
-    header.update(changes)
-    sessionfile.write(path, header, state)
+    sessionfile.rewrite(path, path, **changes)
 
 
 def _flip(path, offset):

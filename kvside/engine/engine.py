@@ -255,13 +255,6 @@ class Engine:
         future.add_done_callback(lambda f: f.exception() and stream.fail(_as_kvside(f.exception())))
         return stream
 
-    def ask(self, text: str, **params: Any) -> Stream:
-        """A one-shot answer in a throwaway session."""
-        name = self.new_session()
-        stream = self.chat(name, text, **params)
-        self.submit(lambda core: core.delete_session(name), session=name)
-        return stream
-
     # -- facts ----------------------------------------------------------------------------------
     def info(self) -> dict:
         def facts(core: Core) -> dict:

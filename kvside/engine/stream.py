@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 from kvside.errors import KvsideError
 
@@ -109,7 +109,3 @@ class Stream:
     def text(self) -> str:
         return self.wait().text
 
-
-def collect(stream: Stream) -> tuple[str, Any]:
-    parts = list(stream)
-    return "".join(parts), stream.completion

@@ -15,7 +15,7 @@ CMAKE_ARGS_cuda   := -DGGML_CUDA=on
 CMAKE_ARGS_metal  := -DGGML_METAL=on
 CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
 
-.PHONY: setup chat test serve doctor bench peer clean
+.PHONY: setup chat test test-stock test-native native serve doctor bench peer clean
 
 setup: $(STAMP)
 
@@ -39,8 +39,15 @@ $(STAMP): pyproject.toml Makefile
 chat: setup
 	$(BIN)/kvside chat
 
-test: setup
+# The suite runs twice: on the stock libllama, then on the patched one from native/ (where the
+# tests of the patch must run, not skip).
+test: test-stock test-native
+
+test-stock: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-native: setup native
+	LLAMA_CPP_LIB_PATH=$(CURDIR)/$(NATIVE_LIB) KVSIDE_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 serve: setup
 	$(BIN)/kvside serve
@@ -70,6 +77,28 @@ peer: $(LLAMA_SRC)/CMakeLists.txt
 	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
 	  -DLLAMA_BUILD_UI=OFF $(CMAKE_ARGS_$(BACKEND))
 	cmake --build build/peer -j $(NPROC) --target llama-server
+
+# kvside's patch to llama.cpp (native/kvside.patch), built as shared libraries that llama-cpp-python
+# loads through LLAMA_CPP_LIB_PATH. The sources come from the same sdist as the bindings.
+NATIVE_SRC   := build/native-src
+NATIVE_BUILD := build/native-$(BACKEND)
+NATIVE_LIB   := $(NATIVE_BUILD)/bin
+NATIVE_STAMP := $(NATIVE_BUILD)/.kvside-patch
+
+native: $(NATIVE_STAMP)
+	@echo "patched libllama in $(NATIVE_LIB): LLAMA_CPP_LIB_PATH=$(CURDIR)/$(NATIVE_LIB) kvside doctor"
+
+$(NATIVE_STAMP): native/kvside.patch $(LLAMA_SRC)/CMakeLists.txt
+	rm -rf $(NATIVE_SRC)
+	cp -r build/sdist/llama_cpp_python-*/vendor/llama.cpp $(NATIVE_SRC)
+	patch -s -p1 -d $(NATIVE_SRC) < native/kvside.patch
+	cmake -S $(NATIVE_SRC) -B $(NATIVE_BUILD) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+	  -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_OPENSSL=OFF \
+	  -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(CURDIR)/$(NATIVE_LIB) -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(CURDIR)/$(NATIVE_LIB) \
+	  $(CMAKE_ARGS_$(BACKEND))
+	cmake --build $(NATIVE_BUILD) -j $(NPROC) --target llama
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info

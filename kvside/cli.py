@@ -47,7 +47,7 @@ def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False
     return Engine(
         model=ns.model, n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads,
         n_gpu_layers=ns.n_gpu_layers, persist=persist, sessions_dir=getattr(ns, "sessions_dir", None),
-        flash_attn=False if getattr(ns, "exact", False) else None,
+        exact=bool(getattr(ns, "exact", False)),
     ).start()
 
 
@@ -100,7 +100,9 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         ("n_gpu_layers", info["n_gpu_layers"]),
         ("llama-cpp-python", info["llama_cpp_python"]),
         ("libllama", info["library"]),
-        ("native patch", "loaded" if info["native_patch"] else "not loaded (stock llama.cpp)"),
+        ("native patch", "loaded: values:R, values:all, select:F available" if info["native_patch"]
+         else "not loaded (stock llama.cpp): values:R, values:all, select:F need it (make native)"),
+        ("attention", info["attention"]),
         ("model", f"{info['model_name']} ({model['description']})"),
         ("path", model["path"]),
         ("fingerprint", model["fingerprint"][:16]),
@@ -183,8 +185,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.what == "restore":
         from kvside.bench import restore
 
-        flash = {"auto": None, "on": True, "off": False}[ns.flash_attn]
-        result = restore.run(ns.model, ns.ctx, ns.reps, ns.threads, flash)
+        flash = {"auto": None, "on": True, "off": False, "reference": None}[ns.flash_attn]
+        result = restore.run(ns.model, ns.ctx, ns.reps, ns.threads, flash, exact=ns.exact,
+                             reference_kernels=ns.flash_attn == "reference")
         print_report(result, ns.json)
         return 0
     if ns.what == "serve":
@@ -197,13 +200,18 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.what == "compose":
         from kvside.bench import compose as bench_compose
 
-        result = bench_compose.run(ns.model, [1, 3, 8], ns.recompute or [0, 16, -1], ns.steps, ns.threads)
+        from kvside.engine.edits import Strategy
+
+        for s in ns.strategy or []:
+            Strategy.parse(s)  # a bad name fails before any work
+        choices = (ns.recompute or []) + (ns.strategy or []) or bench_compose.default_strategies()
+        result = bench_compose.run(ns.model, [1, 3, 8], choices, ns.steps, ns.threads)
         print(json.dumps(result, indent=2) if ns.json else bench_compose.table(result))
         return 0
     if ns.what == "roll":
         from kvside.bench import roll
 
-        strategies = ns.strategy or roll.DEFAULT_STRATEGIES
+        strategies = ns.strategy or roll.default_strategies()
         for s in strategies:
             from kvside.engine.edits import Strategy
 
@@ -526,14 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--late-from", type=int, default=10, help="serve: first turn counted as late")
     p.add_argument("--load-clients", type=int, default=8, help="serve: concurrent clients in the load run")
     p.add_argument("--load-requests", type=int, default=3, help="serve: requests per load client")
-    p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto", help="restore: attention kernel")
+    p.add_argument("--flash-attn", choices=["auto", "on", "off", "reference"], default="auto",
+                   help="restore: attention kernel (reference: ggml's reference kernels, native patch)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--tokens", type=int, default=128, help="decode: tokens to generate")
     p.add_argument("--reps", type=int, default=3, help="decode: repetitions")
     p.add_argument("--ctx", type=int, default=1024, help="roll, restore: tokens in the cache")
     p.add_argument("--drop", type=int, default=256, help="roll: tokens dropped")
     p.add_argument("--keep", type=int, default=4, help="roll: tokens kept at the front")
-    p.add_argument("--strategy", action="append", default=None, help="roll: strategy (repeatable)")
+    p.add_argument("--strategy", action="append", default=None,
+                   help="roll, compose: strategy (repeatable; default: all available)")
     p.add_argument("--steps", type=int, default=32, help="roll: teacher-forced steps")
     _engine_args(p, n_ctx=1024)
     p.set_defaults(func=cmd_bench)

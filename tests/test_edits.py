@@ -7,14 +7,14 @@ import pytest
 from conftest import GREEDY
 from kvside.bench import corpus
 from kvside.bench.fidelity import compare, degeneration
-from kvside.engine import Engine
+from kvside.engine import Engine, edits, kvstate, native
 from kvside.errors import EditError, InvalidRequest
 
 
 @pytest.fixture(scope="module")
 def exact():
     # flash attention off: a re-prefill reproduces a cache bit for bit (see EngineConfig)
-    with Engine(n_ctx=320, max_sessions=3, n_threads=2, flash_attn=False) as e:
+    with Engine(n_ctx=320, max_sessions=3, n_threads=2, exact=True) as e:
         yield e
 
 
@@ -97,6 +97,38 @@ def test_fork_edits_never_touch_the_original(engine):
     engine.check(child)
     engine.delete_session(child)
     engine.delete_session(name)
+
+
+def test_fork_on_device_copies_every_cell(exact):
+    """llama.cpp's device-side sequence state (the GPU path of fork) gives the same cells as the
+    host round trip; on CPU the 'device' is host memory, which is what this can check here."""
+    name = filled(exact, 200)
+    exact.roll(name, 50, keep=4)  # a pending shift: the copy must carry the re-rotated keys
+
+    def cells(core, s):
+        kv = kvstate.parse(core.seq_state(s.seq))
+        order = np.argsort(kv.pos)
+        return kv.pos[order], [x[order] for x in kv.k + kv.v]
+
+    def both(core):
+        s = core.get(name)
+        on_dev, rep_dev = edits.fork(core, s, on_device=True)
+        on_host, rep_host = edits.fork(core, s, on_device=False)
+        return on_dev.name, on_host.name, rep_dev, rep_host, [cells(core, x) for x in (s, on_dev, on_host)]
+
+    dev, host, rep_dev, rep_host, copies = exact.call(both)
+    assert rep_dev["on_device"] and not rep_host["on_device"]
+    assert rep_dev["bytes_through_host"] < rep_host["bytes_through_host"] / 10  # metadata only
+    for pos, tensors in copies[1:]:
+        np.testing.assert_array_equal(pos, copies[0][0])
+        for a, b in zip(tensors, copies[0][1]):
+            np.testing.assert_array_equal(a, b)
+    before = exact.next_logits(name)
+    exact.roll(dev, 20, keep=4)
+    np.testing.assert_array_equal(exact.next_logits(name), before)
+    for n in (name, dev, host):
+        exact.check(n)
+        exact.delete_session(n)
 
 
 @pytest.mark.parametrize("close_gap", [False, True])
@@ -236,8 +268,9 @@ def test_bad_edits_are_clear_errors(exact):
         exact.roll(name, 500)
     with pytest.raises(InvalidRequest, match="unknown strategy"):
         exact.roll(name, 5, strategy="teleport")
-    with pytest.raises(InvalidRequest, match="native patch"):
-        exact.roll(name, 5, strategy="values:8")
+    if not native.available():
+        with pytest.raises(InvalidRequest, match="native patch"):
+            exact.roll(name, 5, strategy="values:8")
     with pytest.raises(InvalidRequest, match="unknown message"):
         exact.mask(name, messages=[99])
     with pytest.raises(InvalidRequest):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvside.bench import kvstate
+from kvside.engine import kvstate
 
 
 def test_unrope_inverts_rope():

@@ -18,7 +18,7 @@ def exact(tmp_path_factory):
     # flash attention off: restored cells land elsewhere in the cache, and only without it is
     # a row's result independent of where its cells sit (see EngineConfig.flash_attn)
     folder = tmp_path_factory.mktemp("sessions")
-    with Engine(n_ctx=384, max_sessions=2, n_threads=2, flash_attn=False, sessions_dir=str(folder)) as e:
+    with Engine(n_ctx=384, max_sessions=2, n_threads=2, exact=True, sessions_dir=str(folder)) as e:
         yield e
 
 
@@ -60,11 +60,11 @@ def test_idle_session_is_evicted_and_comes_back_exactly(exact):
 
 def test_sessions_survive_a_restart(tmp_path):
     folder = tmp_path / "persist"
-    with Engine(n_ctx=256, max_sessions=1, n_threads=2, flash_attn=False, sessions_dir=str(folder), persist=True) as e:
+    with Engine(n_ctx=256, max_sessions=1, n_threads=2, exact=True, sessions_dir=str(folder), persist=True) as e:
         e.new_session("keep")
         e.chat("keep", "Remember the word lantern.", max_tokens=10, **GREEDY).wait()
         before = e.next_logits("keep")
-    with Engine(n_ctx=256, max_sessions=1, n_threads=2, flash_attn=False, sessions_dir=str(folder), persist=True) as e:
+    with Engine(n_ctx=256, max_sessions=1, n_threads=2, exact=True, sessions_dir=str(folder), persist=True) as e:
         np.testing.assert_array_equal(e.next_logits("keep"), before)
 
 
@@ -174,7 +174,7 @@ def test_interrupted_save_leaves_the_old_file(exact, tmp_path, monkeypatch):
 def test_eviction_is_exact_with_default_kernels(tmp_path):
     """With llama.cpp's default (flash) attention a result depends on where cells sit; a session
     whose cells were not rearranged by edits comes back into the same cells, bit-identical.
-    (Edited sessions need flash_attn=False for that, as the tests above use.)"""
+    (Edited sessions need exact=True for that, as the tests above use.)"""
     with Engine(n_ctx=256, max_sessions=1, n_threads=2, sessions_dir=str(tmp_path)) as e:
         e.new_session("idle")
         e.chat("idle", "Name a mountain.", max_tokens=12, **GREEDY).wait()

@@ -22,8 +22,9 @@ from kvside.errors import KvsideError
 from kvside.tui.backend import Reply, drain
 from kvside.tui.cachemap import CacheMap
 
-HELP = """/new [NAME]  /rename NAME  /delete  /roll N [STRATEGY]  /compact [UP_TO]  /mask ID [close]
-/fork [NAME]  /save [FILE]  /restore FILE [NAME]  /strategy shift|recompute:R|reprefill  /attach DOC [K]  /help"""
+HELP = """/new [NAME]  /rename NAME  /delete  /roll N [STRATEGY]  /compact [UP_TO]  /mask ID [close] [STRATEGY]
+/fork [NAME]  /save [FILE]  /restore FILE [NAME]  /attach DOC [K|STRATEGY]  /help
+/strategy shift|recompute:R|reprefill, and with the native patch values:R|values:all|select:F"""
 
 
 @dataclass
@@ -308,7 +309,9 @@ class ChatApp(App):
             self.notify(f"summarized {len(r['messages'])} messages, masked {r.get('masked', 0)} tokens "
                         f"in {r['t_edit_s']:.1f} s", title="compact")
         elif cmd == "mask":
-            r = await b.edit(name, "mask", messages=[int(args[0])], close_gap=len(args) > 1 and args[1] == "close")
+            close = "close" in args[1:]
+            strategy = next((a for a in args[1:] if a != "close"), "shift")
+            r = await b.edit(name, "mask", messages=[int(args[0])], close_gap=close, strategy=strategy)
             self.notify(f"masked {r['masked']} tokens of message {args[0]}", title="mask")
         elif cmd == "fork":
             r = await b.edit(name, "fork", new_name=args[0] if args else None)
@@ -351,7 +354,11 @@ class ChatApp(App):
             await self.query_one("#sidebar", ListView).append(ListItem(Label(new), id=f"s-{_safe(new)}"))
             await self.switch_to(new)
         elif cmd == "attach":
-            r = await b.edit(name, "attach", document=args[0], recompute=int(args[1]) if len(args) > 1 else 0)
+            how = args[1] if len(args) > 1 else "0"
+            if how.lstrip("-").isdigit():
+                r = await b.edit(name, "attach", document=args[0], recompute=int(how))
+            else:
+                r = await b.edit(name, "attach", document=args[0], strategy=how)
             self.chats[name].items.append(Item("user", f"*attached {args[0]}: {r['tokens']} tokens, no prefill*"))
             await self._mount_item(self.chats[name].items[-1])
             self.notify(f"attached {r['tokens']} tokens in {r['t_attach_s'] * 1000:.0f} ms "

@@ -83,12 +83,13 @@ class LocalBackend(_Backend):
         calls = {
             "roll": lambda: e.roll(name, int(args["drop"]), args.get("keep"), args.get("strategy")),
             "compact": lambda: e.compact(name, int(args["up_to"]), args.get("summary"), args.get("mode", "mask")),
-            "mask": lambda: e.mask(name, messages=[int(x) for x in args["messages"]], close_gap=bool(args.get("close_gap"))),
+            "mask": lambda: e.mask(name, messages=[int(x) for x in args["messages"]], close_gap=bool(args.get("close_gap")),
+                                   strategy=str(args.get("strategy") or "shift")),
             "fork": lambda: {"session": e.fork(name, args.get("new_name"))},
             "save": lambda: e.save(name, args.get("path")),
             "strategy": lambda: (e.set_roll_strategy(name, args["strategy"]), {"strategy": args["strategy"]})[1],
             "erratum": lambda: e.erratum(name, args["text"]),
-            "attach": lambda: e.attach(name, args["document"], int(args.get("recompute", 0))),
+            "attach": lambda: e.attach(name, args["document"], int(args.get("recompute", 0)), args.get("strategy")),
         }
         if edit not in calls:
             raise KvsideError(f"unknown command {edit}")

@@ -1,39 +1,41 @@
 """`kvside bench compose`: attach 1, 3 and 8 precompiled documents to a session and measure, in one
 run, the time to first token against a prefill of the same concatenated tokens, and the fidelity of
-the composed cache per strategy (first k tokens of each block recomputed; -1 = all)."""
+the composed cache per strategy: an integer k recomputes the first k tokens of each block (-1 =
+all), a name is an edit strategy applied to each block (values:R, select:F with the native patch)."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 import time
 from pathlib import Path
 
+from kvside.bench import corpus
 from kvside.bench.fidelity import compare
-from kvside.engine import Engine, compose
+from kvside.engine import Engine, compose, native
 
-MODULES = ["json", "csv", "heapq", "textwrap", "uuid", "difflib", "argparse", "logging", "subprocess", "random",
-           "pickle", "tarfile", "string", "decimal", "fractions", "shutil", "zipfile"]
 SYSTEM = "Answer questions about the documents."
 QUESTION = "Summarize what these documents describe."
 
 
 def _write_documents(folder: Path, n: int) -> list[Path]:
+    """The first n prose fixtures, each cut to 1,400 characters (about 300 tokens)."""
+    sources = corpus.documents()
+    if len(sources) < n:
+        raise ValueError(f"{n} documents asked for, {len(sources)} fixtures in {corpus.data_dir()}")
     paths = []
-    for name in MODULES:
-        doc = (importlib.import_module(name).__doc__ or "").strip()
-        if len(doc) < 200:
-            continue
-        path = folder / f"{name}.txt"
-        path.write_text(doc[:1400])
+    for src in sources[:n]:
+        path = folder / src.name
+        path.write_text(src.read_text(encoding="utf-8")[:1400])
         paths.append(path)
-        if len(paths) == n:
-            break
     return paths
 
 
-def measure(engine: Engine, docs: list[Path], recompute: int, steps: int) -> dict:
+def default_strategies() -> list:
+    return [0, 16, -1] + (["values:16", "select:0.1", "select:0.25"] if native.available() else [])
+
+
+def measure(engine: Engine, docs: list[Path], recompute: int | str, steps: int) -> dict:
     def run(core):
         s = core.new_session(system=SYSTEM)
         ref = core.new_session()
@@ -43,7 +45,10 @@ def measure(engine: Engine, docs: list[Path], recompute: int, steps: int) -> dic
             question = core.model.tokenize(q, add_special=False, parse_special=True)
             t0 = time.perf_counter()
             for d in docs:
-                compose.attach(core, s, str(d), recompute)
+                if isinstance(recompute, str):
+                    compose.attach(core, s, str(d), strategy=recompute)
+                else:
+                    compose.attach(core, s, str(d), recompute)
             core.probe(s.name, question)
             t_attach = time.perf_counter() - t0
             tokens = list(s.ledger.tok)
@@ -67,7 +72,7 @@ def measure(engine: Engine, docs: list[Path], recompute: int, steps: int) -> dic
     return engine.call(run)
 
 
-def run(model: str | None, counts: list[int], strategies: list[int], steps: int, n_threads: int | None) -> dict:
+def run(model: str | None, counts: list[int], strategies: list, steps: int, n_threads: int | None) -> dict:
     home = tempfile.mkdtemp(prefix="kvside-bench-compose-")
     old = os.environ.get("KVSIDE_HOME")
     os.environ["KVSIDE_HOME"] = home  # blocks of this run stay out of the user's store
@@ -75,7 +80,7 @@ def run(model: str | None, counts: list[int], strategies: list[int], steps: int,
         folder = Path(home) / "docs"
         folder.mkdir()
         docs = _write_documents(folder, max(counts))
-        engine = Engine(model=model, n_ctx=4096, max_sessions=2, n_threads=n_threads, flash_attn=False).start()
+        engine = Engine(model=model, n_ctx=4096, max_sessions=2, n_threads=n_threads, exact=True).start()
         try:
             for d in docs:
                 engine.compile(str(d))

@@ -1,29 +1,32 @@
-"""Benchmark text that ships with Python: the docstrings of standard-library modules. Real,
-varied English prose, the same on every machine with the same Python, and nothing to download."""
+"""The text every evaluation and benchmark reads: the fixtures in tests/data (written for
+kvside), so every machine measures the same words and nothing is downloaded. KVSIDE_FIXTURES
+points elsewhere."""
 
 from __future__ import annotations
 
-import importlib
+import json
+import os
+from pathlib import Path
 
-MODULES = [
-    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "email", "fractions", "functools", "heapq", "http.server", "inspect", "json", "logging",
-    "pathlib", "pickle", "queue", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
-    "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid",
-    "zipfile",
-]
+from kvside.errors import KvsideError
+
+
+def data_dir() -> Path:
+    override = os.environ.get("KVSIDE_FIXTURES")
+    folder = Path(override) if override else Path(__file__).resolve().parents[2] / "tests" / "data"
+    if not (folder / "prose").is_dir():
+        raise KvsideError(f"the text fixtures are not at {folder} (kvside eval and bench need a source "
+                          "checkout, or KVSIDE_FIXTURES set to a folder with prose/ and compaction.json)")
+    return folder
+
+
+def documents() -> list[Path]:
+    """The prose passages, in order."""
+    return sorted((data_dir() / "prose").glob("*.txt"))
 
 
 def text() -> str:
-    parts = []
-    for name in MODULES:
-        try:
-            doc = importlib.import_module(name).__doc__
-        except ImportError:
-            continue
-        if doc:
-            parts.append(doc.strip())
-    return "\n\n".join(parts)
+    return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in documents())
 
 
 def tokens(model, n: int) -> list[int]:
@@ -32,3 +35,7 @@ def tokens(model, n: int) -> list[int]:
     while len(toks) < n:
         toks += toks[1:]
     return toks[:n]
+
+
+def compaction() -> dict:
+    return json.loads((data_dir() / "compaction.json").read_text(encoding="utf-8"))

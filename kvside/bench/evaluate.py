@@ -1,7 +1,7 @@
 """`kvside eval`: how faithful each edit is against a re-prefill of the same edited tokens, and at
 what cost, for any GGUF. Protocols: rolling, compaction (mask vs restart vs the full context),
 composition, the K/V analysis of the public rolling-window experiments, and the noise floor.
-Every comparison runs with flash attention off, so a re-prefill reproduces a cache bit for bit and
+Every comparison runs with flash attention off (EngineConfig.exact), so a re-prefill reproduces a cache bit for bit and
 the harness itself measures zero for `reprefill`."""
 
 from __future__ import annotations
@@ -11,24 +11,27 @@ import time
 
 import numpy as np
 
-from kvside.bench import corpus, kvstate
+from kvside.bench import corpus
+from kvside.engine import kvstate
 from kvside.bench import compose as bench_compose
 from kvside.bench import roll as bench_roll
 from kvside.bench.fidelity import compare
-from kvside.engine import Engine, edits
-from kvside.engine.state import get_seq_state
+from kvside.engine import Engine, edits, native
 
 SYSTEM = "You are a helpful assistant. Read carefully and answer precisely."
 
 
 def settings(quick: bool) -> dict:
+    patched = native.available()  # the native strategies join when the patched libllama is loaded
     if quick:
         return {"contexts": [384], "drops": [1 / 384, 0.25, 0.75], "keeps": [0, 4, "system"],
-                "strategies": ["shift", "recompute:16", "reprefill"], "steps": 16, "free_run": 32,
+                "strategies": ["shift", "recompute:16"] + (["values:16"] if patched else []) + ["reprefill"],
+                "steps": 16, "free_run": 32,
                 "docs": [1, 3], "doc_strategies": [0, -1], "kv_ctx": 256}
     return {"contexts": [512, 1024], "drops": [1 / 1024, 0.25, 0.75], "keeps": [0, 4, "system"],
-            "strategies": ["shift", "recompute:16", "recompute:64", "reprefill"], "steps": 32, "free_run": 48,
-            "docs": [1, 3, 8], "doc_strategies": [0, 16, -1], "kv_ctx": 768}
+            "strategies": ["shift", "recompute:16", "recompute:64"] + (["values:64", "select:0.1"] if patched else [])
+            + ["reprefill"], "steps": 32, "free_run": 48,
+            "docs": [1, 3, 8], "doc_strategies": [0, 16, -1] + (["select:0.25"] if patched else []), "kv_ctx": 768}
 
 
 # -- 1. rolling ---------------------------------------------------------------------------------------
@@ -76,24 +79,20 @@ def noise_floor(engine: Engine, ctx: int, delta: int, steps: int) -> dict:
 
 
 # -- 2. compaction ------------------------------------------------------------------------------------
-FACTS = [
-    ("My passkey is 73914. Please remember it.", "73914"),
-    ("My cat is called Pixel.", "pixel"),
-    ("I live in Lisbon.", "lisbon"),
-]
-FILLER = ["Tell me one fact about volcanoes.", "Tell me one fact about glaciers.", "Tell me one fact about deserts."]
-QUESTIONS = [("What is my passkey?", "73914"), ("What is my cat called?", "pixel"), ("Where do I live?", "lisbon")]
-
-
 def compaction(engine: Engine, steps: int, log) -> dict:
+    """The chat in tests/data/compaction.json: facts, filler, then questions after compaction."""
+    fixture = corpus.compaction()
+    facts = [(f["say"], f["expect"]) for f in fixture["facts"]]
+    filler = fixture["filler"]
+    questions = [(f["ask"], f["expect"]) for f in fixture["facts"]]
     greedy = dict(temperature=0.0, repeat_penalty=1.0, max_tokens=40)
     base = engine.new_session(system=SYSTEM)
     try:
-        for text, _ in FACTS:
+        for text, _ in facts:
             engine.chat(base, text, **greedy).wait()
-        for text in FILLER:
+        for text in filler:
             engine.chat(base, text, **greedy).wait()
-        fact_ids = [m["id"] for m in engine.messages(base) if m["role"] != "system"][: 2 * len(FACTS)]
+        fact_ids = [m["id"] for m in engine.messages(base) if m["role"] != "system"][: 2 * len(facts)]
         summary = engine.call(lambda core: edits.write_summary(core, core.get(base), fact_ids, 96))
         results = {"summary": summary, "questions": []}
         variants = {}
@@ -102,7 +101,7 @@ def compaction(engine: Engine, steps: int, log) -> dict:
             if mode != "oracle":
                 engine.compact(name, up_to=fact_ids[-1], summary=summary, mode=mode)
             variants[mode] = name
-        for q, expect in QUESTIONS:
+        for q, expect in questions:
             answers, logits = {}, {}
             for mode, name in variants.items():
                 probe = engine.call(lambda core, n=name: _question_tokens(core, core.get(n), q))
@@ -124,7 +123,7 @@ def compaction(engine: Engine, steps: int, log) -> dict:
             del ref_answer
         for name in variants.values():
             engine.delete_session(name)
-        n = len(QUESTIONS)
+        n = len(questions)
         results["recall"] = {m: sum(e["recall"][m] for e in results["questions"]) / n for m in variants}
         results["kl_vs_oracle"] = {m: float(np.mean([e["kl_vs_oracle"][m] for e in results["questions"]]))
                                    for m in ("mask", "restart")}
@@ -156,12 +155,12 @@ def kv_analysis(engine: Engine, ctx: int, drop: int, keep: int) -> dict:
         try:
             tokens = corpus.tokens(core.model, ctx)
             core._prefill_now(s, [(0, tokens)])
-            before = kvstate.parse(get_seq_state(core.ctx, s.seq))
+            before = kvstate.parse(core.seq_state(s.seq))
             edits.roll(core, s, drop, keep, "shift")
             core.probe(s.name, [tokens[-1]])  # applies the K-shift
-            after = kvstate.parse(get_seq_state(core.ctx, s.seq))
+            after = kvstate.parse(core.seq_state(s.seq))
             core._prefill_now(ref, [(0, list(s.ledger.tok))])
-            reference = kvstate.parse(get_seq_state(core.ctx, ref.seq))
+            reference = kvstate.parse(core.seq_state(ref.seq))
         finally:
             core.delete_session(s.name)
             core.delete_session(ref.name)
@@ -195,7 +194,7 @@ def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: Non
     cfg = settings(quick)
     t0 = time.perf_counter()
     n_ctx = max(cfg["contexts"]) + cfg["steps"] + cfg["free_run"] + 16
-    engine = Engine(model=model, n_ctx=max(n_ctx, 1024), max_sessions=4, n_threads=n_threads, flash_attn=False).start()
+    engine = Engine(model=model, n_ctx=max(n_ctx, 1024), max_sessions=4, n_threads=n_threads, exact=True).start()
     try:
         info = engine.info()
         result = {"model": info["model_name"], "quick": quick, "settings": cfg}

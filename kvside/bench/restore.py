@@ -13,10 +13,12 @@ from kvside.bench import corpus
 from kvside.engine import Engine, persist
 
 
-def run(model: str | None, n_tokens: int, reps: int, n_threads: int | None, flash_attn: bool | None) -> dict:
+def run(model: str | None, n_tokens: int, reps: int, n_threads: int | None, flash_attn: bool | None,
+        exact: bool = False, reference_kernels: bool = False) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="kvside-bench-"))
     engine = Engine(model=model, n_ctx=n_tokens + 16, max_sessions=2, n_threads=n_threads,
-                    sessions_dir=str(folder), flash_attn=flash_attn).start()
+                    sessions_dir=str(folder), flash_attn=flash_attn, exact=exact,
+                    reference_kernels=reference_kernels).start()
     try:
         def measure(core) -> dict:
             tokens = corpus.tokens(core.model, n_tokens + 1)
@@ -60,6 +62,7 @@ def run(model: str | None, n_tokens: int, reps: int, n_threads: int | None, flas
         "n_tokens": n_tokens,
         "reps": reps,
         "flash_attn": flash_attn,
+        "attention": info["attention"],
         "t_restore_s": t_restore,
         "t_reprefill_s": t_reprefill,
         "speedup": t_reprefill / t_restore,

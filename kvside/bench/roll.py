@@ -8,9 +8,16 @@ import time
 
 from kvside.bench import corpus
 from kvside.bench.fidelity import compare, degeneration, greedy_match
-from kvside.engine import Engine, edits
+from kvside.engine import Engine, edits, native
 
-DEFAULT_STRATEGIES = ["shift", "recompute:16", "recompute:64", "recompute:256", "reprefill"]
+STOCK_STRATEGIES = ["shift", "recompute:16", "recompute:64", "recompute:256", "reprefill"]
+# with the native patch: the same budgets as value-only recomputes, and fractions chosen by the
+# deviation signal, for the fidelity/cost curve
+NATIVE_STRATEGIES = ["values:16", "values:64", "values:256", "values:all", "select:0.05", "select:0.2", "select:0.5"]
+
+
+def default_strategies() -> list[str]:
+    return STOCK_STRATEGIES + (NATIVE_STRATEGIES if native.available() else [])
 
 
 def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: str, steps: int,
@@ -71,8 +78,8 @@ def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: s
 def run(model: str | None, ctx: int, drop: int, keep: int, strategies: list[str], steps: int,
         n_threads: int | None) -> dict:
     # flash attention off: a re-prefill then reproduces a cache bit for bit, so the figures
-    # below carry no layout noise (see EngineConfig.flash_attn)
-    engine = Engine(model=model, n_ctx=ctx + steps + 8, max_sessions=2, n_threads=n_threads, flash_attn=False).start()
+    # below carry no layout noise (see EngineConfig.exact)
+    engine = Engine(model=model, n_ctx=ctx + steps + 8, max_sessions=2, n_threads=n_threads, exact=True).start()
     try:
         tokens = engine.call(lambda core: corpus.tokens(core.model, ctx + 1))
         rows = [measure(engine, tokens, drop, keep, s, steps) for s in strategies]
@@ -80,7 +87,8 @@ def run(model: str | None, ctx: int, drop: int, keep: int, strategies: list[str]
     finally:
         engine.close()
     return {"model": info["model_name"], "ctx": ctx, "drop": drop, "keep": keep, "steps": steps,
-            "n_threads": info["n_threads"], "results": rows}
+            "n_threads": info["n_threads"], "native_patch": info["native_patch"], "attention": info["attention"],
+            "results": rows}
 
 
 COLUMNS = ["strategy", "t_edit_s", "t_reprefill_s", "speedup", "kl", "kl_first", "logit_cos", "top1", "recompute_frac"]
@@ -88,7 +96,7 @@ COLUMNS = ["strategy", "t_edit_s", "t_reprefill_s", "speedup", "kl", "kl_first",
 
 def table(result: dict) -> str:
     lines = [f"roll: ctx {result['ctx']}, drop {result['drop']}, keep {result['keep']}, "
-             f"{result['steps']} teacher-forced steps, model {result['model']}"]
+             f"{result['steps']} teacher-forced steps, model {result['model']}, attention {result['attention']}"]
     lines.append(" | ".join(COLUMNS))
     for row in result["results"]:
         cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]

@@ -18,7 +18,7 @@ from pathlib import Path
 from kvside import sessionfile
 from kvside.engine.ledger import COMPOSED
 from kvside.engine.session import Message, Session
-from kvside.engine.state import get_seq_state, set_seq_state
+from kvside.engine.state import set_seq_state
 from kvside.errors import InvalidRequest, KvsideError
 from kvside.home import subdir
 from kvside.sessionfile import SessionFileError
@@ -103,7 +103,7 @@ def compile_document(core, path: Path, block_tokens: int = BLOCK_TOKENS, progres
         for i, chunk in enumerate(chunks):
             core.mem.clear_seq(scratch)
             core.decode_now(scratch, chunk, 0, logits="none")
-            state = get_seq_state(core.ctx, scratch)
+            state = core.seq_state(scratch)
             name = f"{sha[:16]}-{fp[:8]}-{i}.kvb"
             header = {"document": key, "name": path.name, "sha256": sha, "chunk": i, "n_chunks": len(chunks),
                       "tokens": chunk, "model_fingerprint": fp, "model_name": core.model_name,
@@ -172,15 +172,22 @@ def load_blocks(core, entry: dict) -> list[sessionfile.SessionFile]:
     return out
 
 
-def attach(core, s: Session, name: str, recompute: int = 0) -> dict:
+def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None = None) -> dict:
     """Append a compiled document to the session without prefilling it: each block is loaded into
     the scratch sequence, shifted to the session's next positions and handed over. In a chat the
     document becomes a user message; only the template's text around it is decoded.
-    `recompute`: recompute the first k tokens of each block exactly (EPIC-style), -1 for all."""
-    from kvside.engine import edits
+    `recompute`: recompute the first k tokens of each block exactly (EPIC-style), -1 for all.
+    `strategy` instead: how each block is repaired (edits.Strategy: recompute:R, values:R,
+    values:all, select:F; for select the block's stale context is everything before it)."""
+    from kvside.engine import deviation, edits
 
     if s.busy:
         raise KvsideError(f"session {s.name!r} is generating")
+    if strategy is not None and recompute:
+        raise InvalidRequest("give either recompute or strategy, not both")
+    strat = edits.Strategy.parse(strategy) if strategy is not None else None
+    if strat is not None and strat.name == "reprefill":
+        raise InvalidRequest("reprefill is not a composition strategy (prefill the text instead)")
     key, entry = find(name)
     blocks = load_blocks(core, entry)
     label = f"Document {entry.get('name', Path(key).name)}:\n"
@@ -219,9 +226,16 @@ def attach(core, s: Session, name: str, recompute: int = 0) -> dict:
             core.mem.clear_seq(scratch)
             i0 = len(s.ledger)
             s.ledger.append(toks, msg.id, COMPOSED)
-            k = len(toks) if recompute < 0 else min(recompute, len(toks))
-            if k:
-                recomputed += edits._recompute_window(core, s, i0, k)
+            if strat is None:
+                k = len(toks) if recompute < 0 else min(recompute, len(toks))
+                if k:
+                    recomputed += edits._recompute_window(core, s, i0, k)
+            else:
+                chosen = None
+                if strat.needs_scores:
+                    block = s.ledger.pos[i0:]
+                    chosen = deviation.choose(deviation.scores(core, s.seq, (0, p0), block), strat.frac)
+                recomputed += edits.repair(core, s, i0, len(s.ledger), strat, chosen)
         p = s.ledger.next_pos
         core.decode_now(s.seq, tail, p, logits="none")
         s.ledger.append(tail, msg.id)
@@ -236,6 +250,7 @@ def attach(core, s: Session, name: str, recompute: int = 0) -> dict:
                               kind="document"))
     s.pending, s.pending_msg, s.closing = [], -1, ""
     report = {"document": key, "blocks": len(blocks), "tokens": n_doc, "recomputed": recomputed,
+              "strategy": str(strat) if strat is not None else f"recompute:{recompute}",
               "message": msg.id, "first_pos": s.ledger.pos[start_cells], "t_attach_s": time.perf_counter() - t0}
     s.log("attach", **report)
     return report

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from kvside._llama import backend, lib, recent_log
-from kvside.engine import edits, persist
+from kvside.engine import edits, native, persist
 from kvside.engine.batch import Batch
 from kvside.engine.memory import Memory
 from kvside.engine.model import Model
 from kvside.engine.sampling import Sampler, SamplingParams, StopMatcher
+from kvside.engine.state import get_seq_state
 from kvside.engine.session import Message, Session, check_name
 from kvside.engine.stream import Completion, Event, Stream, Usage
 from kvside.engine.template import ChatTemplate, TemplateError
@@ -54,6 +55,14 @@ class EngineConfig:
     sessions_dir: str | None = None  # where idle sessions go (default: $KVSIDE_HOME/sessions)
     persist: bool = False  # save resident sessions on close, know saved ones on start
     flash_attn: bool | None = None  # None: llama.cpp decides; False for bit-exact references and restores
+    # exact: flash attention off, so restores and re-prefills reproduce a cache bit for bit (the
+    # setting of fidelity measurements; see _new_context).
+    exact: bool = False
+    # Native patch, CPU: flash attention with ggml's reference kernels. They visit the unmasked cells
+    # one by one in cell order, so cells computed in place equal a re-prefill's bit for bit; a row
+    # still depends on the order its cells sit in (a restore or a probe in another hole rounds
+    # differently), which flash attention off does not show in the same tests.
+    reference_kernels: bool = False
 
 
 @dataclass
@@ -147,12 +156,25 @@ class Core:
         # one. Serving keeps the default; fidelity measurements and exact restores turn it off.
         if config.flash_attn is not None:
             params.flash_attn_type = 1 if config.flash_attn else 0
+        if config.exact and config.reference_kernels:
+            raise InvalidRequest("exact (flash attention off) and reference_kernels exclude each other")
+        if config.reference_kernels and not (native.available() and self.backend == "cpu"):
+            raise InvalidRequest("reference kernels need kvside's native patch on a CPU build")
+        if config.exact:
+            params.flash_attn_type = 0
+        if config.reference_kernels:
+            params.flash_attn_type = 1
         threads = config.n_threads or os.cpu_count() or 2
         params.n_threads = threads
         params.n_threads_batch = threads
         ctx = lib.llama_init_from_model(self.model.ptr, params)
         if not ctx:
             raise KvsideError(f"llama.cpp could not create a context: {recent_log(3)}")
+        if config.reference_kernels:
+            native.set_exact(ctx, True)
+        self.attention = "flash attention, reference kernels" if config.reference_kernels else \
+            "flash attention off" if config.exact else \
+            {None: "llama.cpp default", True: "flash attention", False: "flash attention off"}[config.flash_attn]
         self.n_threads = threads
         return ctx
 
@@ -310,6 +332,21 @@ class Core:
         if logits == "last":
             return _logits_row(self.ctx, self.batch.n - 1, n_vocab)
         return np.stack(rows)
+
+    def settle(self) -> None:
+        """Apply a pending K-shift now, by decoding one token into the scratch sequence."""
+        if not self.mem.shift_pending:
+            return
+        scratch = self.scratch_seq
+        pos = self.mem.pos_max(scratch) + 1
+        self.decode_now(scratch, [self.model.bos if self.model.bos >= 0 else 0], pos, logits="none")
+        self.mem.rm(scratch, pos, -1)
+        self.mem.shift_pending = False
+
+    def seq_state(self, seq: int):
+        """The sequence's state (llama_state_seq_get_data) with every shift applied to its keys."""
+        self.settle()
+        return get_seq_state(self.ctx, seq)
 
     def _prefill_now(self, s: Session, pieces: list[tuple[int, list[int]]]) -> None:
         tokens = [t for _, toks in pieces for t in toks]

@@ -12,38 +12,76 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from kvside.engine import deviation, native
 from kvside.engine.ledger import ERRATUM, LIVE, RECOMPUTED, SUMMARY
 from kvside.engine.session import MSG_MASKED, MSG_PRUNED, MSG_ROLLED, MSG_SUMMARIZED, Message, Session
-from kvside.engine.state import get_seq_state, set_seq_state
+from kvside.engine.state import copy_seq_on_device, set_seq_state
 from kvside.errors import EditError, InvalidRequest, KvsideError
 
 SINK = 4  # tokens kept at the front when a session has no pinned messages (the attention sink)
 
 
+NATIVE_STRATEGIES = ("values", "select")
+
+
 @dataclass(frozen=True)
 class Strategy:
-    name: str  # "shift", "recompute" or "reprefill"
-    r: int = 0  # recompute: how many tokens of the kept window to recompute
+    """How the cells after an edit are brought up to date.
+
+    shift        keep them as they are (keys re-rotated by the shift, values as computed)
+    recompute:R  recompute the first R exactly (stock llama.cpp, through the scratch sequence)
+    values:R     recompute only the values of the first R, keeping the shifted keys (native patch)
+    values:all   the same for every cell after the edit (native patch)
+    select:F     recompute, in place, the fraction F of cells the deviation signal ranks most
+                 stale, wherever they are (native patch; kvside/engine/deviation.py)
+    reprefill    rebuild the session from its tokens (the reference)
+    """
+
+    name: str
+    r: int = 0  # recompute, values: how many cells (-1: all)
+    frac: float = 0.0  # select: the fraction of cells
 
     @classmethod
     def parse(cls, text: str) -> "Strategy":
         text = (text or "shift").strip()
         if text in ("shift", "reprefill"):
             return cls(text)
-        if text.startswith("recompute:"):
+        name, _, arg = text.partition(":")
+        if name not in ("recompute", "values", "select") or not arg:
+            raise InvalidRequest(f"unknown strategy {text!r} (shift, recompute:R, values:R, values:all, "
+                                 "select:F, reprefill)")
+        if name in NATIVE_STRATEGIES and not native.available():
+            raise InvalidRequest(f"strategy {text!r} needs kvside's native patch to llama.cpp, which is not "
+                                 "loaded (build it with `make native`, then set LLAMA_CPP_LIB_PATH)")
+        if name == "select":
             try:
-                r = int(text.split(":", 1)[1])
+                frac = float(arg)
             except ValueError:
-                r = -1
-            if r < 0:
-                raise InvalidRequest(f"bad strategy {text!r}: recompute:R needs R >= 0")
-            return cls("recompute", r)
-        if text.startswith(("values:", "select:")):
-            raise InvalidRequest(f"strategy {text!r} needs kvside's native patch to llama.cpp (not loaded)")
-        raise InvalidRequest(f"unknown strategy {text!r} (shift, recompute:R, reprefill)")
+                frac = -1.0
+            if not 0.0 < frac <= 1.0:
+                raise InvalidRequest(f"bad strategy {text!r}: select:F needs 0 < F <= 1")
+            return cls(name, frac=frac)
+        if name == "values" and arg == "all":
+            return cls(name, r=-1)
+        try:
+            r = int(arg)
+        except ValueError:
+            r = -1
+        if r < 0:
+            raise InvalidRequest(f"bad strategy {text!r}: {name}:R needs R >= 0" +
+                                 (" or 'all'" if name == "values" else ""))
+        return cls(name, r)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.name == "select"
 
     def __str__(self) -> str:
-        return f"recompute:{self.r}" if self.name == "recompute" else self.name
+        if self.name == "select":
+            return f"select:{self.frac:g}"
+        if self.name in ("recompute", "values"):
+            return f"{self.name}:{'all' if self.r < 0 else self.r}"
+        return self.name
 
 
 def head_size(s: Session) -> int:
@@ -99,6 +137,9 @@ def roll(core, s: Session, drop: int, keep: int | None = None, strategy: str | S
     n_dropped = end - keep
     fallback = None
     snapshot = led.copy()
+    chosen = None
+    if strat.needs_scores and end < len(led) and core.mem.can_shift():
+        chosen = deviation.choose(deviation.scores(core, s.seq, (p_drop, p_rest), led.pos[end:]), strat.frac)
     try:
         if strat.name == "reprefill" or not core.mem.can_shift():
             if strat.name != "reprefill":
@@ -113,7 +154,7 @@ def roll(core, s: Session, drop: int, keep: int | None = None, strategy: str | S
             if delta:
                 core.mem.add(s.seq, p_rest, -1, delta)
                 led.shift(p_rest, -1, delta)
-            recomputed = _recompute_window(core, s, keep, strat.r) if strat.name == "recompute" else 0
+            recomputed = repair(core, s, keep, len(led), strat, chosen)
     except EditError as exc:
         fallback = f"reprefill ({exc.message})"
         s.ledger = led = snapshot  # the cache may be half-edited: rebuild it from the ledger
@@ -167,6 +208,27 @@ def _recompute_window(core, s: Session, keep: int, r: int) -> int:
         core.mem.clear_seq(scratch)
     led.mark(p0, p0 + r, RECOMPUTED)
     return r
+
+
+def repair(core, s: Session, first: int, end: int, strat: Strategy, chosen: list[int] | None = None) -> int:
+    """Bring the cells at ledger indices [first, end) up to date after an edit changed what came
+    before them, as `strat` says. `chosen`: for select, the offsets (from `first`) to recompute.
+    Returns how many cells were recomputed."""
+    led = s.ledger
+    n = end - first
+    if n <= 0 or strat.name in ("shift", "reprefill"):
+        return 0
+    if strat.name == "recompute":
+        return _recompute_window(core, s, first, min(strat.r, n))
+    if strat.name == "values":
+        idx = list(range(first, first + (n if strat.r < 0 else min(strat.r, n))))
+    else:
+        idx = [first + o for o in (chosen or []) if o < n]
+    positions = [led.pos[i] for i in idx]
+    native.recompute(core, s.seq, positions, [led.tok[i] for i in idx], values_only=strat.name == "values")
+    for p0, p1 in _spans(positions):
+        led.mark(p0, p1, RECOMPUTED)
+    return len(idx)
 
 
 # -- gaps -------------------------------------------------------------------------------------------
@@ -237,9 +299,17 @@ def _spans(positions: list[int]) -> list[tuple[int, int]]:
 
 
 def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, int] | None = None,
-         close_gap: bool = False, reason: str = "masked", state: str = MSG_MASKED) -> dict:
+         close_gap: bool = False, reason: str = "masked", state: str = MSG_MASKED,
+         strategy: str | Strategy = "shift") -> dict:
     """Remove the cells of `messages` (or of the position span [p0, p1)); later cells keep the KV
-    computed while those were visible. With close_gap the later cells move down to close the hole."""
+    computed while those were visible. With close_gap the later cells move down to close the hole.
+    `strategy` says what happens to the cells after the first removed one (see Strategy); the
+    default, shift, leaves them as they are."""
+    strat = strategy if isinstance(strategy, Strategy) else Strategy.parse(strategy)
+    if strat.name == "recompute" and strat.r and not close_gap:
+        raise InvalidRequest("recompute:R after a mask needs close_gap: stock llama.cpp decodes only right "
+                             "after a sequence's last position (values:R works across the hole, with the "
+                             "native patch)")
     led = s.ledger
     if (messages is None) == (span is None):
         raise InvalidRequest("mask needs either messages or a position span")
@@ -263,6 +333,14 @@ def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, i
     n = len(positions)
     fallback = None
     snapshot = led.copy()
+    first = sum(1 for p in led.pos if p < spans[0][0]) if spans else len(led)  # first cell the mask affects
+    chosen = None
+    if strat.needs_scores and spans:
+        removed = set(positions)
+        after = [p for p in led.pos[first:] if p not in removed]
+        if after:
+            chosen = deviation.choose(deviation.scores(core, s.seq, removed, after), strat.frac)
+    recomputed = 0
     try:
         if close_gap and not core.mem.can_shift():
             raise EditError("this cache cannot shift positions")
@@ -272,6 +350,11 @@ def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, i
             if close_gap and p1 < led.next_pos + (p1 - p0):
                 core.mem.add(s.seq, p1, -1, p0 - p1)
                 led.shift(p1, -1, p0 - p1)
+        if strat.name == "reprefill":
+            reprefill(core, s)
+            recomputed = len(led)
+        else:
+            recomputed = repair(core, s, first, len(led), strat, chosen)
     except EditError as exc:
         fallback = f"reprefill ({exc.message})"
         s.ledger = led = snapshot  # the cache may be half-edited: rebuild it from the ledger
@@ -282,6 +365,7 @@ def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, i
         if m.id in ids and not led.positions_of({m.id}):
             m.state = state
     report = {"masked": n, "messages": sorted(ids), "spans": spans, "close_gap": close_gap,
+              "strategy": str(strat), "recomputed": recomputed,
               "n_cells": len(led), "next_pos": led.next_pos, "t_edit_s": time.perf_counter() - t0}
     if fallback:
         report["fallback"] = fallback
@@ -417,14 +501,22 @@ def _restart(core, s: Session, targets: list[int], summary: str) -> dict:
 
 
 # -- fork -------------------------------------------------------------------------------------------
-def fork(core, s: Session, name: str | None = None) -> tuple[Session, dict]:
-    """An independent copy: the state is copied through host memory into a new sequence, because
-    seq_cp would share cells and a later shift of one would move the other."""
+def fork(core, s: Session, name: str | None = None, on_device: bool | None = None) -> tuple[Session, dict]:
+    """An independent copy in a new sequence (seq_cp would share cells: a later shift or in-place
+    recompute of one would change the other). On a GPU the cells are copied on the device (see
+    state.copy_seq_on_device); on CPU, or with on_device=False, through host memory."""
     t0 = time.perf_counter()
+    if on_device is None:
+        on_device = core.backend != "cpu"
     child = core.new_session(name)
     try:
-        blob = get_seq_state(core.ctx, s.seq)
-        set_seq_state(core.ctx, child.seq, blob)
+        if on_device:
+            core.settle()
+            size = copy_seq_on_device(core.ctx, s.seq, child.seq)
+        else:
+            blob = core.seq_state(s.seq)
+            size = len(blob)
+            set_seq_state(core.ctx, child.seq, blob)
     except KvsideError:
         core.delete_session(child.name)
         raise
@@ -433,6 +525,7 @@ def fork(core, s: Session, name: str | None = None) -> tuple[Session, dict]:
     child.pending, child.pending_msg, child.closing = list(s.pending), s.pending_msg, s.closing
     child.defaults, child.roll_strategy = s.defaults, s.roll_strategy
     child.edit_log = list(s.edit_log)
-    report = {"parent": s.name, "child": child.name, "bytes": len(blob), "t_edit_s": time.perf_counter() - t0}
+    report = {"parent": s.name, "child": child.name, "on_device": on_device, "bytes_through_host": size,
+              "t_edit_s": time.perf_counter() - t0}
     child.log("fork", **report)
     return child, report

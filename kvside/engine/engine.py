@@ -190,8 +190,8 @@ class Engine:
         return self._edit(name, lambda core, s: edits.roll(core, s, drop, keep, strategy or s.roll_strategy, boundary))
 
     def mask(self, name: str, messages: list[int] | None = None, span: tuple[int, int] | None = None,
-             close_gap: bool = False) -> dict:
-        return self._edit(name, lambda core, s: edits.mask(core, s, messages, span, close_gap))
+             close_gap: bool = False, strategy: str = "shift") -> dict:
+        return self._edit(name, lambda core, s: edits.mask(core, s, messages, span, close_gap, strategy=strategy))
 
     def compact(self, name: str, up_to: int, summary: str | None = None, mode: str = "mask") -> dict:
         return self._edit(name, lambda core, s: edits.compact(core, s, up_to, summary, mode))
@@ -218,9 +218,9 @@ class Engine:
         """Compute and store a document's KV blocks (reused when content and model match)."""
         return self.call(lambda core: compose.compile_document(core, Path(path), progress=progress))
 
-    def attach(self, name: str, document: str, recompute: int = 0) -> dict:
+    def attach(self, name: str, document: str, recompute: int = 0, strategy: str | None = None) -> dict:
         """Splice a compiled document into the session: no prefill of the document."""
-        return self._edit(name, lambda core, s: compose.attach(core, s, document, recompute))
+        return self._edit(name, lambda core, s: compose.attach(core, s, document, recompute, strategy))
 
     @staticmethod
     def documents() -> dict:
@@ -267,6 +267,7 @@ class Engine:
                 "llama_cpp_python": bindings_version,
                 "library": library_path(),
                 "native_patch": native_patch_loaded(),
+                "attention": core.attention,
                 "system_info": system_info().strip(),
                 "model_name": core.model_name,
                 "model": core.model.info().to_dict(),

@@ -10,6 +10,9 @@ class Memory:
     def __init__(self, ctx):
         self.ctx = ctx
         self.mem = lib.llama_get_memory(ctx)
+        # llama.cpp re-rotates shifted keys at the start of the next llama_decode, not before: until
+        # then a state read gets the new positions with the old keys (see Core.seq_state)
+        self.shift_pending = False
 
     def pos_min(self, seq: int) -> int:
         """Smallest position of seq, -1 when empty."""
@@ -30,6 +33,8 @@ class Memory:
     def add(self, seq: int, p0: int, p1: int, delta: int) -> None:
         """Shift positions in [p0, p1) by delta; llama.cpp re-rotates the keys (RoPE) lazily."""
         lib.llama_memory_seq_add(self.mem, seq, p0, p1, delta)
+        if delta:
+            self.shift_pending = True
 
     def cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         """Share src's cells in [p0, p1) with dst. Shared cells have one position for both

@@ -10,7 +10,7 @@ from kvside import sessionfile
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
 from kvside.engine.session import Message, Session, check_name
-from kvside.engine.state import get_seq_state, set_seq_state
+from kvside.engine.state import set_seq_state
 from kvside.errors import CacheFull, InvalidRequest, KvsideError, SessionBusy
 from kvside.sessionfile import SessionFileError
 
@@ -45,7 +45,7 @@ def save(core, s: Session, path: Path) -> dict:
     if s.busy:
         raise SessionBusy(f"session {s.name!r} is generating")
     t0 = time.perf_counter()
-    state = get_seq_state(core.ctx, s.seq)
+    state = core.seq_state(s.seq)
     size = sessionfile.write(path, header_for(core, s), state)
     dt = time.perf_counter() - t0
     return {"session": s.name, "path": str(path), "bytes": size, "state_bytes": len(state), "t_save_s": dt}

@@ -6,7 +6,9 @@ from __future__ import annotations
 import ctypes
 
 from kvside._llama import lib
-from kvside.errors import CacheFull
+from kvside.errors import CacheFull, KvsideError
+
+ON_DEVICE = 2  # LLAMA_STATE_SEQ_FLAGS_ON_DEVICE
 
 
 def get_seq_state(ctx, seq: int):
@@ -25,3 +27,17 @@ def set_seq_state(ctx, seq: int, data) -> None:
         data = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
     if lib.llama_state_seq_set_data(ctx, data, len(data), seq) == 0:
         raise CacheFull("llama.cpp could not load the sequence state (no room in the cache, or a mismatch)")
+
+
+def copy_seq_on_device(ctx, src: int, dst: int) -> int:
+    """Deep-copy src's cells into dst with llama.cpp's device-side sequence state: the keys and
+    values go from the cache into a backend buffer and back (VRAM to VRAM on a GPU); only the cell
+    metadata passes through host memory. llama.cpp keeps that buffer, one per source sequence, for
+    the context's lifetime: the price is a second copy of src's cells. Returns the metadata size."""
+    size = lib.llama_state_seq_get_size_ext(ctx, src, ON_DEVICE)
+    meta = (ctypes.c_uint8 * size)()
+    if lib.llama_state_seq_get_data_ext(ctx, meta, size, src, ON_DEVICE) != size:
+        raise KvsideError("llama.cpp could not copy the sequence state on the device")
+    if lib.llama_state_seq_set_data_ext(ctx, meta, size, dst, ON_DEVICE) == 0:
+        raise CacheFull("llama.cpp could not load the sequence state (no room in the cache)")
+    return size

@@ -437,14 +437,15 @@ class Daemon:
         calls = {
             "roll": lambda: e.roll(name, _int(body, "drop"), body.get("keep"), body.get("strategy"), bool(body.get("boundary"))),
             "mask": lambda: e.mask(name, body.get("messages"), tuple(body["span"]) if body.get("span") else None,
-                                   bool(body.get("close_gap"))),
+                                   bool(body.get("close_gap")), str(body.get("strategy") or "shift")),
             "compact": lambda: e.compact(name, _int(body, "up_to"), body.get("summary"), body.get("mode", "mask")),
             "prune": lambda: e.prune(name, body.get("kind", "tool"), int(body.get("keep_last", 1))),
             "erratum": lambda: e.erratum(name, str(body.get("text", ""))),
             "fork": lambda: {"session": e.fork(name, body.get("name"))},
             "save": lambda: e.save(name, body.get("path")),
             "strategy": lambda: (e.set_roll_strategy(name, str(body.get("strategy", ""))), {"strategy": body.get("strategy")})[1],
-            "attach": lambda: e.attach(name, str(body.get("document", "")), int(body.get("recompute", 0))),
+            "attach": lambda: e.attach(name, str(body.get("document", "")), int(body.get("recompute", 0)),
+                                       body.get("strategy")),
         }
         if edit not in calls:
             raise HTTPException(404, f"unknown edit {edit!r} (one of: {', '.join(calls)})")

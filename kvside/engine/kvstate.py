@@ -1,5 +1,5 @@
 """Read keys and values out of a llama.cpp sequence state (llama_state_seq_get_data), for the K/V
-analysis. Layout: magic and seq id (llama-context.cpp), then (llama-kv-cache.cpp, state_write) n_stream; per stream: cell_count, then per cell
+analysis and the deviation signal of `select:F`. Layout: magic and seq id (llama-context.cpp), then (llama-kv-cache.cpp, state_write) n_stream; per stream: cell_count, then per cell
 pos, n_seq_id and seq ids; then v_trans, n_layer, per layer K rows (type, row size, data), then V
 per layer, row-major or transposed. Only f16 and f32 caches are read."""
 
@@ -20,7 +20,9 @@ class KV:
     v: list[np.ndarray]  # per layer (cells, n_embd_v)
 
 
-def parse(blob, has_cell_ext: bool = False) -> KV:
+def parse(blob, has_cell_ext: bool = False, layers: set[int] | None = None, values: bool = True) -> KV:
+    """Keys and values per layer as float32. `layers`: only those layers' keys (and values) are
+    converted, the others are empty arrays; `values=False` skips the values."""
     buf = memoryview(blob).cast("B")
     off = 0
 
@@ -50,14 +52,25 @@ def parse(blob, has_cell_ext: bool = False) -> KV:
             pos.append(p)
         v_trans, n_layer = take("<II")
         k_layers, v_layers = [], []
-        for _ in range(n_layer):
+        def wanted(il: int, kind_ok: bool = True) -> bool:
+            return kind_ok and (layers is None or il in layers)
+
+        for il in range(n_layer):
             k_type, row = take("<iQ")
             dtype = _DTYPES.get(k_type)
             if dtype is None:
                 raise ValueError(f"K cache type {k_type} is not f16/f32")
             n = row // np.dtype(dtype).itemsize
-            k_layers.append(np.frombuffer(buf, dtype, cells * n, off).reshape(cells, n).astype(np.float32))
+            if wanted(il):
+                k_layers.append(np.frombuffer(buf, dtype, cells * n, off).reshape(cells, n).astype(np.float32))
+            else:
+                k_layers.append(np.empty((0, n), np.float32))
             off += cells * row
+        if not values:
+            pos_all += pos
+            ks.append(k_layers)
+            vs.append([])
+            break
         for _ in range(n_layer):
             if not v_trans:
                 v_type, row = take("<iQ")

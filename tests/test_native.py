@@ -1,0 +1,194 @@
+"""kvside's patch to llama.cpp (native/): in-place and value-only recompute, on the real model.
+
+These run when the patched libllama is loaded (`make test` runs the suite a second time with it,
+and sets KVSIDE_REQUIRE_NATIVE=1 so they fail rather than skip if it did not load)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from kvside.bench import corpus
+from kvside.bench.fidelity import compare
+from kvside.engine import Engine, kvstate, native
+from kvside.errors import EditError, InvalidRequest
+
+if not native.available():
+    if os.environ.get("KVSIDE_REQUIRE_NATIVE") == "1":
+        raise RuntimeError("KVSIDE_REQUIRE_NATIVE=1 but the loaded libllama has no kvside patch "
+                           "(is LLAMA_CPP_LIB_PATH set to build/native-cpu/bin?)")
+    pytest.skip("kvside's native patch is not loaded (make native; LLAMA_CPP_LIB_PATH)", allow_module_level=True)
+
+from test_edits import PROBE, filled, reference_logits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exact():
+    with Engine(n_ctx=320, max_sessions=3, n_threads=2, reference_kernels=True) as e:
+        yield e
+
+
+def cache(engine, name):
+    """Every layer's keys and values of a session, in position order."""
+    def read(core):
+        kv = kvstate.parse(core.seq_state(core.get(name).seq))
+        order = np.argsort(kv.pos)
+        return kv.pos[order], [k[order] for k in kv.k], [v[order] for v in kv.v]
+    return engine.call(read)
+
+
+def assert_same_cache(engine, a, b, atol=0.0):
+    pa, ka, va = cache(engine, a)
+    pb, kb, vb = cache(engine, b)
+    np.testing.assert_array_equal(pa, pb)
+    for il in range(len(ka)):
+        np.testing.assert_allclose(ka[il], kb[il], rtol=0, atol=atol, err_msg=f"keys of layer {il}")
+        np.testing.assert_allclose(va[il], vb[il], rtol=0, atol=atol, err_msg=f"values of layer {il}")
+
+
+def recompute(engine, name, idx, values_only=False):
+    """Recompute the cells at ledger indices idx in place, straight through the binding."""
+    def run(core):
+        s = core.get(name)
+        return native.recompute(core, s.seq, [s.ledger.pos[i] for i in idx], [s.ledger.tok[i] for i in idx],
+                                values_only)
+    return engine.call(run)
+
+
+def test_doctor_reports_the_patch(exact):
+    assert exact.info()["native_patch"] is True
+    assert native.version() == 1
+
+
+def test_inplace_recompute_of_every_position_equals_a_reprefill(exact):
+    name = filled(exact)
+    exact.roll(name, 100, keep=4, strategy="shift")
+    n = len(exact.ledger(name))
+    assert recompute(exact, name, range(n)) == n
+    exact.check(name)
+    ref = exact.new_session()
+    tokens = exact.ledger(name).tok
+    exact.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
+    # same tokens, positions and batch shapes as the prefill, layout-independent kernels: every
+    # key and value is bit-identical
+    assert_same_cache(exact, name, ref)
+    # a probe decoded on top can still round differently: its own cells land elsewhere
+    got = compare(exact.next_logits(name, PROBE, all_logits=True), exact.next_logits(ref, PROBE, all_logits=True))
+    assert got["top1"] == 1.0 and got["kl"] < 0.01
+    for s in (name, ref):
+        exact.delete_session(s)
+
+
+def test_stock_scratch_path_and_inplace_path_agree(exact):
+    stock = filled(exact)
+    exact.roll(stock, 100, keep=4, strategy="recompute:16")
+    inplace = filled(exact)
+    exact.roll(inplace, 100, keep=4, strategy="shift")
+    recompute(exact, inplace, range(4, 20))
+    assert exact.ledger(stock).tok == exact.ledger(inplace).tok
+    assert_same_cache(exact, stock, inplace)
+    for name in (stock, inplace):
+        exact.delete_session(name)
+
+
+def test_values_all_differs_from_shift_and_moves_toward_the_reference(exact):
+    caches, logits = {}, {}
+    for strategy in ("shift", "values:all"):
+        name = filled(exact)
+        report = exact.roll(name, 100, keep=4, strategy=strategy)
+        assert "fallback" not in report
+        exact.check(name)
+        if strategy == "values:all":
+            led = exact.ledger(name)
+            assert report["recomputed"] == 136 and led.state[4:] == ["recomputed"] * 136
+        logits[strategy] = exact.next_logits(name, PROBE, all_logits=True)
+        caches[strategy] = cache(exact, name)
+        exact.delete_session(name)
+    ref = exact.new_session()
+    tokens = exact_tokens(exact)
+    exact.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
+    _, k_ref, v_ref = cache(exact, ref)
+    exact.delete_session(ref)
+    _, k_shift, v_shift = caches["shift"]
+    _, k_val, v_val = caches["values:all"]
+    for il in range(len(k_ref)):
+        np.testing.assert_array_equal(k_val[il], k_shift[il])  # the shifted keys stay
+    # the values are fresh: in every layer past the first they sit closer to the re-prefill's
+    # (layer 0's value depends on the token alone, so shift already has it right)
+    for il in range(1, len(v_ref)):
+        assert np.abs(v_val[il] - v_ref[il]).mean() < np.abs(v_shift[il] - v_ref[il]).mean(), il
+    np.testing.assert_array_equal(v_val[0], v_ref[0])
+    assert np.abs(logits["values:all"] - logits["shift"]).max() > 1e-3
+
+
+def exact_tokens(engine, n=240, keep=4, drop=100):
+    """The tokens a filled session holds after roll(drop, keep)."""
+    tokens = engine.call(lambda core: corpus.tokens(core.model, n))
+    return tokens[:keep] + tokens[keep + drop:]
+
+
+def test_value_only_keeps_the_keys(exact):
+    name = filled(exact)
+    exact.roll(name, 100, keep=4, strategy="shift")
+    def keys(core):
+        kv = kvstate.parse(core.seq_state(core.get(name).seq), layers={7})
+        order = np.argsort(kv.pos)
+        return kv.k[7][order], kv.v[7][order]
+
+    k0, v0 = exact.call(keys)
+    recompute(exact, name, range(4, 40), values_only=True)
+    k1, v1 = exact.call(keys)
+    np.testing.assert_array_equal(k0, k1)
+    assert np.abs(v1[4:40] - v0[4:40]).max() > 1e-3  # fresh values where recomputed
+    np.testing.assert_array_equal(v1[40:], v0[40:])  # untouched elsewhere
+    exact.delete_session(name)
+
+
+def test_select_recomputes_the_chosen_fraction_anywhere(exact):
+    name = filled(exact)
+    report = exact.roll(name, 100, keep=4, strategy="select:0.25")
+    assert report["strategy"] == "select:0.25" and report["recomputed"] == 34  # round(0.25 * 136)
+    led = exact.ledger(name)
+    assert led.state.count("recomputed") == 34
+    exact.check(name)
+    assert exact.chat(name, "Go on.", max_tokens=8, temperature=0.0).wait().text is not None
+    exact.delete_session(name)
+
+
+@pytest.mark.parametrize("strategy", ["values:16", "select:0.5"])
+def test_mask_repairs_across_the_hole(exact, strategy):
+    name = filled(exact)
+    report = exact.mask(name, span=(60, 100), strategy=strategy)
+    assert "fallback" not in report and report["recomputed"] > 0
+    led = exact.ledger(name)
+    assert 60 not in led.pos and led.next_pos == 240  # the hole stays: only values changed
+    exact.check(name)
+    exact.delete_session(name)
+
+
+def test_refusals_leave_the_cache_as_it_was(exact):
+    name = filled(exact, 80)
+    before = exact.ledger(name).to_dict()
+    def absent(core):
+        native.recompute(core, core.get(name).seq, [500], [1], False)  # a position it does not hold
+
+    with pytest.raises(EditError, match="in-place recompute failed"):
+        exact.call(absent)
+
+    def shared(core):
+        s = core.get(name)
+        core.mem.cp(s.seq, core.scratch_seq, 0, 10)
+        try:
+            native.recompute(core, s.seq, [3], [s.ledger.tok[3]], False)
+        finally:
+            core.mem.clear_seq(core.scratch_seq)
+
+    with pytest.raises(EditError, match="in-place recompute failed"):
+        exact.call(shared)  # a cell shared with another sequence would change both
+    assert exact.ledger(name).to_dict() == before
+    exact.check(name)
+    with pytest.raises(InvalidRequest, match="select:F"):
+        exact.roll(name, 5, strategy="select:2")
+    with pytest.raises(InvalidRequest, match="needs close_gap"):
+        exact.mask(name, span=(10, 20), strategy="recompute:8")
+    exact.delete_session(name)

@@ -91,7 +91,10 @@ native: $(NATIVE_STAMP)
 $(NATIVE_STAMP): native/kvside.patch $(LLAMA_SRC)/CMakeLists.txt
 	rm -rf $(NATIVE_SRC)
 	cp -r build/sdist/llama_cpp_python-*/vendor/llama.cpp $(NATIVE_SRC)
-	patch -s -p1 -d $(NATIVE_SRC) < native/kvside.patch
+	rm -f $(NATIVE_SRC)/.git  # a submodule pointer into a repository that is not there
+	@# patch(1) where there is one, else git's own (the same unified diff)
+	if command -v patch >/dev/null; then patch -s -p1 -d $(NATIVE_SRC) < native/kvside.patch; \
+	else git apply --unsafe-paths --directory=$(NATIVE_SRC) native/kvside.patch; fi
 	cmake -S $(NATIVE_SRC) -B $(NATIVE_BUILD) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
 	  -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_OPENSSL=OFF \

@@ -102,3 +102,35 @@ def table(result: dict) -> str:
         cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
+
+
+def plot(results: list[dict], path) -> str:
+    """The fidelity/cost curve: kl and top-1 against the recomputed fraction and the edit time, one
+    line per strategy family, for one or more `run` results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.6 * len(results)), squeeze=False)
+    for (ax_frac, ax_time), result in zip(axes, results):
+        families: dict[str, list[dict]] = {}
+        for row in result["results"]:
+            families.setdefault(row["strategy"].split(":")[0], []).append(row)
+        for family, rows in sorted(families.items()):
+            rows = sorted(rows, key=lambda r: r["recompute_frac"])
+            kl = [max(r["kl"], 1e-5) for r in rows]  # reprefill's exact 0 on a log axis
+            ax_frac.plot([r["recompute_frac"] for r in rows], kl, marker="o", label=family)
+            ax_time.plot([r["t_edit_s"] for r in rows], kl, marker="o", label=family)
+        title = f"ctx {result['ctx']}, drop {result['drop']}, keep {result['keep']}"
+        for ax, xlabel in ((ax_frac, "recomputed fraction of the kept cells"), (ax_time, "edit to first token, s")):
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("kl vs re-prefill (nats)")
+            ax.set_title(title)
+            ax.legend(fontsize=8)
+        ax_time.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -56,3 +56,17 @@ def test_sections_are_complete(quick):
     assert set(comp["recall"]) == {"oracle", "mask", "restart"} and comp["summary"]
     assert {r["documents"] for r in result["composition"]} == {1, 3}
     assert all(Path(f).is_file() for f in result["figures"])
+
+
+def test_the_fixtures_are_the_corpus(tmp_path, monkeypatch):
+    from kvside.bench import corpus
+    from kvside.errors import KvsideError
+
+    names = [p.name for p in corpus.documents()]
+    assert len(names) == 8 and names == sorted(names)
+    assert "Skerry Point" in corpus.text()
+    facts = corpus.compaction()["facts"]
+    assert any(f["expect"] == "73914" for f in facts)  # the passkey
+    monkeypatch.setenv("KVSIDE_FIXTURES", str(tmp_path / "nowhere"))
+    with pytest.raises(KvsideError, match="text fixtures"):
+        corpus.text()

@@ -104,6 +104,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+COLORS = {"shift": "tab:red", "recompute": "tab:blue", "values": "tab:purple", "select": "tab:green"}
+
+
 def plot(results: list[dict], path) -> str:
     """The fidelity/cost curve: kl and top-1 against the recomputed fraction and the edit time, one
     line per strategy family, for one or more `run` results."""
@@ -116,12 +119,14 @@ def plot(results: list[dict], path) -> str:
     for (ax_frac, ax_time), result in zip(axes, results):
         families: dict[str, list[dict]] = {}
         for row in result["results"]:
-            families.setdefault(row["strategy"].split(":")[0], []).append(row)
+            if row["strategy"] != "reprefill":  # the reference itself: kl exactly 0, off a log axis
+                families.setdefault(row["strategy"].split(":")[0], []).append(row)
         for family, rows in sorted(families.items()):
             rows = sorted(rows, key=lambda r: r["recompute_frac"])
-            kl = [max(r["kl"], 1e-5) for r in rows]  # reprefill's exact 0 on a log axis
-            ax_frac.plot([r["recompute_frac"] for r in rows], kl, marker="o", label=family)
-            ax_time.plot([r["t_edit_s"] for r in rows], kl, marker="o", label=family)
+            kl = [r["kl"] for r in rows]
+            style = dict(marker="o", label=family, color=COLORS.get(family))
+            ax_frac.plot([r["recompute_frac"] for r in rows], kl, **style)
+            ax_time.plot([r["t_edit_s"] for r in rows], kl, **style)
         title = f"ctx {result['ctx']}, drop {result['drop']}, keep {result['keep']}"
         for ax, xlabel in ((ax_frac, "recomputed fraction of the kept cells"), (ax_time, "edit to first token, s")):
             ax.set_yscale("log")

@@ -3,8 +3,8 @@
 import time
 
 import pytest
-
 from conftest import GREEDY
+
 from kvside import sessionfile
 from kvside.bench.fidelity import compare
 from kvside.docwatch import DocWatcher

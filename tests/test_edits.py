@@ -3,8 +3,8 @@ reproduce a re-prefill, forks are independent, chats run far past n_ctx."""
 
 import numpy as np
 import pytest
-
 from conftest import GREEDY
+
 from kvside.bench import corpus
 from kvside.bench.fidelity import compare, degeneration
 from kvside.engine import Engine, edits, kvstate, native

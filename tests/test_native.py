@@ -19,7 +19,7 @@ if not native.available():
                            "(is LLAMA_CPP_LIB_PATH set to build/native-cpu/bin?)")
     pytest.skip("kvside's native patch is not loaded (make native; LLAMA_CPP_LIB_PATH)", allow_module_level=True)
 
-from test_edits import PROBE, filled, reference_logits  # noqa: E402
+from test_edits import PROBE, filled
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ import time
 
 import numpy as np
 
-from kvside.bench import corpus
-from kvside.engine import kvstate
 from kvside.bench import compose as bench_compose
+from kvside.bench import corpus
 from kvside.bench import roll as bench_roll
 from kvside.bench.fidelity import compare
-from kvside.engine import Engine, edits, native
+from kvside.engine import Engine, edits, kvstate, native
 
 SYSTEM = "You are a helpful assistant. Read carefully and answer precisely."
 

@@ -22,8 +22,8 @@ from kvside.engine.batch import Batch
 from kvside.engine.memory import Memory
 from kvside.engine.model import Model
 from kvside.engine.sampling import Sampler, SamplingParams, StopMatcher
-from kvside.engine.state import get_seq_state
 from kvside.engine.session import Message, Session, check_name
+from kvside.engine.state import get_seq_state
 from kvside.engine.stream import Completion, Event, Stream, Usage
 from kvside.engine.template import ChatTemplate, TemplateError
 from kvside.errors import (
@@ -339,7 +339,7 @@ class Core:
             return
         scratch = self.scratch_seq
         pos = self.mem.pos_max(scratch) + 1
-        self.decode_now(scratch, [self.model.bos if self.model.bos >= 0 else 0], pos, logits="none")
+        self.decode_now(scratch, [max(self.model.bos, 0)], pos, logits="none")
         self.mem.rm(scratch, pos, -1)
         self.mem.shift_pending = False
 

@@ -23,7 +23,7 @@ def sample_layers(n_layer: int, n: int = N_LAYERS) -> list[int]:
     """Evenly spaced layers, skipping layer 0 (its input is the embedding, not the context)."""
     if n_layer <= 1:
         return [0]
-    return sorted({int(round(x)) for x in np.linspace(1, n_layer - 1, min(n, n_layer - 1))})
+    return sorted({round(x) for x in np.linspace(1, n_layer - 1, min(n, n_layer - 1))})
 
 
 def attention_share(keys: np.ndarray, pos: np.ndarray, changed: np.ndarray, rows: np.ndarray,
@@ -70,5 +70,5 @@ def scores(core, seq: int, changed_pos: set[int] | tuple[int, int], candidate_po
 
 def choose(score: np.ndarray, frac: float) -> list[int]:
     """Indices of the top `frac` of scores (at least one), in increasing order."""
-    n = max(1, int(round(frac * len(score))))
+    n = max(1, round(frac * len(score)))
     return sorted(np.argsort(-score, kind="stable")[:n].tolist())

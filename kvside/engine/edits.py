@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from kvside.engine import deviation, native
 from kvside.engine.ledger import ERRATUM, LIVE, RECOMPUTED, SUMMARY
-from kvside.engine.session import MSG_MASKED, MSG_PRUNED, MSG_ROLLED, MSG_SUMMARIZED, Message, Session
+from kvside.engine.session import (
+    MSG_MASKED,
+    MSG_PRUNED,
+    MSG_ROLLED,
+    MSG_SUMMARIZED,
+    Message,
+    Session,
+)
 from kvside.engine.state import copy_seq_on_device, set_seq_state
 from kvside.errors import EditError, InvalidRequest, KvsideError
 
@@ -42,7 +49,7 @@ class Strategy:
     frac: float = 0.0  # select: the fraction of cells
 
     @classmethod
-    def parse(cls, text: str) -> "Strategy":
+    def parse(cls, text: str) -> Strategy:
         text = (text or "shift").strip()
         if text in ("shift", "reprefill"):
             return cls(text)

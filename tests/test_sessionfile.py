@@ -8,7 +8,7 @@ import pytest
 
 from conftest import GREEDY
 from kvside import sessionfile
-from kvside.engine import Engine
+from kvside.engine import Engine, native
 from kvside.errors import KvsideError
 from kvside.sessionfile import SessionFileError, SessionSaveError
 
@@ -43,6 +43,25 @@ def test_save_restore_is_bit_identical_after_edits(exact, tmp_path):
     exact.check(copy)
     exact.delete_session(copy)
     exact.delete_session(name)
+
+
+def test_saved_roll_strategy_needs_what_it_named(exact, tmp_path):
+    """A session saved with a native strategy and restored where the patch is not loaded rolls with
+    shift and says so in its edit log, instead of failing its next chat."""
+    name = exact.new_session("strat")
+    exact.chat(name, "Hello.", max_tokens=4, **GREEDY).wait()
+    path = tmp_path / "strat.kvs"
+    exact.save(name, str(path))
+    sessionfile.rewrite(path, path, roll_strategy="values:8")
+    copy = exact.restore(str(path), "strat-copy")
+    strategy = exact.call(lambda core: core.get(copy).roll_strategy)
+    if native.available():
+        assert strategy == "values:8"
+    else:
+        assert strategy == "shift"
+        assert exact.edit_log(copy)[-1]["was"] == "values:8"
+    for n in (name, copy):
+        exact.delete_session(n)
 
 
 def test_idle_session_is_evicted_and_comes_back_exactly(exact):

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from kvside import sessionfile
+from kvside.engine.edits import Strategy
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
 from kvside.engine.session import Message, Session, check_name
@@ -101,8 +102,13 @@ def restore(core, path: Path, name: str | None = None) -> Session:
     s.pending_msg = header.get("pending_msg", -1)
     s.closing = header.get("closing", "")
     s.defaults = SamplingParams(**header.get("defaults", {}))
-    s.roll_strategy = header.get("roll_strategy", "shift")
     s.edit_log = list(header.get("edit_log", []))
+    s.roll_strategy = header.get("roll_strategy", "shift")
+    try:
+        Strategy.parse(s.roll_strategy)
+    except InvalidRequest as exc:  # saved with the native patch, restored without it
+        s.log("strategy", strategy="shift", was=s.roll_strategy, reason=exc.message)
+        s.roll_strategy = "shift"
     s.created = header.get("created", time.time())
     return s
 

@@ -60,18 +60,27 @@ def test_same_block_at_two_offsets(exact, doc):
         exact.delete_session(name)
 
 
+QUESTION = "<|im_start|>user\nWho kept the light?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def attached_against_prefill(engine, doc, **how) -> tuple[dict, dict]:
+    """Attach doc to a new session (`how`: recompute or strategy), then compare the logits of a
+    question against a prefill of the same tokens. Returns the attach report and the comparison."""
+    probe = engine.call(lambda core: core.model.tokenize(QUESTION))
+    name = engine.new_session(system="Answer from the document.")
+    report = engine.attach(name, str(doc), **how)
+    engine.check(name)
+    tokens = engine.ledger(name).tok
+    ref = engine.new_session()
+    engine.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
+    result = compare(engine.next_logits(name, probe, all_logits=True), engine.next_logits(ref, probe, all_logits=True))
+    engine.delete_session(name)
+    engine.delete_session(ref)
+    return report, result
+
+
 def test_recomputing_the_whole_block_matches_a_prefill(exact, doc):
-    results = {}
-    probe = exact.call(lambda core: core.model.tokenize("<|im_start|>user\nWho kept the light?<|im_end|>\n<|im_start|>assistant\n"))
-    for k in (0, -1):
-        name = exact.new_session(system="Answer from the document.")
-        exact.attach(name, str(doc), recompute=k)
-        tokens = exact.ledger(name).tok
-        ref = exact.new_session()
-        exact.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
-        results[k] = compare(exact.next_logits(name, probe, all_logits=True), exact.next_logits(ref, probe, all_logits=True))
-        exact.delete_session(name)
-        exact.delete_session(ref)
+    results = {k: attached_against_prefill(exact, doc, recompute=k)[1] for k in (0, -1)}
     whole = results[-1]
     # every block token recomputed after the shift: only batch-shape rounding remains
     assert whole["top1"] == 1.0 and whole["kl"] < 0.02 and whole["logit_cos"] > 0.999
@@ -81,24 +90,15 @@ def test_recomputing_the_whole_block_matches_a_prefill(exact, doc):
 @pytest.mark.skipif(not native.available(), reason="needs kvside's native patch")
 def test_native_block_repairs_against_a_prefill(exact, doc):
     results = {}
-    probe = exact.call(lambda core: core.model.tokenize("<|im_start|>user\nWho kept the light?<|im_end|>\n<|im_start|>assistant\n"))
     for strategy in ("shift", "values:all", "select:1"):
-        name = exact.new_session(system="Answer from the document.")
-        report = exact.attach(name, str(doc), strategy=strategy)
+        report, results[strategy] = attached_against_prefill(exact, doc, strategy=strategy)
         assert report["strategy"] == strategy
-        exact.check(name)
-        tokens = exact.ledger(name).tok
-        ref = exact.new_session()
-        exact.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
-        results[strategy] = compare(exact.next_logits(name, probe, all_logits=True), exact.next_logits(ref, probe, all_logits=True))
-        exact.delete_session(name)
-        exact.delete_session(ref)
     # select:1 recomputes every block token in place: only a probe's rounding remains
     assert results["select:1"]["top1"] == 1.0 and results["select:1"]["kl"] < 0.01
     assert results["select:1"]["kl"] < results["shift"]["kl"]
     # values-only keeps keys computed without the text before the block: its first token's key
     # is an attention sink's, now paired with an ordinary value. Measured harmful here, which
-    # is why the composition default stays recompute (docs/benchmarks.md).
+    # is why documents are repaired with recompute or select, never values (docs/benchmarks.md).
     assert results["values:all"]["kl"] > results["shift"]["kl"]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvside.engine import kvstate
+from kvside.errors import EditError
 
 N_LAYERS = 4  # layers sampled for the signal: reading and scoring more costs more than it tells
 
@@ -53,7 +54,10 @@ def scores(core, seq: int, changed_pos: set[int] | tuple[int, int], candidate_po
     (a set, or a half-open span), from the sequence's current cache."""
     info = core.model.info()
     layers = sample_layers(info.n_layer)
-    kv = kvstate.parse(core.seq_state(seq), layers=set(layers), values=False)
+    try:
+        kv = kvstate.parse(core.seq_state(seq), layers=set(layers), values=False)
+    except ValueError as exc:  # a cache kvstate cannot read (quantized KV, M-RoPE cells)
+        raise EditError(f"select:F needs the cached keys, which cannot be read here: {exc}") from None
     pos = kv.pos
     if isinstance(changed_pos, tuple):
         changed = (pos >= changed_pos[0]) & (pos < changed_pos[1])

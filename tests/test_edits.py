@@ -106,9 +106,8 @@ def test_fork_on_device_copies_every_cell(exact):
     exact.roll(name, 50, keep=4)  # a pending shift: the copy must carry the re-rotated keys
 
     def cells(core, s):
-        kv = kvstate.parse(core.seq_state(s.seq))
-        order = np.argsort(kv.pos)
-        return kv.pos[order], [x[order] for x in kv.k + kv.v]
+        kv = kvstate.parse(core.seq_state(s.seq)).by_position()
+        return kv.pos, kv.k + kv.v
 
     def both(core):
         s = core.get(name)

@@ -31,9 +31,8 @@ def exact():
 def cache(engine, name):
     """Every layer's keys and values of a session, in position order."""
     def read(core):
-        kv = kvstate.parse(core.seq_state(core.get(name).seq))
-        order = np.argsort(kv.pos)
-        return kv.pos[order], [k[order] for k in kv.k], [v[order] for v in kv.v]
+        kv = kvstate.parse(core.seq_state(core.get(name).seq)).by_position()
+        return kv.pos, kv.k, kv.v
     return engine.call(read)
 
 
@@ -131,9 +130,8 @@ def test_value_only_keeps_the_keys(exact):
     name = filled(exact)
     exact.roll(name, 100, keep=4, strategy="shift")
     def keys(core):
-        kv = kvstate.parse(core.seq_state(core.get(name).seq), layers={7})
-        order = np.argsort(kv.pos)
-        return kv.k[7][order], kv.v[7][order]
+        kv = kvstate.parse(core.seq_state(core.get(name).seq), layers={7}).by_position()
+        return kv.k[7], kv.v[7]
 
     k0, v0 = exact.call(keys)
     recompute(exact, name, range(4, 40), values_only=True)

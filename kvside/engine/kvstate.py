@@ -19,6 +19,16 @@ class KV:
     k: list[np.ndarray]  # per layer (cells, n_embd_k)
     v: list[np.ndarray]  # per layer (cells, n_embd_v)
 
+    def by_position(self) -> KV:
+        """The same cells in position order (a state lists them in cell order, which edits shuffle);
+        layers that were not read stay empty."""
+        order = np.argsort(self.pos, kind="stable")
+
+        def pick(layers: list[np.ndarray]) -> list[np.ndarray]:
+            return [x[order] if len(x) else x for x in layers]
+
+        return KV(self.pos[order], pick(self.k), pick(self.v))
+
 
 def parse(blob, has_cell_ext: bool = False, layers: set[int] | None = None, values: bool = True) -> KV:
     """Keys and values per layer as float32. `layers`: only those layers' keys (and values) are

@@ -14,6 +14,7 @@ the strategies that need them are refused before anything is touched.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 from kvside._llama import lib, native_patch_loaded, recent_log
 from kvside.errors import EditError
@@ -25,29 +26,29 @@ def available() -> bool:
     return native_patch_loaded()
 
 
+@functools.cache
+def _fn(name: str, restype, *argtypes):
+    """A patch function with its C signature, bound once (call only when available())."""
+    fn = getattr(lib._lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+    return fn
+
+
 def version() -> int | None:
     if not available():
         return None
-    fn = lib._lib.llama_kvside_patch_version
-    fn.restype = ctypes.c_int32
-    fn.argtypes = []
-    return int(fn())
+    return int(_fn("llama_kvside_patch_version", ctypes.c_int32)())
 
 
 def _set_recompute(ctx, mode: int) -> None:
-    fn = lib._lib.llama_kvside_set_recompute
-    fn.restype = ctypes.c_int32
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int32]
-    if fn(ctx, mode) != 0:
+    if _fn("llama_kvside_set_recompute", ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32)(ctx, mode) != 0:
         raise EditError(f"llama.cpp refused recompute mode {mode}: {recent_log(2)}")
 
 
 def set_exact(ctx, exact: bool) -> None:
     """CPU: ggml's reference kernels, so attention does not depend on where cells sit."""
-    fn = lib._lib.llama_kvside_set_exact
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_bool]
-    fn(ctx, exact)
+    _fn("llama_kvside_set_exact", None, ctypes.c_void_p, ctypes.c_bool)(ctx, exact)
 
 
 def recompute(core, seq: int, positions: list[int], tokens: list[int], values_only: bool) -> int:

@@ -25,6 +25,19 @@ def _engine_args(p: argparse.ArgumentParser, n_ctx: int = 2048) -> None:
                         "of edited sessions, slower prefill (flash attention off)")
 
 
+def _api_key_arg(p: argparse.ArgumentParser, serving: bool = False) -> None:
+    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"),
+                   help="the key clients must send (default: $KVSIDE_API_KEY)" if serving else
+                   "the daemon's API key (default: $KVSIDE_API_KEY)")
+
+
+def _daemon_args(p: argparse.ArgumentParser) -> None:
+    """How the session commands reach a running daemon."""
+    p.add_argument("--connect", default=None, metavar="URL", help="the daemon to use (default: $KVSIDE_URL, or one on 127.0.0.1:8077)")
+    p.add_argument("--offline", action="store_true", help="work on the session files even when a daemon runs")
+    _api_key_arg(p)
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", "-t", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
@@ -141,39 +154,56 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         with _engine(ns, persist=bool(ns.session)) as engine:
             name = _open_session(engine, ns.session, ns.system)
             return run_terminal_chat(engine, name, params=_sampling(ns))
+    app, close = chat_app(ns)
+    try:
+        app.run()
+    finally:
+        for failure in close():
+            print(f"kvside: {failure}", file=sys.stderr)
+    return 0
+
+
+def chat_app(ns: argparse.Namespace):
+    """The chat app as `kvside chat` sets it up from its flags, and a function that closes what
+    the app started (returning the sessions that could not be saved)."""
     import asyncio
 
-    from kvside.tui.app import run
+    from kvside.tui.app import ChatApp
     from kvside.tui.backend import LocalBackend, RemoteBackend
 
     engines, watchers = [], []
+    params = _sampling(ns)
 
     async def local():
         engine = await asyncio.to_thread(_engine, ns, 4, True)
         engines.append(engine)
         watchers.append(_watch_docs(engine, ns.docs))
-        return LocalBackend(engine)
+        return LocalBackend(engine, params)
 
     async def remote():
-        backend = RemoteBackend(ns.connect, ns.api_key)
+        backend = RemoteBackend(ns.connect, ns.api_key, params)
         try:
             await backend.connect()
         except Exception as exc:  # shown in the app as one line
             raise KvsideError(f"cannot reach {ns.connect}: {exc}") from None
         return backend
 
-    try:
-        return run(remote if ns.connect else local, system=ns.system)
-    finally:
+    def close() -> list[str]:
         for w in watchers:
             if w:
                 w.stop()
+        failures = []
         for engine in engines:
             engine.close()
+            failures += engine.close_failures
+        return failures
+
+    return ChatApp(remote if ns.connect else local, system=ns.system, session=ns.session), close
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
     from kvside.bench import print_report
+    from kvside.engine.edits import Strategy
 
     if ns.what == "decode":
         from kvside.bench.decode import run
@@ -200,8 +230,6 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.what == "compose":
         from kvside.bench import compose as bench_compose
 
-        from kvside.engine.edits import Strategy
-
         for s in ns.strategy or []:
             Strategy.parse(s)  # a bad name fails before any work
         choices = (ns.recompute or []) + (ns.strategy or []) or bench_compose.default_strategies()
@@ -213,8 +241,6 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
         strategies = ns.strategy or roll.default_strategies()
         for s in strategies:
-            from kvside.engine.edits import Strategy
-
             Strategy.parse(s)  # a bad name fails before any work
         if ns.drop < 1 or ns.drop >= ns.ctx - ns.keep:
             raise KvsideError_usage("--drop must be between 1 and ctx - keep - 1")
@@ -230,16 +256,24 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from kvside.server.app import Daemon
 
     if ns.host not in ("127.0.0.1", "localhost", "::1") and not ns.api_key:
-        print("kvside: warning: listening beyond loopback without --api-key", file=sys.stderr)
-    with _engine(ns, max_sessions=ns.max_sessions, persist=True) as engine:
+        print("kvside: warning: listening beyond loopback without --api-key (see docs/security.md)", file=sys.stderr)
+    if ns.max_upload < 1:
+        raise KvsideError_usage("--max-upload must be at least 1 MB")
+    engine = _engine(ns, max_sessions=ns.max_sessions, persist=True)
+    watcher = None
+    try:
         watcher = _watch_docs(engine, ns.docs)
-        daemon = Daemon(engine, api_key=ns.api_key, reuse=not ns.no_reuse)
+        daemon = Daemon(engine, api_key=ns.api_key, host=ns.host, allow_hosts=tuple(ns.allow_host or ()),
+                        allow_origins=tuple(ns.allow_origin or ()), max_upload=ns.max_upload << 20,
+                        reuse=not ns.no_reuse)
         print(f"kvside serving {daemon.model_name} on http://{ns.host}:{ns.port}", file=sys.stderr)
-        try:
-            uvicorn.run(daemon.app, host=ns.host, port=ns.port, log_level="warning")
-        finally:
-            if watcher:
-                watcher.stop()
+        uvicorn.run(daemon.app, host=ns.host, port=ns.port, log_level="warning")
+    finally:
+        if watcher:
+            watcher.stop()
+        engine.close()
+        for failure in engine.close_failures:
+            print(f"kvside: {failure}", file=sys.stderr)
     return 0
 
 
@@ -439,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="a plain line-by-line chat instead of the app")
     p.add_argument("--connect", default=None, metavar="URL", help="use a running `kvside serve` instead of an in-process engine")
     p.add_argument("--docs", default=None, metavar="DIR", help="compile and watch a folder of documents (/attach NAME)")
-    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
+    _api_key_arg(p)
     p.add_argument("--session", default=None, help="continue (or start) a saved session by name")
     p.add_argument("--sessions-dir", default=None, help="where sessions are saved")
     _engine_args(p)
@@ -458,7 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the OpenAI-compatible daemon")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8077)
-    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
+    _api_key_arg(p, serving=True)
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a web page origin allowed to call the daemon, e.g. http://localhost:3000 (repeatable; "
+                        "'*' allows every page); others are refused")
+    p.add_argument("--allow-host", action="append", default=None, metavar="NAME",
+                   help="a Host name clients may use besides loopback names and --host (repeatable)")
+    p.add_argument("--max-upload", type=int, default=16384, metavar="MB",
+                   help="largest session file a client may upload (PUT /kvside/sessions/NAME/file)")
     p.add_argument("--sessions", dest="sessions_dir", default=None, help="folder for saved sessions")
     p.add_argument("--max-sessions", type=int, default=4, help="sessions resident in the cache")
     p.add_argument("--no-reuse", action="store_true", help="a fresh session per request (for comparison)")
@@ -491,9 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session")
     p.add_argument("file", nargs="?", default=None)
     p.add_argument("--sessions-dir", default=None)
-    p.add_argument("--connect", default=None, metavar="URL", help="the daemon to use (default: $KVSIDE_URL, or one on 127.0.0.1:8077)")
-    p.add_argument("--offline", action="store_true", help="work on the session files even when a daemon runs")
-    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
+    _daemon_args(p)
     p.set_defaults(func=cmd_save)
 
     p = sub.add_parser("restore", help="import a session file (checked in full) into the sessions folder")
@@ -502,9 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a session of that name")
     p.add_argument("--model", "-m", default=None, help="model the file must match (default: the default model)")
     p.add_argument("--sessions-dir", default=None)
-    p.add_argument("--connect", default=None, metavar="URL", help="the daemon to use (default: $KVSIDE_URL, or one on 127.0.0.1:8077)")
-    p.add_argument("--offline", action="store_true", help="work on the session files even when a daemon runs")
-    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
+    _daemon_args(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("sessions", help="list, show or remove saved sessions")
@@ -513,9 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--sessions-dir", default=None)
-    p.add_argument("--connect", default=None, metavar="URL", help="the daemon to use (default: $KVSIDE_URL, or one on 127.0.0.1:8077)")
-    p.add_argument("--offline", action="store_true", help="work on the session files even when a daemon runs")
-    p.add_argument("--api-key", default=os.environ.get("KVSIDE_API_KEY"))
+    _daemon_args(p)
     p.set_defaults(func=cmd_sessions)
 
     p = sub.add_parser("inspect", help="what a session file holds, whether it is intact and fits the model")

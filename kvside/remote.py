@@ -9,6 +9,10 @@ from pathlib import Path
 
 import httpx
 
+from kvside import sessionfile
+from kvside.atomic import atomic_writer
+from kvside.engine.persist import SUFFIX
+from kvside.engine.session import check_name
 from kvside.errors import KvsideError
 
 DEFAULT_URL = "http://127.0.0.1:8077"
@@ -45,7 +49,7 @@ class Daemon:
         except ValueError:
             raise KvsideError(f"daemon at {self.url} answered HTTP {r.status_code}") from None
         if r.status_code >= 400:
-            raise KvsideError(data.get("error", {}).get("message", f"HTTP {r.status_code}"))
+            raise KvsideError((data.get("error") or {}).get("message", f"HTTP {r.status_code}"))
         return data
 
     def sessions(self) -> list[dict]:
@@ -58,8 +62,43 @@ class Daemon:
         return self._call("DELETE", f"/kvside/sessions/{name}")
 
     def save(self, name: str, path: str | None) -> dict:
-        body = {"path": str(Path(path).resolve())} if path else {}
-        return self._call("POST", f"/kvside/sessions/{name}/save", json=body)
+        """Save a live session: in the daemon's sessions folder, or (with `path`) into a file
+        here, which the daemon never names: the bytes come over GET .../file."""
+        if not path:
+            out = self._call("POST", f"/kvside/sessions/{check_name(name)}/save", json={})
+            return dict(out, path=f"{out['file']} in the daemon's sessions folder")
+        dst = Path(path)
+        if dst.is_dir():
+            dst = dst / f"{name}{SUFFIX}"
+        try:
+            with self.http.stream("GET", f"/kvside/sessions/{check_name(name)}/file") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._raise(r)
+                size = 0
+                with atomic_writer(dst) as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+                        size += len(chunk)
+        except httpx.HTTPError as exc:
+            raise KvsideError(f"daemon at {self.url}: {exc}") from None
+        except OSError as exc:
+            raise KvsideError(f"could not write {dst}: {exc.strerror or exc}") from None
+        sessionfile.read_header(dst, verify=True)  # what arrived is whole
+        return {"session": name, "path": str(dst), "bytes": size}
 
     def restore(self, path: str, name: str | None) -> dict:
-        return self._call("POST", "/kvside/restore", json={"path": str(Path(path).resolve()), "name": name})
+        """Send a session file from here to the daemon, which checks it in full and loads it."""
+        src = Path(path)
+        sf = sessionfile.read_header(src, verify=True)  # a bad file is refused before it travels
+        name = check_name(name or sf.header.get("name") or src.stem)
+        with open(src, "rb") as f:
+            return self._call("PUT", f"/kvside/sessions/{name}/file", content=f,
+                              headers={"Content-Type": "application/octet-stream"})
+
+    def _raise(self, r) -> None:
+        try:
+            message = r.json().get("error", {}).get("message")
+        except ValueError:
+            message = None
+        raise KvsideError(message or f"daemon at {self.url} answered HTTP {r.status_code}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import struct
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any, Callable
 import msgpack
 
 from kvside import __version__
+from kvside.atomic import atomic_writer
 from kvside.errors import KvsideError
 
 MAGIC = b"KVSIDE\x00S"
@@ -71,10 +71,8 @@ def write(path: Path, header: dict, state: Any, fmt: str = FORMAT) -> int:
                 state_len=len(state_view), saved_at=time.time())
     packed = msgpack.packb(head, use_bin_type=True)
     digest = hashlib.sha256(packed)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_writer(path) as f:
             f.write(_PREFIX.pack(MAGIC, len(packed)))
             f.write(packed)
             for i in range(0, len(state_view), _CHUNK):  # the state is written in place, never copied
@@ -82,30 +80,9 @@ def write(path: Path, header: dict, state: Any, fmt: str = FORMAT) -> int:
                 digest.update(chunk)
                 f.write(chunk)
             f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise SessionSaveError(f"could not save {path.name}: {exc.strerror or exc}") from None
     return _PREFIX.size + len(packed) + len(state_view) + CHECKSUM_LEN
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_header(path: Path, verify: bool = True, fmt: str = FORMAT) -> SessionFile:

@@ -5,12 +5,10 @@ model needs only the model's fingerprint, not loading it."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
-from kvside import sessionfile
+from kvside import atomic, sessionfile
 from kvside.engine.persist import SUFFIX
 from kvside.engine.session import check_name
 from kvside.errors import InvalidRequest, SessionNotFound
@@ -66,14 +64,9 @@ def describe(path: Path, model: str | None = None) -> dict:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
+        atomic.copy_file(src, dst)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise sessionfile.SessionSaveError(f"could not write {dst}: {exc.strerror or exc}") from None
 
 

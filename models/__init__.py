@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvside import atomic
 from kvside.errors import ModelLoadError, ModelNotFound
 from kvside.home import subdir
 
@@ -132,10 +133,8 @@ def fingerprint(path: Path) -> str:
             digest.update(f.read(_SAMPLE_BYTES))
     value = digest.hexdigest()
     cache[key] = value
-    tmp = cache_file.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
+        atomic.write_bytes(cache_file, json.dumps(cache).encode())
     except OSError:
         pass  # a cache we cannot write only costs time
     return value

@@ -29,3 +29,36 @@ def session(engine):
 
 
 GREEDY = dict(temperature=0.0, repeat_penalty=1.0)
+
+
+class LiveDaemon:
+    """A Daemon served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, engine, **daemon_args):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from kvside.server.app import Daemon
+
+        self.engine = engine
+        self.daemon = Daemon(engine, **daemon_args)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.daemon.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        assert self.server.started, "the daemon did not start"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -183,7 +183,8 @@ def test_auto_roll_during_a_long_reply():
         kinds = [ev.kind for ev in stream.events()]
         done = stream.completion
         assert "notice" in kinds
-        assert done.usage.completion_tokens > 128 - e.ledger(name).pos[0] - 60 or done.finish_reason == "length"
+        # the reply went on past the room the window had when it started: the roll made room
+        assert done.usage.completion_tokens > 128 - done.usage.prompt_tokens
         e.check(name)
 
 

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -62,12 +63,13 @@ def test_cancel_during_prefill_leaves_session_as_before(engine, session):
     engine.chat(session, "Hello.", max_tokens=4, **GREEDY).wait()
     before = engine.ledger(session).to_dict()
     n_msgs = len(engine.messages(session))
+    engine.submit(lambda core: time.sleep(0.5))  # holds the engine: the cancel lands before the prefill
     stream = engine.chat(session, "word " * 300, max_tokens=4, **GREEDY)
     stream.cancel()
     done = stream.wait()
-    if done.finish_reason == "cancelled" and not done.tokens:
-        assert engine.ledger(session).to_dict() == before
-        assert len(engine.messages(session)) == n_msgs
+    assert done.finish_reason == "cancelled" and not done.tokens
+    assert engine.ledger(session).to_dict() == before
+    assert len(engine.messages(session)) == n_msgs
     engine.check(session)
 
 

@@ -1,42 +1,25 @@
 """The daemon on loopback, driven by the official openai client and by raw HTTP."""
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
+from conftest import LiveDaemon
 from kvside.engine import Engine
-from kvside.server.app import Daemon
 
 KEY = "test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     engine = Engine(n_ctx=512, max_sessions=4, n_threads=2, sessions_dir=str(tmp_path_factory.mktemp("srv"))).start()
-    daemon = Daemon(engine, api_key=KEY, max_body=64 * 1024, keepalive_s=0.5)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(daemon.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", daemon
-    srv.should_exit = True
-    thread.join(timeout=10)
+    live = LiveDaemon(engine, api_key=KEY, max_body=64 * 1024, keepalive_s=0.5)
+    yield live.url, live.daemon
+    live.stop()
     engine.close()
 
 

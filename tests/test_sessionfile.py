@@ -157,36 +157,30 @@ def test_interrupted_save_leaves_the_old_file(exact, tmp_path, monkeypatch):
     path = tmp_path / "carol.kvs"
     exact.save(name, str(path))
     good = path.read_bytes()
-    real_write = os.write
+    injected = []
+    real_fdopen = os.fdopen
 
-    class Boom:
-        calls = 0
-
-    import builtins
-
-    real_open = builtins.open
-
-    def failing_open(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
-        if "w" in mode and ".tmp-" in str(file):
+    def failing_fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        if "w" in mode:
             orig = f.write
 
             def write(chunk):
-                Boom.calls += 1
-                if Boom.calls > 2:
+                if len(injected) >= 2:
                     raise OSError(28, "No space left on device")
+                injected.append(len(chunk))
                 return orig(chunk)
 
             f.write = write
         return f
 
-    monkeypatch.setattr(builtins, "open", failing_open)
+    monkeypatch.setattr(os, "fdopen", failing_fdopen)
     with pytest.raises(SessionSaveError, match="No space left"):
         exact.save(name, str(path))
     monkeypatch.undo()
+    assert len(injected) == 2  # the disk filled up mid-file, after the header
     assert path.read_bytes() == good
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    assert real_write is os.write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["carol.kvs"]  # no temporary file left
     exact.delete_session(name)
 
 

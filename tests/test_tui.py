@@ -17,9 +17,9 @@ def tui_engine(tmp_path_factory):
         yield e
 
 
-def app_for(engine):
+def app_for(engine, params=None):
     async def factory():
-        return LocalBackend(engine)
+        return LocalBackend(engine, params)
     return ChatApp(factory)
 
 
@@ -61,18 +61,22 @@ async def test_send_and_stream_a_reply(tui_engine):
 
 
 async def test_escape_cancels_and_keeps_the_prompt(tui_engine):
-    app = app_for(tui_engine)
+    app = app_for(tui_engine, {"max_tokens": 200, "ignore_eos": True})  # a reply that cannot end on its own soon
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot)
         name = app.current
         await type_and_send(pilot, "Write a very long story about a lighthouse keeper and the sea.")
-        await pilot.pause(0.3)
+        for _ in range(400):  # until the reply is streaming
+            if app.chats[name].items[-1].text:
+                break
+            await pilot.pause(0.05)
         prompt = app.query_one("#prompt", PromptInput)
         prompt.text = "my next question"
         await pilot.press("escape")
         await wait_idle(pilot, name)
         assert prompt.text == "my next question"
-        assert "cancelled" in app.chats[name].status or "stop" in app.chats[name].status or "length" in app.chats[name].status
+        assert app.chats[name].last["finish_reason"] == "cancelled"
+        assert app.chats[name].last["tokens"] < 200
 
 
 async def test_switching_sessions_mid_stream_keeps_replies_apart(tui_engine):
@@ -134,8 +138,16 @@ async def test_failed_command_is_a_notification_not_a_crash(tui_engine):
     app = app_for(tui_engine)
     async with app.run_test(size=(120, 40)) as pilot:
         await ready(pilot)
+        notes = []
+        app.notify = lambda message, **kw: notes.append((kw.get("title"), kw.get("severity"), message))
         await type_and_send(pilot, "/roll 999999")
         await type_and_send(pilot, "/mask nope")
         await type_and_send(pilot, "/frobnicate")
-        await pilot.pause(0.3)
+        for _ in range(100):
+            if len(notes) >= 3:
+                break
+            await pilot.pause(0.05)
         assert app.is_running
+        assert [(title, severity) for title, severity, _ in notes] == [
+            ("/roll", "error"), ("/mask", "error"), (None, "error")]
+        assert "cannot drop" in notes[0][2] and "usage" in notes[1][2] and "unknown command /frobnicate" in notes[2][2]

@@ -28,6 +28,9 @@ class ScriptedBackend:
     def __init__(self):
         self.count = 0
 
+    async def sessions(self):
+        return []
+
     async def new_session(self, name=None, system=None):
         self.count += 1
         return name or f"s{self.count}"

@@ -41,6 +41,8 @@ class Chat:
     items: list[Item] = field(default_factory=list)
     reply: Reply | None = None
     status: str = ""
+    loaded: bool = True  # False for a saved session until it is opened (its transcript is fetched then)
+    last: dict = field(default_factory=dict)  # how the last reply ended: finish reason, tokens, parameters
 
 
 class PromptInput(TextArea):
@@ -97,13 +99,15 @@ class ChatApp(App):
     ]
     COMMANDS = App.COMMANDS | {ChatCommands}
 
-    def __init__(self, backend_factory, *, system: str | None = None):
+    def __init__(self, backend_factory, *, system: str | None = None, session: str | None = None):
         super().__init__()
         self.backend_factory = backend_factory
         self.backend = None
         self.system = system
+        self.open_session = session  # --session NAME: open (or start) this one
         self.chats: dict[str, Chat] = {}
         self.current: str | None = None
+        self.ready = False  # the backend answered and a session is open
 
     # -- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -126,29 +130,56 @@ class ChatApp(App):
     async def start_backend(self) -> None:
         try:
             self.backend = await self.backend_factory()
-        except KvsideError as exc:
-            self.query_one("#status", Static).update(f"could not start: {exc.message}")
-            self.notify(exc.message, title="kvside", severity="error", timeout=30)
+            saved = await self.backend.sessions()
+        except Exception as exc:  # whatever stops the start is said in the app, never a silent hang
+            self._startup_failed(exc)
             return
         self.query_one("#loading").display = False
         self.sub_title = self.backend.model_name
+        for row in saved:
+            await self._add_chat(Chat(row["name"], loaded=False))
         prompt = self.query_one("#prompt", PromptInput)
         prompt.disabled = False
         prompt.focus()
-        await self.new_chat(None)
+        wanted = self.open_session
+        if wanted and wanted in self.chats:
+            await self.switch_to(wanted)
+        else:
+            await self.new_chat(wanted)
+        self.ready = self.current is not None
+
+    def _startup_failed(self, exc: Exception) -> None:
+        message = exc.message if isinstance(exc, KvsideError) else f"{type(exc).__name__}: {exc}"
+        self.query_one("#loading").display = False
+        self.query_one("#status", Static).update(f"could not start: {message} (ctrl+q quits)")
+        self.notify(message, title="kvside could not start", severity="error", timeout=30)
 
     # -- sessions -------------------------------------------------------------------------------
+    async def _add_chat(self, chat: Chat) -> None:
+        self.chats[chat.name] = chat
+        await self.query_one("#sidebar", ListView).append(ListItem(Label(chat.name), id=f"s-{_safe(chat.name)}"))
+
     async def new_chat(self, name: str | None) -> None:
         try:
             name = await self.backend.new_session(name, self.system)
         except KvsideError as exc:
             self.notify(exc.message, severity="error")
+            self.query_one("#status", Static).update(f"no session: {exc.message} (ctrl+n tries again)")
             return
-        self.chats[name] = Chat(name)
-        await self.query_one("#sidebar", ListView).append(ListItem(Label(name), id=f"s-{_safe(name)}"))
+        await self._add_chat(Chat(name))
         await self.switch_to(name)
 
     async def switch_to(self, name: str) -> None:
+        chat = self.chats[name]
+        if not chat.loaded:  # a saved session: the engine brings it back, the transcript comes with it
+            try:
+                snapshot = await self.backend.cache_map(name)
+            except KvsideError as exc:
+                self.notify(f"cannot open {name}: {exc.message}", severity="error")
+                return
+            chat.items = [Item(m["role"], m["content"]) for m in snapshot["messages"]
+                          if m["role"] in ("user", "assistant") and m.get("kind", "chat") == "chat"]
+            chat.loaded = True
         self.current = name
         sidebar = self.query_one("#sidebar", ListView)
         for i, child in enumerate(sidebar.children):
@@ -156,7 +187,6 @@ class ChatApp(App):
                 sidebar.index = i
         log = self.query_one("#log", VerticalScroll)
         await log.remove_children()
-        chat = self.chats[name]
         for item in chat.items:
             item.widget, item.stream = None, None
             await self._mount_item(item)
@@ -239,6 +269,7 @@ class ChatApp(App):
             elif kind == "error":
                 self.notify(str(value), title="error", severity="error")
             elif kind == "done":
+                chat.last = value
                 computed = value["prompt"] - value["cached"]
                 chat.status = (f"{self.backend.model_name} | reused {value['cached']} computed {computed} "
                                f"| {value['tokens']} tokens {value['tok_s']:.0f} tok/s | {value['finish_reason']}")
@@ -314,22 +345,21 @@ class ChatApp(App):
             r = await b.edit(name, "mask", messages=[int(args[0])], close_gap=close, strategy=strategy)
             self.notify(f"masked {r['masked']} tokens of message {args[0]}", title="mask")
         elif cmd == "fork":
-            r = await b.edit(name, "fork", new_name=args[0] if args else None)
+            r = await b.edit(name, "fork", name=args[0] if args else None)
             child = r["session"]
-            self.chats[child] = Chat(child, [Item(i.role, i.text) for i in self.chats[name].items])
-            await self.query_one("#sidebar", ListView).append(ListItem(Label(child), id=f"s-{_safe(child)}"))
+            await self._add_chat(Chat(child, [Item(i.role, i.text) for i in self.chats[name].items]))
             await self.switch_to(child)
             self.notify(f"forked {name} into {child}", title="fork")
         elif cmd == "save":
             r = await b.edit(name, "save", path=args[0] if args else None)
-            self.notify(f"saved {r['bytes'] / 1e6:.1f} MB to {r['path']} in {r['t_save_s'] * 1000:.0f} ms", title="save")
+            where = r.get("path") or r.get("file")
+            self.notify(f"saved {r['bytes'] / 1e6:.1f} MB to {where} in {r['t_save_s'] * 1000:.0f} ms", title="save")
         elif cmd == "restore":
             restored = await b.restore(args[0], args[1] if len(args) > 1 else None)
-            self.chats[restored] = Chat(restored)
-            await self.query_one("#sidebar", ListView).append(ListItem(Label(restored), id=f"s-{_safe(restored)}"))
-            snapshot = await b.cache_map(restored)
-            self.chats[restored].items = [Item(m["role"], m["content"]) for m in snapshot["messages"]
-                                          if m["role"] in ("user", "assistant")]
+            if restored in self.chats:
+                self.chats[restored].loaded = False
+            else:
+                await self._add_chat(Chat(restored, loaded=False))
             await self.switch_to(restored)
             self.notify(f"restored {restored}", title="restore")
         elif cmd == "strategy":
@@ -345,13 +375,11 @@ class ChatApp(App):
                 await self.new_chat(None)
         elif cmd == "rename":
             new = args[0]
-            if not hasattr(self.backend, "engine"):
-                raise KvsideError("renaming needs the in-process engine (not --connect)")
-            await self.backend.call(self.backend.engine.rename, name, new)
-            self.chats[new] = self.chats.pop(name)
-            self.chats[new].name = new
+            await self.backend.rename(name, new)
+            chat = self.chats.pop(name)
+            chat.name = new
             await self.query_one(f"#s-{_safe(name)}").remove()
-            await self.query_one("#sidebar", ListView).append(ListItem(Label(new), id=f"s-{_safe(new)}"))
+            await self._add_chat(chat)
             await self.switch_to(new)
         elif cmd == "attach":
             how = args[1] if len(args) > 1 else "0"
@@ -371,6 +399,6 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def run(engine_factory, system: str | None = None) -> int:
-    ChatApp(engine_factory, system=system).run()
+def run(engine_factory, system: str | None = None, session: str | None = None) -> int:
+    ChatApp(engine_factory, system=system, session=session).run()
     return 0

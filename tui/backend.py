@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from kvside.engine import commands
 from kvside.errors import KvsideError
 
 
@@ -32,9 +33,10 @@ class _Backend:
 
 
 class LocalBackend(_Backend):
-    def __init__(self, engine):
+    def __init__(self, engine, params: dict | None = None):
         self.engine = engine
         self.info = engine.info()
+        self.params = dict(params or {})  # sampling flags of `kvside chat`, for every reply
 
     async def call(self, fn, *args, **kwargs):
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -49,15 +51,9 @@ class LocalBackend(_Backend):
         await self.call(self.engine.delete_session, name)
 
     async def cache_map(self, name: str) -> dict:
-        def snapshot(core):
-            s = core.get(name)
-            return {"runs": s.ledger.runs(), "removed": [vars(r) for r in s.ledger.removed],
-                    "next_pos": s.ledger.next_pos, "n_cells": len(s.ledger), "n_ctx": core.n_ctx,
-                    "messages": [m.to_dict() for m in s.messages]}
+        return _cache_map(await self.call(self.engine.show, name))
 
-        return await self.call(self.engine.call, snapshot, session=name)
-
-    def chat(self, name: str, text: str, **params) -> Reply:
+    def chat(self, name: str, text: str) -> Reply:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -66,7 +62,8 @@ class LocalBackend(_Backend):
                 done = stream.completion
                 item = ("done", {"finish_reason": done.finish_reason, "tokens": done.usage.completion_tokens,
                                  "cached": done.usage.cached_tokens, "prompt": done.usage.prompt_tokens,
-                                 "tok_s": done.decode_tok_s, "t_prefill_s": done.t_prefill_s})
+                                 "tok_s": done.decode_tok_s, "t_prefill_s": done.t_prefill_s,
+                                 "params": done.params})
             elif event.kind == "error":
                 item = ("error", event.text)
             elif event.kind == "notice":
@@ -75,40 +72,38 @@ class LocalBackend(_Backend):
                 item = (event.kind, event.text)
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        stream = self.engine.chat(name, text, on_event=forward, **params)
+        stream = self.engine.chat(name, text, on_event=forward, **self.params)
         return Reply(queue, stream.cancel)
 
     async def edit(self, name: str, edit: str, **args) -> dict:
-        e = self.engine
-        calls = {
-            "roll": lambda: e.roll(name, int(args["drop"]), args.get("keep"), args.get("strategy")),
-            "compact": lambda: e.compact(name, int(args["up_to"]), args.get("summary"), args.get("mode", "mask")),
-            "mask": lambda: e.mask(name, messages=[int(x) for x in args["messages"]], close_gap=bool(args.get("close_gap")),
-                                   strategy=str(args.get("strategy") or "shift")),
-            "fork": lambda: {"session": e.fork(name, args.get("new_name"))},
-            "save": lambda: e.save(name, args.get("path")),
-            "strategy": lambda: (e.set_roll_strategy(name, args["strategy"]), {"strategy": args["strategy"]})[1],
-            "erratum": lambda: e.erratum(name, args["text"]),
-            "attach": lambda: e.attach(name, args["document"], int(args.get("recompute", 0)), args.get("strategy")),
-        }
-        if edit not in calls:
-            raise KvsideError(f"unknown command {edit}")
-        return await self.call(calls[edit])
+        if edit == "save" and args.get("path"):  # the user's own file, from the app on their machine
+            return await self.call(self.engine.save, name, args["path"])
+        return await self.call(commands.apply, self.engine, name, edit, args)
+
+    async def rename(self, name: str, new_name: str) -> None:
+        await self.call(self.engine.rename, name, new_name)
 
     async def restore(self, path: str, name: str | None = None) -> str:
         return await self.call(self.engine.restore, path, name)
 
 
+def _cache_map(shown: dict) -> dict:
+    s = shown["session"]
+    return {"runs": shown["cache_map"], "removed": shown["removed"], "next_pos": s["next_pos"],
+            "n_cells": s["n_cells"], "n_ctx": shown["n_ctx"], "messages": shown["messages"]}
+
+
 class RemoteBackend(_Backend):
     """The same interface over a running `kvside serve` (--connect URL)."""
 
-    def __init__(self, url: str, api_key: str | None = None):
+    def __init__(self, url: str, api_key: str | None = None, params: dict | None = None):
         import httpx
 
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=300)
         self.info: dict = {"model_name": "?", "n_ctx": 0}
+        self.params = dict(params or {})
 
     async def connect(self) -> None:
         r = await self.http.get("/health")
@@ -134,17 +129,14 @@ class RemoteBackend(_Backend):
 
     async def cache_map(self, name: str) -> dict:
         try:
-            data = await self._json("GET", f"/kvside/sessions/{name}")
-        except KvsideError:
+            return _cache_map(await self._json("GET", f"/kvside/sessions/{name}"))
+        except KvsideError:  # a session the daemon creates on its first message
             return {"runs": [], "removed": [], "next_pos": 0, "n_cells": 0, "n_ctx": self.n_ctx, "messages": []}
-        s = data["session"]
-        return {"runs": data["cache_map"], "removed": data["removed"], "next_pos": s["next_pos"],
-                "n_cells": s["n_cells"], "n_ctx": self.n_ctx, "messages": data["messages"]}
 
-    def chat(self, name: str, text: str, **params) -> Reply:
+    def chat(self, name: str, text: str) -> Reply:
         queue: asyncio.Queue = asyncio.Queue()
         body = {"messages": [{"role": "user", "content": text}], "stream": True,
-                "stream_options": {"include_usage": True}, **params}
+                "stream_options": {"include_usage": True}, **_openai_params(self.params)}
 
         async def pump():
             try:
@@ -179,13 +171,22 @@ class RemoteBackend(_Backend):
         return Reply(queue, task.cancel)
 
     async def edit(self, name: str, edit: str, **args) -> dict:
-        body = dict(args)
-        if edit == "fork":
-            body = {"name": args.get("new_name")}
-        return await self._json("POST", f"/kvside/sessions/{name}/{edit}", json=body)
+        if edit == "save" and args.get("path"):
+            raise KvsideError("a daemon saves sessions by name: /save without a file, or `kvside save NAME FILE`")
+        return await self._json("POST", f"/kvside/sessions/{name}/{edit}", json=args)
+
+    async def rename(self, name: str, new_name: str) -> None:
+        raise KvsideError("renaming needs the in-process engine (not --connect)")
 
     async def restore(self, path: str, name: str | None = None) -> str:
-        return (await self._json("POST", "/kvside/restore", json={"path": path, "name": name}))["session"]
+        """Over HTTP a saved session is named, never pathed: `path` is its name."""
+        return (await self._json("POST", "/kvside/restore", json={"session": path, "name": name}))["session"]
+
+
+def _openai_params(params: dict) -> dict:
+    """Sampling flags as an OpenAI request's fields (repeat_penalty and min_p are llama.cpp's own,
+    which the daemon takes as they are)."""
+    return {k: v for k, v in params.items() if v is not None}
 
 
 async def drain(reply: Reply) -> AsyncIterator[tuple[str, object]]:

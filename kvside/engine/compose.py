@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from kvside import sessionfile
+from kvside import atomic, sessionfile
 from kvside.engine.ledger import COMPOSED
 from kvside.engine.session import Message, Session
 from kvside.engine.state import set_seq_state
@@ -42,17 +42,29 @@ def _index_path() -> Path:
 
 
 def load_index() -> dict:
+    """The compiled documents. No index yet is an empty one; a damaged one is an error (reading it
+    as empty would make every document look uncompiled and the next compile would drop it)."""
+    path = _index_path()
     try:
-        return json.loads(_index_path().read_text())
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return {}
+    except OSError as exc:
+        raise DocumentError(f"cannot read the document index {path}: {exc.strerror or exc}") from None
+    try:
+        index = json.loads(text)
+    except ValueError as exc:
+        index = exc
+    if not isinstance(index, dict) or not all(isinstance(e, dict) for e in index.values()):
+        raise DocumentError(f"the document index {path} is damaged; remove it and compile the documents again")
+    return index
 
 
 def _save_index(index: dict) -> None:
-    path = _index_path()
-    tmp = path.with_name(f".index.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, path)
+    try:
+        atomic.write_bytes(_index_path(), json.dumps(index, indent=1).encode())
+    except OSError as exc:
+        raise DocumentError(f"cannot write the document index: {exc.strerror or exc}") from None
 
 
 def read_document(path: Path, max_bytes: int = MAX_BYTES) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from kvside.errors import (
     CacheFull,
     ContextFull,
     DecodeError,
+    EditError,
+    EngineClosed,
     InvalidRequest,
     KvsideError,
     SessionBusy,
@@ -37,6 +40,8 @@ from kvside.errors import (
 )
 from kvside.home import subdir
 from kvside.models import resolve
+
+log = logging.getLogger("kvside")
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -178,20 +183,36 @@ class Core:
         self.n_threads = threads
         return ctx
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Stop every generation and every waiting request, save resident sessions (with persist),
+        free llama.cpp. Returns one line per session that could not be saved (also logged)."""
+        closed = EngineClosed("the engine has stopped")
         for g in list(self.gens):
-            self._fail(g, KvsideError("engine closed"))
+            self._fail(g, closed)
+        waiting = self.ready + [item for s in self.sessions.values() for item in s.backlog]
+        self.ready = []
+        for s in self.sessions.values():
+            s.backlog.clear()
+        for _fn, _session, future in waiting:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(closed)
+        failures = []
         if self.config.persist and self.ctx:
             for s in list(self.sessions.values()):
+                if s.temporary or not any(m.role != "system" for m in s.messages):
+                    continue  # nothing was said in it: nothing to keep
                 try:
                     persist.save(self, s, persist.session_path(self, s.name))
-                except KvsideError:
-                    pass  # a session that cannot be saved is lost with the process, as without persist
+                except KvsideError as exc:
+                    failures.append(f"session {s.name} was not saved: {exc.message}")
+                    log.error("session %s was not saved: %s", s.name, exc.message)
+        self.close_failures = failures
         self.batch.close()
         if self.ctx:
             lib.llama_free(self.ctx)
             self.ctx = None
         self.model.close()
+        return failures
 
     # -- sessions -----------------------------------------------------------------------------
     def get(self, name: str) -> Session:
@@ -202,26 +223,48 @@ class Core:
             return persist.bring_back(self, name)
         raise SessionNotFound(f"no session named {name!r}")
 
-    def new_session(self, name: str | None = None, system: str | None = None) -> Session:
-        if name is None:
+    def free_name(self, prefix: str = "s") -> str:
+        """A session name that no resident session, known saved session or file in the sessions
+        folder has (a file there may belong to a run that did not persist)."""
+        while True:
             self._counter += 1
-            name = f"s{self._counter}"
-            while name in self.sessions:
-                self._counter += 1
-                name = f"s{self._counter}"
-        check_name(name)
-        if name in self.sessions or name in self.evicted:
-            raise InvalidRequest(f"session {name!r} already exists")
+            name = f"{prefix}{self._counter}"
+            if name not in self.sessions and name not in self.evicted and \
+                    not (self.sessions_dir / f"{name}{persist.SUFFIX}").exists():
+                return name
+
+    def take_seq(self, keep: set[str] = frozenset()) -> int:
+        """A free sequence, sending the least recently used idle session to disk if there is none
+        (never one named in `keep`). The sequence is empty."""
         if not self.free_seqs:
-            persist.make_room(self)
+            persist.make_room(self, keep)
         seq = self.free_seqs.pop(0)
         self.mem.clear_seq(seq)
+        return seq
+
+    def give_seq(self, seq: int) -> None:
+        self.mem.clear_seq(seq)
+        self.free_seqs.append(seq)
+        self.free_seqs.sort()
+
+    def new_session(self, name: str | None = None, system: str | None = None,
+                    keep: set[str] = frozenset()) -> Session:
+        """A new empty session (with the system prompt decoded). `keep`: sessions that must stay
+        resident to make room (a fork's parent). On failure nothing is registered or held."""
+        name = check_name(name) if name is not None else self.free_name()
+        if name in self.sessions or name in self.evicted:
+            raise InvalidRequest(f"session {name!r} already exists")
+        seq = self.take_seq(keep)
         session = Session(name=name, seq=seq)
         system = system if system is not None else self.config.default_system
-        if system:
-            session.messages.append(Message(0, "system", system, pinned=True))
-            session.closing = ""
-            self._prefill_now(session, self._chat_pieces(session, session.messages[:1], generation=False, history=[]))
+        try:
+            if system:
+                session.messages.append(Message(0, "system", system, pinned=True))
+                session.closing = ""
+                self._prefill_now(session, self._chat_pieces(session, session.messages[:1], generation=False, history=[]))
+        except BaseException:
+            self.give_seq(seq)
+            raise
         self.sessions[name] = session
         return session
 
@@ -234,10 +277,10 @@ class Core:
         session = self.get(name)
         if session.busy:
             raise SessionBusy(f"session {name!r} is generating; cancel it first")
-        self.mem.clear_seq(session.seq)
-        self.free_seqs.append(session.seq)
-        self.free_seqs.sort()
+        self.give_seq(session.seq)
         del self.sessions[name]
+        if forget_file:
+            persist.session_path(self, name).unlink(missing_ok=True)
 
     def used_cells(self) -> int:
         return sum(len(s.ledger) for s in self.sessions.values())
@@ -548,8 +591,9 @@ class Core:
             protect = set(range(g.rollback_first_msg, g.reply_id + 1))
             try:
                 rolled = edits.auto_roll(self, g.session, 1 + self.n_ctx // 8, protect=protect)
-            except KvsideError:
-                rolled = None
+            except KvsideError as exc:
+                # the reply so far stays in the session; the client learns why it stopped
+                return self._finish(g, "error", error=EditError(f"the window is full and rolling it failed: {exc.message}"))
             if not rolled or g.session.ledger.next_pos + 1 >= self.n_ctx:
                 return self._finish(g, "length")
             g.notices.append(self._notice(g.stream, rolled))
@@ -564,7 +608,9 @@ class Core:
         stream.put(Event("notice", text=text, data=notice))
         return notice
 
-    def _finish(self, g: _Gen, reason: str, stop_hit: bool = False) -> None:
+    def _finish(self, g: _Gen, reason: str, stop_hit: bool = False, error: KvsideError | None = None) -> None:
+        """End g: its reply becomes a message of the session, and the stream gets the completion
+        (or `error`, after the text so far)."""
         s = g.session
         if reason == "cancelled" and g.phase == PREFILL:
             self._undo(g)
@@ -602,9 +648,13 @@ class Core:
             t_total_s=now - g.t_start,
             decode_tok_s=n_dec / (now - g.t_first) if g.t_first and n_dec and now > g.t_first else 0.0,
             notices=g.notices,
+            params=vars(g.params),
         )
         self._release(g)
-        g.stream.finish(completion)
+        if error is not None:
+            g.stream.fail(error)
+        else:
+            g.stream.finish(completion)
 
     def _closing(self, history: list[dict], reply: Message, pending: list[int]) -> tuple[str, bool]:
         """Template text that closes the reply after what the model wrote, and whether the EOG
@@ -649,19 +699,30 @@ class Core:
         s.pending, s.pending_msg, s.closing = rb["pending"], rb["pending_msg"], rb["closing"]
 
     def _fail(self, g: _Gen, error: KvsideError) -> None:
+        """End g with an error. A prompt not fully read is undone; a reply already under way is
+        kept as far as it got, so the ledger and the messages still agree."""
         if g.phase == PREFILL:
             self._undo(g)
-        self._release(g)
-        g.stream.fail(error)
+            self._release(g)
+            g.stream.fail(error)
+        else:
+            self._finish(g, "error", error=error)
 
     def _release(self, g: _Gen) -> None:
         g.sampler.close()
         if g in self.gens:
             self.gens.remove(g)
-        g.session.busy = False
-        g.session.last_used = time.time()
-        self.ready.extend(g.session.backlog)
-        g.session.backlog.clear()
+        s = g.session
+        s.busy = False
+        s.last_used = time.time()
+        self.ready.extend(s.backlog)
+        s.backlog.clear()
+        if s.temporary and s.name in self.sessions and not self.ready_for(s.name):
+            self.delete_session(s.name, forget_file=True)
+
+    def ready_for(self, name: str) -> bool:
+        """Whether work for session `name` waits in the ready list."""
+        return any(item[1] == name for item in self.ready)
 
 
 def _runs(tokens: list[int], msgs: list[int]):

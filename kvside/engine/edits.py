@@ -515,7 +515,7 @@ def fork(core, s: Session, name: str | None = None, on_device: bool | None = Non
     t0 = time.perf_counter()
     if on_device is None:
         on_device = core.backend != "cpu"
-    child = core.new_session(name)
+    child = core.new_session(name, keep={s.name})  # never send the parent to disk to make room
     try:
         if on_device:
             core.settle()

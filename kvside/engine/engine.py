@@ -12,17 +12,19 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from pathlib import Path
+
 import numpy as np
 
 from kvside._llama import native_patch_loaded
-from pathlib import Path
 
-from kvside.engine import compose, edits, persist
+from kvside.engine import binding, compose, edits, persist
 from kvside.engine.core import Core, EngineConfig
 from kvside.engine.ledger import Ledger
 from kvside.engine.stream import Stream
 from kvside.engine.session import check_name
-from kvside.errors import EngineClosed, InvalidRequest, KvsideError
+from kvside.engine.txn import atomic
+from kvside.errors import EngineClosed, InvalidRequest, KvsideError, SessionNotFound
 
 _STOP = object()
 
@@ -39,6 +41,7 @@ class Engine:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._closed = False
+        self.close_failures: list[str] = []  # sessions that could not be saved at close (persist)
         self.core: Core | None = None  # touch only from the engine thread (or via call)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -96,7 +99,7 @@ class Engine:
                     except Exception as exc:  # a bug must cost the requests in flight, not the engine
                         core.fail_all(KvsideError(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
-            core.close()
+            self.close_failures = core.close()
             self._drain()
 
     def _dispatch(self, item) -> None:
@@ -158,11 +161,61 @@ class Engine:
         return self.call(listing)
 
     def save(self, name: str, path: str | None = None) -> dict:
-        """Write the session to a file (default: its place in the sessions folder)."""
+        """Write the session to a file anywhere (default: its place in the sessions folder). For
+        the user's own tools; clients of the daemon save by name (save_as)."""
         return self._edit(name, lambda core, s: persist.save(core, s, Path(path) if path else persist.session_path(core, name)))
 
+    def save_as(self, name: str, as_name: str | None = None) -> dict:
+        """Save the session in the sessions folder under its name or `as_name`, which must not be
+        another session's. A copy under another name is then a saved session of that name."""
+        def apply(core, s):
+            target = check_name(s.name if as_name is None else as_name)
+            if target != s.name and (target in core.sessions or target in core.evicted):
+                raise InvalidRequest(f"{target!r} is another session's name; save under a free name", param="as")
+            path = persist.session_path(core, target)
+            out = persist.save(core, s, path)
+            if target != s.name:
+                core.evicted[target] = path
+            out.pop("path")
+            return dict(out, file=path.name, saved_as=target)
+        return self._edit(name, apply)
+
     def restore(self, path: str, name: str | None = None) -> str:
+        """Load a session file from anywhere (the user's own act: CLI, chat app, an upload)."""
         return self.call(lambda core: persist.restore(core, Path(path), name).name)
+
+    def restore_named(self, saved: str, name: str | None = None) -> str:
+        """Load the saved session `saved` from the sessions folder, as `name` (default: its own)."""
+        def apply(core):
+            path = persist.session_path(core, saved)
+            if not path.is_file():
+                raise SessionNotFound(f"no saved session named {saved!r}")
+            if (name or saved) == saved and saved in core.evicted:
+                return persist.bring_back(core, saved).name
+            return persist.restore(core, path, name or saved).name
+        return self.call(apply)
+
+    def session_file(self, name: str) -> Path:
+        """The session's file in the sessions folder, saved now if the session is resident."""
+        def apply(core):
+            if name in core.sessions:
+                s = core.sessions[name]
+                path = persist.session_path(core, name)
+                persist.save(core, s, path)
+                return path
+            if name in core.evicted:
+                return core.evicted[name]
+            raise SessionNotFound(f"no session named {name!r}")
+        return self.call(apply, session=name)
+
+    def show(self, name: str) -> dict:
+        """Everything about a session: summary, messages, cache map, removed cells, edit log."""
+        def apply(core):
+            s = core.get(name)
+            return {"session": s.summary(), "messages": [m.to_dict() for m in s.messages],
+                    "cache_map": s.ledger.runs(), "removed": [vars(r) for r in s.ledger.removed],
+                    "next_pos": s.ledger.next_pos, "n_ctx": core.n_ctx, "edit_log": s.edit_log}
+        return self.call(apply, session=name)
 
     def evict(self, name: str) -> str:
         """Send a session to disk now; it comes back on its next use."""
@@ -185,22 +238,29 @@ class Engine:
     def _edit(self, name: str, fn) -> Any:
         return self.call(lambda core: fn(core, core.get(name)), session=name)
 
+    def _atomic_edit(self, name: str, fn) -> Any:
+        """An edit that leaves the session as it was if any of its steps fails (txn.atomic)."""
+        def apply(core, s):
+            with atomic(core, s):
+                return fn(core, s)
+        return self._edit(name, apply)
+
     def roll(self, name: str, drop: int, keep: int | None = None, strategy: str | None = None,
              boundary: bool = False) -> dict:
-        return self._edit(name, lambda core, s: edits.roll(core, s, drop, keep, strategy or s.roll_strategy, boundary))
+        return self._atomic_edit(name, lambda core, s: edits.roll(core, s, drop, keep, strategy or s.roll_strategy, boundary))
 
     def mask(self, name: str, messages: list[int] | None = None, span: tuple[int, int] | None = None,
              close_gap: bool = False, strategy: str = "shift") -> dict:
-        return self._edit(name, lambda core, s: edits.mask(core, s, messages, span, close_gap, strategy=strategy))
+        return self._atomic_edit(name, lambda core, s: edits.mask(core, s, messages, span, close_gap, strategy=strategy))
 
     def compact(self, name: str, up_to: int, summary: str | None = None, mode: str = "mask") -> dict:
-        return self._edit(name, lambda core, s: edits.compact(core, s, up_to, summary, mode))
+        return self._atomic_edit(name, lambda core, s: edits.compact(core, s, up_to, summary, mode))
 
     def prune(self, name: str, kind: str = "tool", keep_last: int = 1, close_gap: bool = False) -> dict:
-        return self._edit(name, lambda core, s: edits.prune(core, s, kind, keep_last, close_gap))
+        return self._atomic_edit(name, lambda core, s: edits.prune(core, s, kind, keep_last, close_gap))
 
     def erratum(self, name: str, text: str) -> dict:
-        return self._edit(name, lambda core, s: edits.erratum(core, s, text))
+        return self._atomic_edit(name, lambda core, s: edits.erratum(core, s, text))
 
     def fork(self, name: str, new_name: str | None = None) -> str:
         return self._edit(name, lambda core, s: edits.fork(core, s, new_name)[0].name)
@@ -220,7 +280,7 @@ class Engine:
 
     def attach(self, name: str, document: str, recompute: int = 0, strategy: str | None = None) -> dict:
         """Splice a compiled document into the session: no prefill of the document."""
-        return self._edit(name, lambda core, s: compose.attach(core, s, document, recompute, strategy))
+        return self._atomic_edit(name, lambda core, s: compose.attach(core, s, document, recompute, strategy))
 
     @staticmethod
     def documents() -> dict:
@@ -239,6 +299,47 @@ class Engine:
 
     def complete_tokens(self, session: str, tokens: list[int], on_event=None, **params: Any) -> Stream:
         return self._generate(session, params, lambda core, p, st: core.start_tokens(session, tokens, p, st), on_event)
+
+    def bind_chat(self, messages: list[dict], *, session: str | None = None, reuse: bool = True,
+                  documents: list[str] = (), on_event=None, **params: Any) -> Stream:
+        """Answer a client's whole message array: the engine picks the session that holds the
+        longest match (or `session`, created if unknown), edits it to match and starts the reply
+        in one task (binding.bind_and_start). The stream's first event is "bound", with the
+        session's name and what was reused."""
+        stream = Stream(session or "")
+        stream.on_event = on_event
+
+        def run(core: Core) -> None:
+            if stream.cancelled:
+                return stream.fail(KvsideError("cancelled before it started"))
+            try:
+                binding.bind_and_start(core, messages, params, stream, session=session, reuse=reuse,
+                                       documents=list(documents))
+            except KvsideError as exc:
+                stream.fail(exc)
+
+        return self._post_stream(run, stream, session)
+
+    def bind_text(self, *, text: str | None = None, tokens=None, session: str | None = None,
+                  on_event=None, **params: Any) -> Stream:
+        """A text completion in `session` (created if unknown) or in a temporary session."""
+        stream = Stream(session or "")
+        stream.on_event = on_event
+
+        def run(core: Core) -> None:
+            if stream.cancelled:
+                return stream.fail(KvsideError("cancelled before it started"))
+            try:
+                binding.bind_text(core, params, stream, text=text, tokens=tokens, session=session)
+            except KvsideError as exc:
+                stream.fail(exc)
+
+        return self._post_stream(run, stream, session)
+
+    def _post_stream(self, run, stream: Stream, session: str | None) -> Stream:
+        future = self.submit(run, session=session)
+        future.add_done_callback(lambda f: f.exception() and stream.fail(_as_kvside(f.exception())))
+        return stream
 
     def _generate(self, session: str, params: dict, start, on_event=None) -> Stream:
         stream = Stream(session)

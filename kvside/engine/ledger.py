@@ -129,6 +129,10 @@ class Ledger:
         n = len(ledger.pos)
         if not (len(ledger.tok) == len(ledger.msg) == len(ledger.state) == n):
             raise ValueError("ledger columns differ in length")
-        if any(a >= b for a, b in zip(ledger.pos, ledger.pos[1:])):
-            raise ValueError("ledger positions are not strictly increasing")
+        if not all(type(v) is int for col in (ledger.pos, ledger.tok, ledger.msg) for v in col):
+            raise ValueError("ledger positions, tokens and messages must be integers")
+        if any(s not in CELL_STATES for s in ledger.state):
+            raise ValueError("ledger has an unknown cell state")
+        if any(a >= b for a, b in zip(ledger.pos, ledger.pos[1:])) or (n and ledger.pos[0] < 0):
+            raise ValueError("ledger positions are not strictly increasing from 0 on")
         return ledger

@@ -11,7 +11,7 @@ from kvside.engine.edits import Strategy
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
 from kvside.engine.session import Message, Session, check_name
-from kvside.engine.state import set_seq_state
+from kvside.engine.state import StateRejected, set_seq_state
 from kvside.errors import CacheFull, InvalidRequest, KvsideError, SessionBusy
 from kvside.sessionfile import SessionFileError
 
@@ -64,7 +64,6 @@ def check_compatible(core, header: dict, name: str) -> None:
                                f"this engine {core.type_k}/{core.type_v}")
     try:
         ledger = Ledger.from_dict(header["ledger"])
-        [Message(**m) for m in header["messages"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise SessionFileError(f"{name} has a damaged ledger: {exc}") from None
     if ledger.next_pos > core.n_ctx:
@@ -74,43 +73,78 @@ def check_compatible(core, header: dict, name: str) -> None:
 
 
 def restore(core, path: Path, name: str | None = None) -> Session:
-    """Load a session file into a free sequence. On any failure the cache and the file are as before."""
+    """Load a session file into a free sequence. Check, then commit: the file is verified in full,
+    its cells are loaded into the scratch sequence and checked against its ledger, and only then
+    is a sequence taken (sending an idle session to disk if none is free) and the session
+    registered. On any failure the cache, the sessions and the file are as before."""
     path = Path(path)
     sf = sessionfile.read_header(path, verify=True)
     header = sf.header
     name = check_name(name or header.get("name") or path.stem)
-    if name in core.sessions:
+    if name in core.sessions or (name in core.evicted and Path(core.evicted[name]).resolve() != path.resolve()):
         raise InvalidRequest(f"session {name!r} already exists")
     check_compatible(core, header, path.name)
-    if len(core.sessions) >= core.n_seq_max - 1:
-        make_room(core)
+    s = session_from_header(header, name, path.name)
+    if any(not 0 <= t < core.model.n_vocab for t in s.ledger.tok + s.pending):
+        raise SessionFileError(f"{path.name} holds tokens this model does not have")
     state = sessionfile.read_state(sf)
-    s = core.new_session(name)
+    scratch = core.scratch_seq
     try:
-        set_seq_state(core.ctx, s.seq, state)
-        ledger = Ledger.from_dict(header["ledger"])
-        lo, hi = core.mem.pos_min(s.seq), core.mem.pos_max(s.seq)
-        want = (ledger.pos[0], ledger.pos[-1]) if len(ledger) else (-1, -1)
-        if (lo, hi) != want:
-            raise SessionFileError(f"{path.name}: restored cells span {lo}..{hi}, the ledger says {want[0]}..{want[1]}")
-    except KvsideError:
-        core.delete_session(name)
+        _load_into(core, scratch, state, s.ledger, path.name)
+        s.seq = core.take_seq()
+    except BaseException:
+        core.mem.clear_seq(scratch)
         raise
-    s.ledger = ledger
-    s.messages = [Message(**m) for m in header["messages"]]
-    s.pending = list(header.get("pending", []))
-    s.pending_msg = header.get("pending_msg", -1)
-    s.closing = header.get("closing", "")
-    s.defaults = SamplingParams(**header.get("defaults", {}))
-    s.edit_log = list(header.get("edit_log", []))
-    s.roll_strategy = header.get("roll_strategy", "shift")
-    try:
-        Strategy.parse(s.roll_strategy)
-    except InvalidRequest as exc:  # saved with the native patch, restored without it
-        s.log("strategy", strategy="shift", was=s.roll_strategy, reason=exc.message)
-        s.roll_strategy = "shift"
-    s.created = header.get("created", time.time())
+    core.mem.cp(scratch, s.seq, -1, -1)  # hand the cells over; the scratch sequence lets go of them
+    core.mem.clear_seq(scratch)
+    core.evicted.pop(name, None)
+    core.sessions[name] = s
     return s
+
+
+def session_from_header(header: dict, name: str, label: str) -> Session:
+    """The session a file describes (no cells yet), every record checked for type."""
+    try:
+        s = Session(name=name, seq=-1, ledger=Ledger.from_dict(header["ledger"]),
+                    messages=[Message(**m) for m in header["messages"]])
+        if not all(type(m.id) is int and all(isinstance(v, str) for v in (m.role, m.content, m.state, m.kind))
+                   for m in s.messages):
+            raise TypeError("a message has fields of the wrong type")
+        s.pending = [int(t) for t in header.get("pending", [])]
+        s.pending_msg = int(header.get("pending_msg", -1))
+        s.closing = str(header.get("closing", ""))
+        s.defaults = SamplingParams(**header.get("defaults", {})).validate()
+        s.edit_log = [dict(e) for e in header.get("edit_log", [])]
+        s.created = float(header.get("created", time.time()))
+        strategy = header.get("roll_strategy", "shift")
+        if not isinstance(strategy, str):
+            raise TypeError("roll_strategy must be a string")
+    except (KeyError, TypeError, ValueError, AttributeError, KvsideError) as exc:
+        raise SessionFileError(f"{label} has damaged session records: {exc}") from None
+    try:
+        s.roll_strategy = str(Strategy.parse(strategy))
+    except InvalidRequest as exc:  # saved with the native patch, restored without it
+        s.log("strategy", strategy="shift", was=strategy, reason=exc.message)
+        s.roll_strategy = "shift"
+    return s
+
+
+def _load_into(core, seq: int, state, ledger: Ledger, label: str) -> None:
+    """Load a state blob into seq and check its cells against the ledger. When the cache has no
+    room for it, idle sessions go to disk one at a time until it fits."""
+    while True:
+        try:
+            set_seq_state(core.ctx, seq, state)
+            break
+        except StateRejected:
+            if len(ledger) + core.used_cells() <= core.n_cells or not any(not s.busy for s in core.sessions.values()):
+                raise SessionFileError(f"{label}: llama.cpp refused its cache state (damaged, or made by "
+                                       "another build)") from None
+            make_room(core)
+    lo, hi = core.mem.pos_min(seq), core.mem.pos_max(seq)
+    want = (ledger.pos[0], ledger.pos[-1]) if len(ledger) else (-1, -1)
+    if (lo, hi) != want:
+        raise SessionFileError(f"{label}: restored cells span {lo}..{hi}, the ledger says {want[0]}..{want[1]}")
 
 
 # -- resident set ----------------------------------------------------------------------------------
@@ -126,9 +160,10 @@ def evict(core, s: Session) -> Path:
     return path
 
 
-def make_room(core) -> None:
-    """Send the least recently used idle session to disk; CacheFull if every one is busy."""
-    idle = [s for s in core.sessions.values() if not s.busy]
+def make_room(core, keep: set[str] = frozenset()) -> None:
+    """Send the least recently used idle session (not one in `keep`) to disk; CacheFull if there
+    is none."""
+    idle = [s for s in core.sessions.values() if not s.busy and s.name not in keep]
     if not idle:
         raise CacheFull(f"all {core.n_seq_max - 1} resident sessions are busy")
     evict(core, min(idle, key=lambda s: s.last_used))
@@ -144,7 +179,10 @@ def bring_back(core, name: str) -> Session:
 
 
 def scan(core) -> None:
-    """Sessions saved by an earlier run become known (restored on first use)."""
+    """Sessions saved by an earlier run become known (restored on first use). Temporary files a
+    killed run left half-written are removed: the engine that persists owns its sessions folder."""
+    for tmp in core.sessions_dir.glob(f".*{SUFFIX}.*.tmp"):
+        tmp.unlink(missing_ok=True)
     for path in sorted(core.sessions_dir.glob(f"*{SUFFIX}")):
         if path.stem not in core.sessions:
             core.evicted[path.stem] = path

@@ -9,6 +9,10 @@ from kvside._llama import lib
 from kvside.errors import InvalidRequest
 
 
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.7
@@ -25,14 +29,19 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
 
     def validate(self) -> "SamplingParams":
+        """Every value in the range llama.cpp's samplers take (C ints and floats): a huge number
+        is a clear error here, not an overflow in the sampler chain."""
         checks = [
-            (self.temperature >= 0, "temperature", "must be >= 0"),
-            (self.top_k >= 0, "top_k", "must be >= 0"),
+            (0 <= self.temperature <= 100, "temperature", "must be in [0, 100]"),
+            (0 <= self.top_k <= INT32_MAX, "top_k", "must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.repeat_penalty > 0, "repeat_penalty", "must be > 0"),
-            (self.repeat_last_n >= 0, "repeat_last_n", "must be >= 0"),
-            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (0 < self.repeat_penalty <= 100, "repeat_penalty", "must be in (0, 100]"),
+            (0 <= self.repeat_last_n <= INT32_MAX, "repeat_last_n", "must be >= 0"),
+            (-100 <= self.frequency_penalty <= 100, "frequency_penalty", "must be in [-100, 100]"),
+            (-100 <= self.presence_penalty <= 100, "presence_penalty", "must be in [-100, 100]"),
+            (self.seed is None or -INT64_MAX <= self.seed <= INT64_MAX, "seed", "must fit in 64 bits"),
+            (1 <= self.max_tokens <= INT32_MAX, "max_tokens", "must be >= 1"),
             (len(self.stop) <= 16 and all(isinstance(s, str) for s in self.stop), "stop", "at most 16 strings"),
         ]
         for ok, name, why in checks:

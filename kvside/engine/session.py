@@ -62,6 +62,8 @@ class Session:
     last_used: float = field(default_factory=time.time)
     busy: bool = False
     backlog: list = field(default_factory=list)
+    auto_bound: bool = False  # created by request binding, which may reuse it for a later request
+    temporary: bool = False  # removed when its reply ends (a daemon run with --no-reuse)
 
     def next_message_id(self) -> int:
         return max((m.id for m in self.messages), default=-1) + 1

@@ -20,13 +20,23 @@ def get_seq_state(ctx, seq: int):
     return buf
 
 
+class StateRejected(KvsideError):
+    """llama.cpp would not load a sequence state: no room for its cells, or a blob it cannot read
+    (damaged, or from another model or build). Its answer does not say which; callers that know
+    (a restore compares the cells needed with the cells free) say which one it was."""
+
+    status = 500
+    kind = "server_error"
+    code = "state_rejected"
+
+
 def set_seq_state(ctx, seq: int, data) -> None:
-    """Replace seq's content with data (bytes or a ctypes buffer). Raises CacheFull when llama.cpp
-    refuses (no room in the cache, or a state that does not fit this context)."""
+    """Replace seq's content with data (bytes or a ctypes buffer). Raises StateRejected when
+    llama.cpp refuses; seq is then empty."""
     if isinstance(data, (bytes, bytearray)):
         data = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
     if lib.llama_state_seq_set_data(ctx, data, len(data), seq) == 0:
-        raise CacheFull("llama.cpp could not load the sequence state (no room in the cache, or a mismatch)")
+        raise StateRejected("llama.cpp could not load the sequence state")
 
 
 def copy_seq_on_device(ctx, src: int, dst: int) -> int:

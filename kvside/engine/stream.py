@@ -12,7 +12,7 @@ from kvside.errors import KvsideError
 
 @dataclass
 class Event:
-    kind: str  # "text", "notice" (e.g. an automatic roll), "progress", "done", "error"
+    kind: str  # "bound" (the session chosen), "text", "notice" (e.g. an automatic roll), "done", "error"
     text: str = ""
     data: dict = field(default_factory=dict)
 
@@ -43,6 +43,7 @@ class Completion:
     t_total_s: float = 0.0
     decode_tok_s: float = 0.0
     notices: list[dict] = field(default_factory=list)
+    params: dict = field(default_factory=dict)  # the sampling parameters the reply was made with
 
 
 class Stream:

@@ -1,42 +1,44 @@
 """The HTTP daemon: OpenAI-compatible endpoints, llama.cpp's /infill and /health, and kvside's own
-session and edit endpoints. Handlers never let an exception through: every failure becomes an
-OpenAI-shaped error with a fitting status, and the daemon keeps serving."""
+session and edit endpoints. Every request passes the Guard first (Host, Origin, API key, body
+type). Handlers never let an exception through: every failure becomes an OpenAI-shaped error with
+a fitting status, and the daemon keeps serving.
+
+Over HTTP, sessions are named, never pathed: session files are resolved under the daemon's
+sessions folder by name. Export and import of files anywhere is the command line's job
+(`kvside save NAME FILE`, `kvside restore FILE`), which moves the bytes over
+GET/PUT /kvside/sessions/{name}/file."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, AsyncIterator
 
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from kvside.engine import Engine
+from kvside.engine import Engine, commands
 from kvside.engine.session import check_name
 from kvside.errors import InvalidRequest, KvsideError, ModelNotFound
 from kvside.server import openai_api as oa
-from kvside.server.binding import best_match
+from kvside.server.guard import Guard
 
 KEEPALIVE_S = 5.0
-CHAT_KINDS = ("chat", "tool")
+FILE_SUFFIX = "/file"
 
 
 class PayloadTooLarge(KvsideError):
     status = 413
     kind = "invalid_request_error"
     code = "payload_too_large"
-
-
-class Unauthorized(KvsideError):
-    status = 401
-    kind = "invalid_request_error"
-    code = "invalid_api_key"
 
 
 class Overloaded(KvsideError):
@@ -50,14 +52,16 @@ def error_response(exc: KvsideError, headers: dict | None = None) -> JSONRespons
 
 
 class Daemon:
-    def __init__(self, engine: Engine, *, api_key: str | None = None, max_body: int = 8 * 1024 * 1024,
-                 max_active: int = 32, reuse: bool = True, keepalive_s: float = KEEPALIVE_S):
+    def __init__(self, engine: Engine, *, api_key: str | None = None, host: str = "127.0.0.1",
+                 allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = (),
+                 max_body: int = 8 * 1024 * 1024, max_upload: int = 16 << 30, max_active: int = 32,
+                 reuse: bool = True, keepalive_s: float = KEEPALIVE_S):
         self.engine = engine
         info = engine.info()
         self.model_name = info["model_name"]
         self.model_aliases = {self.model_name, "default", os.path.basename(info["model"]["path"])}
-        self.api_key = api_key
         self.max_body = max_body
+        self.max_upload = max_upload
         self.max_active = max_active
         self.reuse = reuse
         self.keepalive_s = keepalive_s
@@ -65,9 +69,6 @@ class Daemon:
         # one generation per resident session at most; further requests wait here, in a queue
         # bounded by max_active, instead of failing for want of a cache slot
         self.slots = asyncio.Semaphore(info["max_sessions"])
-        self.claimed: set[str] = set()  # sessions a request is bound to right now
-        self.owned: set[str] = set()  # sessions auto-binding created (and may reuse)
-        self._counter = 0
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -77,17 +78,23 @@ class Daemon:
             Route("/kvside/sessions", self.list_sessions, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.show_session, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.delete_session, methods=["DELETE"]),
+            Route("/kvside/sessions/{name}/file", self.download_session, methods=["GET"]),
+            Route("/kvside/sessions/{name}/file", self.upload_session, methods=["PUT"]),
             Route("/kvside/sessions/{name}/{edit}", self.edit_session, methods=["POST"]),
             Route("/kvside/restore", self.restore_session, methods=["POST"]),
         ]
-        self.app = Starlette(routes=routes, exception_handlers={
+        starlette = Starlette(routes=routes, exception_handlers={
             KvsideError: self._on_error, HTTPException: self._on_http, Exception: self._on_error})
+        self.app = Guard(starlette, api_key=api_key, bind_host=host, allow_hosts=allow_hosts,
+                         allow_origins=allow_origins, upload_suffixes=(FILE_SUFFIX,))
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _on_error(self, request, exc: Exception) -> JSONResponse:
         if isinstance(exc, KvsideError):
-            headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) or exc.status == 503 else None
+            headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
             return error_response(exc, headers)
+        if isinstance(exc, ClientDisconnect):
+            return error_response(InvalidRequest("the client went away"))
         return error_response(KvsideError(f"internal error: {type(exc).__name__}"))
 
     async def _on_http(self, request, exc: HTTPException) -> JSONResponse:
@@ -96,31 +103,23 @@ class Daemon:
         err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(err)
 
-    def _auth(self, request: HTTPRequest) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise Unauthorized("invalid or missing API key")
-
-    async def _json(self, request: HTTPRequest) -> Any:
+    async def _body(self, request: HTTPRequest, limit: int) -> bytes:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body:
-            raise PayloadTooLarge(f"request body over {self.max_body} bytes")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
         data = bytearray()
         async for chunk in request.stream():
             data += chunk
-            if len(data) > self.max_body:
-                raise PayloadTooLarge(f"request body over {self.max_body} bytes")
+            if len(data) > limit:
+                raise PayloadTooLarge(f"request body over {limit} bytes")
+        return bytes(data)
+
+    async def _json(self, request: HTTPRequest) -> Any:
         try:
-            text = bytes(data).decode("utf-8")
+            text = (await self._body(request, self.max_body)).decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidRequest("request body is not valid UTF-8") from None
-        try:
-            return json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc.msg}") from None
+        return parse_json(text)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_aliases:
@@ -136,78 +135,35 @@ class Daemon:
             self.active -= 1
             raise
 
-    def _done(self, name: str, temporary: bool) -> None:
+    def _done(self) -> None:
         self.active -= 1
         self.slots.release()
-        self.claimed.discard(name)
-        if temporary:
-            self.engine.submit(lambda core: core.delete_session(name, True), session=name)
-
-    # -- binding --------------------------------------------------------------------------------
-    def _bind_chat(self, messages: list[dict], explicit: str | None) -> tuple[str, list[dict], bool, dict]:
-        """Which session answers, which messages are new, whether it is temporary, what was reused."""
-        if explicit:
-            check_name(explicit)
-            if explicit in self.claimed:
-                pass  # the engine serializes requests to one session; this one waits its turn
-            known = {r["name"] for r in self.engine.sessions()}
-            if explicit not in known:
-                self.engine.new_session(explicit)
-                self.claimed.add(explicit)
-                return explicit, messages, False, {}
-            held = self._chat_messages(self.engine.messages(explicit))
-            match = best_match({explicit: held}, messages)
-            self.claimed.add(explicit)
-            if match is None:
-                return explicit, messages, False, {}
-            return explicit, match.new, False, self._apply(match)
-        if not self.reuse:
-            return self.engine.new_session(), messages, True, {}
-        candidates = self.engine.call(lambda core: {
-            n: [m.to_dict() for m in s.messages] for n, s in core.sessions.items()
-            if n in self.owned and n not in self.claimed and not s.busy
-        })
-        match = best_match({n: self._chat_messages(h) for n, h in candidates.items()}, messages)
-        if match is not None:
-            self.claimed.add(match.session)
-            return match.session, match.new, False, self._apply(match)
-        self._counter += 1
-        name = self.engine.new_session(f"auto-{os.getpid()}-{self._counter}")
-        self.owned.add(name)
-        self.claimed.add(name)
-        return name, messages, False, {}
-
-    def _attach_documents(self, name: str, documents: list[str]) -> list[dict]:
-        """Attach the named documents the session does not hold yet (no prefill of them)."""
-        held = {e.get("document") for e in self.engine.edit_log(name) if e.get("edit") == "attach"}
-        from kvside.engine import compose
-
-        out = []
-        for doc in documents:
-            key, _ = compose.find(doc)
-            if key not in held:
-                out.append(self.engine.attach(name, doc))
-        return out
 
     @staticmethod
-    def _chat_messages(messages: list[dict]) -> list[dict]:
-        return [m for m in messages if m.get("kind") in CHAT_KINDS]
-
-    def _apply(self, match) -> dict:
-        """The client dropped messages from the front: drop their cells, keep the later KV. The hole
-        stays until positions run out (a shift re-rotates every cell of the cache, see close_gaps)."""
-        note = {"reused_messages": match.reused}
-        if match.dropped:
-            report = self.engine.mask(match.session, messages=match.dropped, close_gap=False)
-            note["dropped_messages"] = match.dropped
-            note["dropped_tokens"] = report["masked"]
-        return note
+    def _explicit(request: HTTPRequest, req: oa.Request) -> str | None:
+        name = request.headers.get("x-kvside-session") or req.session
+        return check_name(name) if name else None
 
     # -- streaming helpers ----------------------------------------------------------------------
     def _pipe(self):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         return queue, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+    async def _bound(self, request: HTTPRequest, stream, queue: asyncio.Queue) -> dict:
+        """Wait until the engine has chosen the session (the response headers name it); a client
+        that goes away meanwhile cancels the request before it starts."""
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    stream.cancel()
+                continue
+            if event.kind == "error":
+                raise event.data["error"]
+            if event.kind == "bound":
+                return event.data
 
     async def _first(self, queue: asyncio.Queue):
         """The first event if it comes soon; an early error becomes a proper HTTP error."""
@@ -225,11 +181,7 @@ class Daemon:
             if first.kind in ("done", "error"):
                 return
         while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=self.keepalive_s)
-            except asyncio.TimeoutError:
-                yield None  # a keep-alive comment during a long prefill
-                continue
+            event = await queue.get()
             yield event
             if event.kind in ("done", "error"):
                 return
@@ -248,78 +200,84 @@ class Daemon:
             if event.kind == "done":
                 return stream.completion
 
+    def _sse(self, events, headers: dict) -> EventSourceResponse:
+        """Server-sent events, with a keep-alive comment while a long prompt is read."""
+        return EventSourceResponse(events, headers=headers, ping=self.keepalive_s, sep="\n",
+                                   ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"))
+
+    async def _start(self, request: HTTPRequest, streaming: bool, post):
+        """Admit a request, post its generation and wait for its binding (and, streamed, for its
+        first event, so an early error is an HTTP error). Returns (stream, queue, note, first)."""
+        await self._admit()
+        stream = None
+        try:
+            queue, on_event = self._pipe()
+            stream = post(on_event)
+            note = await self._bound(request, stream, queue)
+            first = await self._first(queue) if streaming else None
+        except BaseException:
+            if stream is not None:
+                stream.cancel()
+            self._done()
+            raise
+        return stream, queue, note, first
+
     # -- endpoints ------------------------------------------------------------------------------
     async def health(self, request: HTTPRequest) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": self.model_name, "active": self.active})
 
     async def models(self, request: HTTPRequest) -> JSONResponse:
-        self._auth(request)
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvside"}]})
 
     async def chat_completions(self, request: HTTPRequest):
-        self._auth(request)
         req = oa.parse_chat(await self._json(request))
         self._check_model(req.model)
-        explicit = request.headers.get("x-kvside-session") or req.session
-        await self._admit()
-        name, temporary = "", False
-        try:
-            name, new, temporary, note = await run_in_threadpool(self._bind_chat, req.messages, explicit)
-            if req.documents:
-                note["attached"] = await run_in_threadpool(self._attach_documents, name, req.documents)
-            queue, on_event = self._pipe()
-            stream = self.engine.chat(name, new, on_event=on_event, **req.params)
-            first = await self._first(queue) if req.stream else None
-        except BaseException:
-            self._done(name, temporary)
-            raise
+        explicit = self._explicit(request, req)
+        stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_chat(
+            req.messages, session=explicit, reuse=self.reuse, documents=req.documents, on_event=on_event, **req.params))
+        name = note["session"]
         cid = oa.new_id("chatcmpl")
         headers = {"X-Kvside-Session": name}
         if req.stream:
-            return StreamingResponse(self._sse_chat(stream, queue, first, cid, req, name, temporary, note),
-                                     media_type="text/event-stream", headers=headers)
+            return self._sse(self._sse_chat(stream, queue, first, cid, req), headers)
         try:
             done = await self._collect(request, stream, queue)
         finally:
-            self._done(name, temporary)
-        extra = {"kvside": {"session": name, "notices": done.notices, **note}}
+            self._done()
+        extra = {"kvside": {"notices": done.notices, **note}}
         return JSONResponse(oa.chat_response(cid, self.model_name, done.text, oa.finish_reason(done.finish_reason),
                                              done.usage.to_dict(), extra), headers=headers)
 
-    async def _sse_chat(self, stream, queue, first, cid, req, name, temporary, note):
+    async def _sse_chat(self, stream, queue, first, cid, req):
         model = self.model_name
         try:
-            yield _sse(oa.chat_chunk(cid, model, {"role": "assistant", "content": ""}, None))
+            yield _data(oa.chat_chunk(cid, model, {"role": "assistant", "content": ""}, None))
             async for event in self._events(queue, first):
-                if event is None:
-                    yield ": keep-alive\n\n"
-                elif event.kind == "text":
-                    yield _sse(oa.chat_chunk(cid, model, {"content": event.text}, None))
+                if event.kind == "text":
+                    yield _data(oa.chat_chunk(cid, model, {"content": event.text}, None))
                 elif event.kind == "notice":
-                    yield f": kvside {json.dumps(event.data)}\n\n"
+                    yield ServerSentEvent(comment=f"kvside {json.dumps(event.data)}")
                 elif event.kind == "error":
-                    yield _sse(event.data["error"].to_openai())
+                    yield _data(event.data["error"].to_openai())
                     break
                 elif event.kind == "done":
                     done = stream.completion
-                    yield _sse(oa.chat_chunk(cid, model, {}, oa.finish_reason(done.finish_reason)))
+                    yield _data(oa.chat_chunk(cid, model, {}, oa.finish_reason(done.finish_reason)))
                     if req.include_usage:
-                        yield _sse(oa.usage_chunk(cid, model, done.usage.to_dict()))
-            yield "data: [DONE]\n\n"
+                        yield _data(oa.usage_chunk(cid, model, done.usage.to_dict()))
+            yield ServerSentEvent(data="[DONE]")
         finally:
             if not stream.done:
                 stream.cancel()  # the client went away
-            self._done(name, temporary)
+            self._done()
 
     async def completions(self, request: HTTPRequest):
-        self._auth(request)
         req = oa.parse_completion(await self._json(request))
         self._check_model(req.model)
         return await self._text_request(request, req, "text_completion")
 
     async def infill(self, request: HTTPRequest):
-        self._auth(request)
         body = await self._json(request)
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
@@ -334,38 +292,19 @@ class Daemon:
         return await self._text_request(request, req, "infill")
 
     async def _text_request(self, request: HTTPRequest, req: oa.Request, shape: str):
-        explicit = request.headers.get("x-kvside-session") or req.session
-        await self._admit()
-        name, temporary = "", False
-        try:
-            if explicit:
-                check_name(explicit)
-                known = {r["name"] for r in await run_in_threadpool(self.engine.sessions)}
-                if explicit not in known:
-                    await run_in_threadpool(self.engine.new_session, explicit)
-                name = explicit
-            else:
-                name, temporary = await run_in_threadpool(self.engine.new_session), True
-            queue, on_event = self._pipe()
-            if req.suffix is not None:
-                tokens = await run_in_threadpool(self.engine.call, lambda core: fim_tokens(core, req.prompt, req.suffix))
-                stream = self.engine.complete_tokens(name, tokens, on_event=on_event, **req.params)
-            else:
-                if not req.prompt:
-                    raise InvalidRequest("the prompt is empty", param="prompt")
-                stream = self.engine.complete(name, req.prompt, on_event=on_event, **req.params)
-            first = await self._first(queue) if req.stream else None
-        except BaseException:
-            self._done(name, temporary)
-            raise
+        explicit = self._explicit(request, req)
+        if req.suffix is None and not req.prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        tokens = (lambda core: fim_tokens(core, req.prompt, req.suffix)) if req.suffix is not None else None
+        stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_text(
+            text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, **req.params))
         cid = oa.new_id("cmpl")
         if req.stream:
-            return StreamingResponse(self._sse_text(stream, queue, first, cid, req, name, temporary, shape),
-                                     media_type="text/event-stream", headers={"X-Kvside-Session": name})
+            return self._sse(self._sse_text(stream, queue, first, cid, req, shape), {"X-Kvside-Session": note["session"]})
         try:
             done = await self._collect(request, stream, queue)
         finally:
-            self._done(name, temporary)
+            self._done()
         if shape == "infill":
             return JSONResponse({"content": done.text, "stop": True, "stop_type": done.finish_reason,
                                  "tokens_predicted": done.usage.completion_tokens,
@@ -374,104 +313,121 @@ class Daemon:
         body["usage"] = done.usage.to_dict()
         return JSONResponse(body)
 
-    async def _sse_text(self, stream, queue, first, cid, req, name, temporary, shape):
+    async def _sse_text(self, stream, queue, first, cid, req, shape):
         model = self.model_name
         try:
             async for event in self._events(queue, first):
-                if event is None:
-                    yield ": keep-alive\n\n"
-                elif event.kind == "text":
-                    chunk = {"content": event.text, "stop": False} if shape == "infill" else \
-                        oa.completion_chunk(cid, model, event.text, None)
-                    yield _sse(chunk)
+                if event.kind == "text":
+                    yield _data({"content": event.text, "stop": False} if shape == "infill" else
+                                oa.completion_chunk(cid, model, event.text, None))
                 elif event.kind == "error":
-                    yield _sse(event.data["error"].to_openai())
+                    yield _data(event.data["error"].to_openai())
                     break
                 elif event.kind == "done":
                     done = stream.completion
                     if shape == "infill":
-                        yield _sse({"content": "", "stop": True, "stop_type": done.finish_reason})
+                        yield _data({"content": "", "stop": True, "stop_type": done.finish_reason})
                     else:
-                        yield _sse(oa.completion_chunk(cid, model, "", oa.finish_reason(done.finish_reason)))
+                        yield _data(oa.completion_chunk(cid, model, "", oa.finish_reason(done.finish_reason)))
                         if req.include_usage:
-                            yield _sse(oa.usage_chunk(cid, model, done.usage.to_dict(), "text_completion"))
+                            yield _data(oa.usage_chunk(cid, model, done.usage.to_dict(), "text_completion"))
             if shape != "infill":
-                yield "data: [DONE]\n\n"
+                yield ServerSentEvent(data="[DONE]")
         finally:
             if not stream.done:
                 stream.cancel()
-            self._done(name, temporary)
+            self._done()
 
     # -- kvside's own endpoints -----------------------------------------------------------------
     async def list_sessions(self, request: HTTPRequest) -> JSONResponse:
-        self._auth(request)
-        return JSONResponse({"sessions": await run_in_threadpool(self.engine.sessions)})
+        rows = await asyncio.to_thread(self.engine.sessions)
+        return JSONResponse({"sessions": [{k: v for k, v in r.items() if k != "path"} for r in rows]})
 
     async def show_session(self, request: HTTPRequest) -> JSONResponse:
-        self._auth(request)
         name = check_name(request.path_params["name"])
-
-        def show(core):
-            s = core.get(name)
-            return {"session": s.summary(), "messages": [m.to_dict() for m in s.messages],
-                    "cache_map": s.ledger.runs(), "removed": [vars(r) for r in s.ledger.removed],
-                    "edit_log": s.edit_log}
-
-        return JSONResponse(await run_in_threadpool(self.engine.call, show, session=name))
+        return JSONResponse(await asyncio.to_thread(self.engine.show, name))
 
     async def delete_session(self, request: HTTPRequest) -> JSONResponse:
-        self._auth(request)
         name = check_name(request.path_params["name"])
-        await run_in_threadpool(self.engine.delete_session, name)
-        self.owned.discard(name)
+        await asyncio.to_thread(self.engine.delete_session, name)
         return JSONResponse({"deleted": name})
 
     async def edit_session(self, request: HTTPRequest) -> JSONResponse:
-        self._auth(request)
         name = check_name(request.path_params["name"])
         edit = request.path_params["edit"]
+        if edit not in commands.EDITS:
+            raise HTTPException(404, f"unknown edit {edit!r} (one of: {', '.join(commands.EDITS)})")
+        body = await self._json(request)
+        return JSONResponse(await asyncio.to_thread(commands.apply, self.engine, name, edit, body))
+
+    async def restore_session(self, request: HTTPRequest) -> JSONResponse:
         body = await self._json(request)
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
-        e = self.engine
-        calls = {
-            "roll": lambda: e.roll(name, _int(body, "drop"), body.get("keep"), body.get("strategy"), bool(body.get("boundary"))),
-            "mask": lambda: e.mask(name, body.get("messages"), tuple(body["span"]) if body.get("span") else None,
-                                   bool(body.get("close_gap")), str(body.get("strategy") or "shift")),
-            "compact": lambda: e.compact(name, _int(body, "up_to"), body.get("summary"), body.get("mode", "mask")),
-            "prune": lambda: e.prune(name, body.get("kind", "tool"), int(body.get("keep_last", 1))),
-            "erratum": lambda: e.erratum(name, str(body.get("text", ""))),
-            "fork": lambda: {"session": e.fork(name, body.get("name"))},
-            "save": lambda: e.save(name, body.get("path")),
-            "strategy": lambda: (e.set_roll_strategy(name, str(body.get("strategy", ""))), {"strategy": body.get("strategy")})[1],
-            "attach": lambda: e.attach(name, str(body.get("document", "")), int(body.get("recompute", 0)),
-                                       body.get("strategy")),
-        }
-        if edit not in calls:
-            raise HTTPException(404, f"unknown edit {edit!r} (one of: {', '.join(calls)})")
-        try:
-            return JSONResponse(await run_in_threadpool(calls[edit]))
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"bad arguments for {edit}: {exc}") from None
-
-    async def restore_session(self, request: HTTPRequest) -> JSONResponse:
-        self._auth(request)
-        body = await self._json(request)
-        if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-            raise InvalidRequest("restore needs a 'path'", param="path")
-        name = await run_in_threadpool(self.engine.restore, body["path"], body.get("name"))
+        if "path" in body:
+            raise InvalidRequest("the daemon restores saved sessions by name ('session'), never from a path; "
+                                 "load a file with `kvside restore FILE`", param="path")
+        source, new = body.get("session"), body.get("name")
+        if not isinstance(source, str) or (new is not None and not isinstance(new, str)):
+            raise InvalidRequest("restore needs 'session': the name of a saved session (and an optional 'name')",
+                                 param="session")
+        name = await asyncio.to_thread(self.engine.restore_named, check_name(source), check_name(new) if new else None)
         return JSONResponse({"session": name})
 
+    async def download_session(self, request: HTTPRequest) -> FileResponse:
+        """The session's file: a fresh save of a resident session, or the saved one."""
+        name = check_name(request.path_params["name"])
+        path = await asyncio.to_thread(self.engine.session_file, name)
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
-def _int(body: dict, key: str) -> int:
-    value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidRequest(f"'{key}' must be an integer", param=key)
-    return value
+    async def upload_session(self, request: HTTPRequest) -> JSONResponse:
+        """Load a session file sent as the body (application/octet-stream) as session {name}. The
+        bytes go to a temporary file in the sessions folder, are checked in full by the restore,
+        and the temporary file goes away whatever happens."""
+        name = check_name(request.path_params["name"])
+        folder = Path(await asyncio.to_thread(self.engine.call, lambda core: core.sessions_dir))
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".kvs", dir=folder)
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_upload:
+                        raise PayloadTooLarge(f"session file over {self.max_upload} bytes")
+                    f.write(chunk)
+            if size == 0:
+                raise InvalidRequest("the body must be a session file")
+            restored = await asyncio.to_thread(self.engine.restore, tmp, name)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return JSONResponse({"session": restored, "bytes": size})
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def parse_json(text: str) -> Any:
+    """A request body as JSON, or a 400 saying why not. Deep nesting, huge integers and the
+    NaN/Infinity literals Python would accept are all refused."""
+    if not text.strip():
+        return {}
+    try:
+        body = json.loads(text, parse_constant=_refuse_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates from \ud800-style escapes
+        return body
+    except UnicodeEncodeError:
+        raise InvalidRequest("request body has an unpaired UTF-16 surrogate escape") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise InvalidRequest(f"request body has a value out of range: {exc}") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _data(obj: dict) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(obj, ensure_ascii=False))
 
 
 def fim_tokens(core, prefix: str, suffix: str) -> list[int]:

@@ -1,0 +1,53 @@
+"""All or nothing for edits of more than one step (compact = append a summary + mask; a binding =
+mask the dropped front + start the reply): take a snapshot of the session, run the steps, and on
+any failure put the cells and the session's records back as they were.
+
+The snapshot is the sequence's state (llama_state_seq_get_data: about 23 KB per token of the
+default model) plus copies of the ledger and messages, so a roll back is exact, not a rebuild.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+
+from kvside.engine.session import Session
+from kvside.engine.state import set_seq_state
+from kvside.errors import KvsideError
+
+log = logging.getLogger("kvside")
+
+_FIELDS = ("ledger", "messages", "pending", "pending_msg", "closing", "roll_strategy", "edit_log", "defaults")
+
+
+class Snapshot:
+    def __init__(self, core, s: Session):
+        self.core, self.session = core, s
+        self.state = bytes(core.seq_state(s.seq))
+        self.fields = {f: copy.deepcopy(getattr(s, f)) for f in _FIELDS}
+
+    def restore(self) -> None:
+        """Put the session back as it was. If llama.cpp cannot take the cells back (it always
+        could hold them before), rebuild them from the saved ledger's tokens instead."""
+        core, s = self.core, self.session
+        for f, value in self.fields.items():
+            setattr(s, f, value)
+        try:
+            set_seq_state(core.ctx, s.seq, self.state)
+        except KvsideError as exc:
+            from kvside.engine.edits import reprefill
+
+            log.warning("session %s: could not reload its snapshot (%s); rebuilding from its tokens", s.name, exc)
+            reprefill(core, s)
+
+
+@contextmanager
+def atomic(core, s: Session):
+    """Run the body as one edit of s: on any exception s is restored and the exception goes on."""
+    snap = Snapshot(core, s)
+    try:
+        yield snap
+    except BaseException:
+        snap.restore()
+        raise

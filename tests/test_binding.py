@@ -1,0 +1,137 @@
+"""Binding requests to sessions: best_match on its own, then binding and starting as one engine task
+under concurrent clients (no two requests may bind one session)."""
+
+import threading
+
+import httpx
+import pytest
+
+from conftest import GREEDY, LiveDaemon
+from kvside.engine import Engine
+from kvside.engine.binding import best_match
+
+
+def held(*pairs, states=None):
+    out = []
+    for i, (role, content) in enumerate(pairs):
+        out.append({"id": i, "role": role, "content": content, "state": (states or {}).get(i, "live")})
+    return out
+
+
+def msgs(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+SYS, U1, A1, U2, A2, U3 = ("system", "be brief"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"), \
+    ("assistant", "a2"), ("user", "q3")
+
+
+# -- best_match ---------------------------------------------------------------------------------------
+def test_best_match_appends_to_an_exact_prefix():
+    m = best_match({"s": held(SYS, U1, A1)}, msgs(SYS, U1, A1, U2))
+    assert (m.session, m.reused, m.dropped, m.new) == ("s", 3, [], msgs(U2))
+
+
+def test_best_match_turns_a_dropped_front_after_the_system_prompt_into_dropped_ids():
+    m = best_match({"s": held(SYS, U1, A1, U2, A2)}, msgs(SYS, U2, A2, U3))
+    assert m.keep_head == 1 and m.dropped == [1, 2] and m.reused == 3 and m.new == msgs(U3)
+
+
+def test_best_match_without_a_system_prompt_drops_from_the_very_front():
+    m = best_match({"s": held(U1, A1, U2, A2)}, msgs(U2, A2, U3))
+    assert m.keep_head == 0 and m.dropped == [0, 1] and m.new == msgs(U3)
+
+
+def test_best_match_prefers_the_longest_reuse_across_sessions():
+    sessions = {"short": held(SYS, U1, A1), "long": held(SYS, U1, A1, U2, A2)}
+    m = best_match(sessions, msgs(SYS, U1, A1, U2, A2, U3))
+    assert m.session == "long" and m.reused == 5
+
+
+def test_best_match_needs_something_new_to_answer():
+    assert best_match({"s": held(SYS, U1, A1)}, msgs(SYS, U1, A1)) is None
+
+
+def test_best_match_refuses_a_changed_middle_and_a_changed_head():
+    assert best_match({"s": held(SYS, U1, A1, U2)}, msgs(SYS, ("user", "other"), A1, U2, U3)).reused == 1
+    assert best_match({"s": held(SYS, U1, A1)}, msgs(("system", "new rules"), U1, A1, U2)) is None
+
+
+def test_best_match_does_not_report_cells_already_gone_as_dropped():
+    m = best_match({"s": held(SYS, U1, A1, U2, A2, states={1: "masked"})}, msgs(SYS, U2, A2, U3))
+    assert m.dropped == [2]
+
+
+def test_best_match_compares_whitespace_trimmed_content_and_roles():
+    assert best_match({"s": held(SYS, U1)}, msgs(("system", " be brief \n"), U1, U2)).reused == 2
+    assert best_match({"s": held(SYS, U1)}, msgs(SYS, ("assistant", "q1"), U2)).reused == 1
+
+
+def test_best_match_of_nothing_held_is_none():
+    assert best_match({}, msgs(U1)) is None
+    assert best_match({"s": []}, msgs(U1)) is None
+
+
+# -- one task: bind, edit, start ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    with Engine(n_ctx=256, max_sessions=6, n_threads=2, sessions_dir=str(tmp_path_factory.mktemp("bind"))) as e:
+        yield e
+
+
+def test_two_identical_requests_posted_together_never_share_a_session(engine):
+    first = engine.bind_chat(msgs(SYS, U1), max_tokens=4, **GREEDY)
+    first.wait()
+    base = msgs(SYS, U1) + [{"role": "assistant", "content": first.completion.text}]
+    a = engine.bind_chat(base + msgs(U2), max_tokens=4, **GREEDY)
+    b = engine.bind_chat(base + msgs(U2), max_tokens=4, **GREEDY)
+    a.wait(), b.wait()
+    assert a.session != b.session
+    assert a.session == first.session or b.session == first.session  # one of them reused it
+    for stream in (a, b):
+        contents = [m["content"] for m in engine.messages(stream.session)]
+        assert contents == [c for _, c in (SYS, U1)] + [first.completion.text, U2[1], stream.completion.text]
+
+
+def test_a_failed_start_leaves_the_matched_session_as_it_was(engine):
+    first = engine.bind_chat(msgs(SYS, U1, A1, U2), max_tokens=4, **GREEDY)
+    first.wait()
+    before = engine.messages(first.session)
+    ledger = engine.ledger(first.session)
+    # drops two messages (a mask), then fails to start: an empty message is refused after the edit
+    history = msgs(SYS, U2) + [{"role": "assistant", "content": first.completion.text}, {"role": "user", "content": "  "}]
+    bad = engine.bind_chat(history, max_tokens=4, **GREEDY)
+    with pytest.raises(Exception):
+        bad.wait()
+    assert engine.messages(first.session) == before
+    assert engine.ledger(first.session).pos == ledger.pos
+    engine.check(first.session)
+
+
+def test_concurrent_http_clients_each_get_a_session_with_exactly_their_messages(tmp_path):
+    with Engine(n_ctx=256, max_sessions=6, n_threads=2, sessions_dir=str(tmp_path)) as engine:
+        live = LiveDaemon(engine)
+        try:
+            url = live.url + "/v1/chat/completions"
+            seed = httpx.post(url, json={"messages": msgs(SYS, U1), "max_tokens": 4, **GREEDY}, timeout=120).json()
+            base = msgs(SYS, U1) + [{"role": "assistant", "content": seed["choices"][0]["message"]["content"]}]
+            asks = [base + msgs(("user", f"question {i % 3}")) for i in range(6)]  # identical and near-identical
+            results: dict[int, dict] = {}
+
+            def one(i):
+                r = httpx.post(url, json={"messages": asks[i], "max_tokens": 4, **GREEDY}, timeout=240)
+                results[i] = r.json()
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(asks))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            sessions = [results[i]["kvside"]["session"] for i in range(len(asks))]
+            assert len(set(sessions)) == len(asks), sessions  # nobody's turn landed in another's session
+            for i, name in enumerate(sessions):
+                contents = [m["content"] for m in engine.messages(name)]
+                reply = results[i]["choices"][0]["message"]["content"]
+                assert contents == [m["content"] for m in asks[i]] + [reply], (i, contents)
+        finally:
+            live.stop()

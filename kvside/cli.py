@@ -236,6 +236,14 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         result = bench_compose.run(ns.model, [1, 3, 8], choices, ns.steps, ns.threads)
         print(json.dumps(result, indent=2) if ns.json else bench_compose.table(result))
         return 0
+    if ns.what == "interference":
+        from kvside.bench import interference
+
+        if ns.doc_kb < 1 or ns.reprefill_tokens < 2 or ns.reprefill_tokens >= ns.n_ctx:
+            raise KvsideError_usage("--doc-kb must be >= 1 and --reprefill-tokens between 2 and --n-ctx - 1")
+        result = interference.run(ns.model, ns.doc_kb, ns.reprefill_tokens, ns.n_ctx, ns.threads)
+        print(json.dumps(result, indent=2) if ns.json else interference.table(result))
+        return 0
     if ns.what == "roll":
         from kvside.bench import roll
 
@@ -560,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
-    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose"])
+    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference"])
+    p.add_argument("--doc-kb", type=int, default=100, help="interference: size of the document compiled")
+    p.add_argument("--reprefill-tokens", type=int, default=2048, help="interference: tokens re-prefilled")
     p.add_argument("--recompute", type=int, action="append", default=None,
                    help="compose: tokens recomputed at the start of each block (repeatable; -1 = all)")
     p.add_argument("--turns", type=int, default=20, help="serve: chat turns")

@@ -145,6 +145,16 @@ def read_header(path: Path, verify: bool = True, fmt: str = FORMAT) -> SessionFi
 
 def read_state(sf: SessionFile):
     """The state blob as a ctypes buffer (one copy in memory), re-checked against the checksum."""
+    steps = read_state_steps(sf)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def read_state_steps(sf: SessionFile):
+    """read_state as a generator that yields after every chunk read (a job of the engine loop)."""
     buf = (ctypes.c_uint8 * sf.state_len)()
     view = memoryview(buf).cast("B")
     with open(sf.path, "rb") as f:
@@ -158,6 +168,7 @@ def read_state(sf: SessionFile):
                 raise SessionFileError(f"{sf.path.name} is truncated")
             digest.update(view[got : got + n])
             got += n
+            yield
         if digest.digest() != f.read(CHECKSUM_LEN):
             raise SessionFileError(f"{sf.path.name} changed or is damaged: checksum mismatch")
     return buf

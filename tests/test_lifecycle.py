@@ -177,7 +177,7 @@ def test_restart_compaction_that_fails_mid_prefill_is_rolled_back(exact):
     before = _state(exact, name)
 
     def arm(core):
-        real, calls = core.decode_now, []
+        real, calls = core.decode_steps, []
 
         def failing(*args, **kwargs):
             calls.append(1)
@@ -185,7 +185,7 @@ def test_restart_compaction_that_fails_mid_prefill_is_rolled_back(exact):
                 raise EditError("decode failed")
             return real(*args, **kwargs)
 
-        core.decode_now = failing
+        core.decode_steps = failing
         return real
 
     real = exact.call(arm)
@@ -193,7 +193,7 @@ def test_restart_compaction_that_fails_mid_prefill_is_rolled_back(exact):
         with pytest.raises(EditError):
             exact.compact(name, up_to=2, summary="Rivers and lakes.", mode="restart")
     finally:
-        exact.call(lambda core: setattr(core, "decode_now", real))
+        exact.call(lambda core: setattr(core, "decode_steps", real))
     _assert_same(exact, name, before)
 
 
@@ -206,13 +206,14 @@ def test_a_failed_mask_with_reprefill_fallback_failing_too_is_rolled_back(exact,
     def failing_repair(*args, **kwargs):
         raise EditError("repair failed")
 
-    def failing_reprefill(core, s):
+    def failing_reprefill(core, s, chunk=None):
         core.mem.clear_seq(s.seq)
         s.ledger.truncate(0)
         raise EditError("could not rebuild")
+        yield  # a generator, like the real one
 
     monkeypatch.setattr(edits, "repair", failing_repair)
-    monkeypatch.setattr(edits, "reprefill", failing_reprefill)
+    monkeypatch.setattr(edits, "reprefill_steps", failing_reprefill)
     with pytest.raises(EditError):
         exact.mask(name, messages=[0], strategy="recompute:4", close_gap=True)
     _assert_same(exact, name, before)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from kvside import atomic, sessionfile
+from kvside.engine.jobs import JOB_CHUNK, finish
 from kvside.engine.ledger import COMPOSED
 from kvside.engine.session import Message, Session
 from kvside.engine.state import set_seq_state
@@ -96,6 +97,13 @@ def doc_key(path: Path) -> str:
 # -- compile (engine thread) -----------------------------------------------------------------------
 def compile_document(core, path: Path, block_tokens: int = BLOCK_TOKENS, progress=None) -> dict:
     """Compute and store the blocks of one document; reuse them when content and model match."""
+    return finish(compile_steps(core, path, block_tokens, progress, seq=core.scratch_seq, chunk=core.n_batch))
+
+
+def compile_steps(core, path: Path, block_tokens: int = BLOCK_TOKENS, progress=None, seq: int | None = None,
+                  chunk: int = JOB_CHUNK):
+    """compile_document as a job: the blocks are computed in sequence `seq` (default: the job
+    sequence), `chunk` tokens at a time."""
     path = Path(path)
     key = doc_key(path)
     text, sha = read_document(path)
@@ -109,23 +117,25 @@ def compile_document(core, path: Path, block_tokens: int = BLOCK_TOKENS, progres
     size = min(block_tokens, core.n_ctx - 1)
     chunks = [tokens[i : i + size] for i in range(0, len(tokens), size)]
     files: list[str] = []
-    scratch = core.scratch_seq
+    seq = core.job_seq if seq is None else seq
     t0 = time.perf_counter()
     try:
-        for i, chunk in enumerate(chunks):
-            core.mem.clear_seq(scratch)
-            core.decode_now(scratch, chunk, 0, logits="none")
-            state = core.seq_state(scratch)
+        for i, block in enumerate(chunks):
+            if i:
+                yield
+            core.mem.clear_seq(seq)
+            yield from core.decode_steps(seq, block, 0, chunk)
+            state = core.seq_state(seq)
             name = f"{sha[:16]}-{fp[:8]}-{i}.kvb"
             header = {"document": key, "name": path.name, "sha256": sha, "chunk": i, "n_chunks": len(chunks),
-                      "tokens": chunk, "model_fingerprint": fp, "model_name": core.model_name,
+                      "tokens": block, "model_fingerprint": fp, "model_name": core.model_name,
                       "type_k": core.type_k, "type_v": core.type_v}
             sessionfile.write(blocks_dir() / name, header, state, fmt=BLOCK_FORMAT)
             files.append(name)
             if progress:
                 progress(i + 1, len(chunks))
     finally:
-        core.mem.clear_seq(scratch)
+        core.mem.clear_seq(seq)
     _, sha_after = read_document(path)
     if sha_after != sha:  # the file changed while it was compiled: keep the old blocks
         for f in files:

@@ -19,6 +19,7 @@ import numpy as np
 
 from kvside._llama import backend, lib, recent_log
 from kvside.engine import edits, native, persist
+from kvside.engine.jobs import JOB_CHUNK, Job
 from kvside.engine.batch import Batch
 from kvside.engine.memory import Memory
 from kvside.engine.model import Model
@@ -120,9 +121,14 @@ class Core:
         if not 1 <= config.max_sessions <= 63:
             raise InvalidRequest("max_sessions must be between 1 and 63")
         self.n_ctx = config.n_ctx
-        self.n_seq_max = config.max_sessions + 1  # the last sequence is scratch space for edits
-        self.scratch_seq = self.n_seq_max - 1
-        self.n_cells = config.n_ctx * self.n_seq_max
+        self.max_sessions = config.max_sessions
+        # After the sessions' sequences: scratch space for edits (used and cleared within one
+        # engine task), then the sequence long jobs work in across scheduler steps (compiling a
+        # document, writing a summary), so an edit's scratch use never disturbs a job's.
+        self.scratch_seq = config.max_sessions
+        self.job_seq = config.max_sessions + 1
+        self.n_seq_max = config.max_sessions + 2
+        self.n_cells = config.n_ctx * (config.max_sessions + 1)
         self.n_batch = config.n_batch
         self.ctx = self._new_context(config)
         self.mem = Memory(self.ctx)
@@ -139,6 +145,8 @@ class Core:
         self.type_k = self.type_v = "f16"  # llama.cpp's default KV types; recorded in session files
         self.free_seqs = list(range(self.scratch_seq))
         self.gens: list[_Gen] = []
+        self.jobs: list[Job] = []  # long work advancing a chunk at a time between decode steps
+        self.job_seq_owner: Job | None = None
         self.ready: list = []  # deferred work whose session became free
         self._counter = 0
         self._last_big = False
@@ -189,6 +197,7 @@ class Core:
         closed = EngineClosed("the engine has stopped")
         for g in list(self.gens):
             self._fail(g, closed)
+        self.stop_jobs(closed)
         waiting = self.ready + [item for s in self.sessions.values() for item in s.backlog]
         self.ready = []
         for s in self.sessions.values():
@@ -376,6 +385,24 @@ class Core:
             return _logits_row(self.ctx, self.batch.n - 1, n_vocab)
         return np.stack(rows)
 
+    def decode_steps(self, seq: int, tokens: list[int], start: int, chunk: int = JOB_CHUNK):
+        """decode_now in chunks of `chunk` tokens for a job: yields before every chunk but the
+        first, so other sessions decode in between. The last chunk asks for its last row of
+        logits; nothing yields after it, so the caller can sample from it before anyone else
+        decodes. On failure the cells written so far are removed."""
+        for c0 in range(0, len(tokens), chunk):
+            if c0:
+                yield
+            part = tokens[c0 : c0 + chunk]
+            last = c0 + len(part) == len(tokens)
+            self.batch.clear()
+            for i, tok in enumerate(part):
+                self.batch.add(tok, start + c0 + i, seq, last and i == len(part) - 1)
+            rc = lib.llama_decode(self.ctx, self.batch.raw)
+            if rc != 0:
+                self.mem.rm(seq, start, -1)
+                raise _decode_error(rc)
+
     def settle(self) -> None:
         """Apply a pending K-shift now, by decoding one token into the scratch sequence."""
         if not self.mem.shift_pending:
@@ -501,10 +528,68 @@ class Core:
 
     @property
     def active(self) -> bool:
-        return bool(self.gens)
+        return bool(self.gens) or bool(self.jobs)
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def start_job(self, steps, future, session: str | None, needs_job_seq: bool = False) -> None:
+        """Run the generator `steps` a chunk at a time between decode steps; its return value (or
+        exception) resolves `future`. Its session, if any, is busy meanwhile: other work for it
+        waits in its backlog, and binding and eviction pass it by."""
+        s = self.sessions.get(session) if session else None
+        if s is not None:
+            s.busy = True
+        self.jobs.append(Job(steps, future, s, needs_job_seq))
+
+    def advance_job(self) -> None:
+        """One chunk of the first job that may run (jobs that need the job sequence take turns)."""
+        for job in list(self.jobs):
+            if job.needs_job_seq and self.job_seq_owner not in (None, job):
+                continue
+            if job.needs_job_seq:
+                self.job_seq_owner = job
+            self.jobs.remove(job)
+            try:
+                next(job.steps)
+            except StopIteration as done:
+                self._end_job(job)
+                job.future.set_result(done.value)
+            except BaseException as exc:  # the job's own error, for its caller
+                self._end_job(job)
+                job.future.set_exception(exc)
+            else:
+                self.jobs.append(job)  # round robin among jobs
+            return
+
+    def _end_job(self, job: Job) -> None:
+        if self.job_seq_owner is job:
+            self.job_seq_owner = None
+            self.mem.clear_seq(self.job_seq)
+        s = job.session
+        if s is not None:
+            s.busy = False
+            s.last_used = time.time()
+            self.ready.extend(s.backlog)
+            s.backlog.clear()
+
+    def stop_jobs(self, error: KvsideError) -> None:
+        """Close every job (their snapshots roll their sessions back) and fail their callers."""
+        for job in list(self.jobs):
+            self.jobs.remove(job)
+            try:
+                job.steps.close()
+            except BaseException as exc:  # a job that cannot even stop cleanly
+                log.error("a job failed while stopping: %s", exc)
+            self._end_job(job)
+            job.future.set_exception(error)  # running since its task was dispatched
 
     def step(self) -> None:
-        """One llama_decode over every active generation."""
+        """One llama_decode over every active generation, then one chunk of a job."""
+        if self.gens:
+            self._step_generations()
+        if self.jobs:
+            self.advance_job()
+
+    def _step_generations(self) -> None:
         for g in list(self.gens):
             if g.stream.cancelled:
                 self._finish(g, "cancelled")

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from kvside.engine import deviation, native
+from kvside.engine.jobs import JOB_CHUNK, finish
 from kvside.engine.ledger import ERRATUM, LIVE, RECOMPUTED, SUMMARY
 from kvside.engine.session import (
     MSG_MASKED,
@@ -101,17 +102,22 @@ def head_size(s: Session) -> int:
 
 
 # -- the rebuild every edit can fall back to --------------------------------------------------------
-def reprefill(core, s: Session) -> None:
-    """Rebuild s's cells densely from its ledger's tokens (positions 0..n-1)."""
+def reprefill_steps(core, s: Session, chunk: int = JOB_CHUNK):
+    """Rebuild s's cells densely from its ledger's tokens (positions 0..n-1), `chunk` tokens
+    at a time (a generator: see Core.start_job)."""
     led = s.ledger
     core.mem.clear_seq(s.seq)
     tokens = list(led.tok)
     try:
-        core.decode_now(s.seq, tokens, 0, logits="none")
+        yield from core.decode_steps(s.seq, tokens, 0, chunk)
     except KvsideError:
         led.truncate(0)
         raise EditError(f"session {s.name!r} could not be rebuilt; its cache was cleared") from None
     led.pos = list(range(len(tokens)))
+
+
+def reprefill(core, s: Session) -> None:
+    finish(reprefill_steps(core, s, core.n_batch))
 
 
 # -- roll -------------------------------------------------------------------------------------------
@@ -119,6 +125,12 @@ def roll(core, s: Session, drop: int, keep: int | None = None, strategy: str | S
          boundary: bool = False, reason: str = "rolled") -> dict:
     """Drop `drop` cells after the first `keep` (default: the system prompt, else the sink) and move
     the rest down to follow the head. With `boundary`, round `drop` up to a whole message."""
+    return finish(roll_steps(core, s, drop, keep, strategy, boundary, reason, chunk=core.n_batch))
+
+
+def roll_steps(core, s: Session, drop: int, keep: int | None = None, strategy: str | Strategy = "shift",
+               boundary: bool = False, reason: str = "rolled", chunk: int = JOB_CHUNK):
+    """roll as a job: a re-prefill (the strategy, or the fallback) advances `chunk` tokens at a time."""
     strat = strategy if isinstance(strategy, Strategy) else Strategy.parse(strategy)
     led = s.ledger
     keep = head_size(s) if keep is None else keep
@@ -152,7 +164,7 @@ def roll(core, s: Session, drop: int, keep: int | None = None, strategy: str | S
             if strat.name != "reprefill":
                 fallback = "reprefill (this cache cannot shift positions)"
             led.remove(p_drop, p_rest, reason)
-            reprefill(core, s)
+            yield from reprefill_steps(core, s, chunk)
             recomputed = len(led)
         else:
             core.mem.rm(s.seq, p_drop, p_rest)
@@ -166,7 +178,7 @@ def roll(core, s: Session, drop: int, keep: int | None = None, strategy: str | S
         fallback = f"reprefill ({exc.message})"
         s.ledger = led = snapshot  # the cache may be half-edited: rebuild it from the ledger
         led.remove(p_drop, p_rest, reason)
-        reprefill(core, s)
+        yield from reprefill_steps(core, s, chunk)
         recomputed = len(led)
     for m in s.messages:
         if m.id in dropped_msgs and m.id not in kept_after:
@@ -308,6 +320,12 @@ def _spans(positions: list[int]) -> list[tuple[int, int]]:
 def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, int] | None = None,
          close_gap: bool = False, reason: str = "masked", state: str = MSG_MASKED,
          strategy: str | Strategy = "shift") -> dict:
+    return finish(mask_steps(core, s, messages, span, close_gap, reason, state, strategy, chunk=core.n_batch))
+
+
+def mask_steps(core, s: Session, messages: list[int] | None = None, span: tuple[int, int] | None = None,
+               close_gap: bool = False, reason: str = "masked", state: str = MSG_MASKED,
+               strategy: str | Strategy = "shift", chunk: int = JOB_CHUNK):
     """Remove the cells of `messages` (or of the position span [p0, p1)); later cells keep the KV
     computed while those were visible. With close_gap the later cells move down to close the hole.
     `strategy` says what happens to the cells after the first removed one (see Strategy); the
@@ -358,7 +376,7 @@ def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, i
                 core.mem.add(s.seq, p1, -1, p0 - p1)
                 led.shift(p1, -1, p0 - p1)
         if strat.name == "reprefill":
-            reprefill(core, s)
+            yield from reprefill_steps(core, s, chunk)
             recomputed = len(led)
         else:
             recomputed = repair(core, s, first, len(led), strat, chosen)
@@ -367,7 +385,7 @@ def mask(core, s: Session, messages: list[int] | None = None, span: tuple[int, i
         s.ledger = led = snapshot  # the cache may be half-edited: rebuild it from the ledger
         for p0, p1 in reversed(spans):
             led.remove(p0, p1, reason)
-        reprefill(core, s)
+        yield from reprefill_steps(core, s, chunk)
     for m in s.messages:
         if m.id in ids and not led.positions_of({m.id}):
             m.state = state
@@ -419,6 +437,7 @@ def erratum(core, s: Session, text: str) -> dict:
 
 
 # -- compaction -------------------------------------------------------------------------------------
+SUMMARY_TOKENS_PER_STEP = 8  # summary tokens written between two decode steps of the generations
 SUMMARY_PROMPT = "Summarize the conversation so far in a few sentences. Keep names, numbers and facts."
 
 
@@ -427,6 +446,15 @@ def compact(core, s: Session, up_to: int, summary: str | None = None, mode: str 
     """Summarize messages up to id `up_to` (inclusive, pinned ones excepted), append the summary and
     mask the summarized turns (mode 'mask'), or rebuild the cache from text (mode 'restart').
     close_gap (default) moves the later cells down so the masked positions are free again."""
+    return finish(compact_steps(core, s, up_to, summary, mode, max_summary_tokens, close_gap,
+                                seq=core.scratch_seq, chunk=core.n_batch))
+
+
+def compact_steps(core, s: Session, up_to: int, summary: str | None = None, mode: str = "mask",
+                  max_summary_tokens: int = 160, close_gap: bool = True, seq: int | None = None,
+                  chunk: int = JOB_CHUNK):
+    """compact as a job: the summary is written in sequence `seq` (default: the job sequence) and
+    a restart re-prefills, `chunk` tokens at a time."""
     if mode not in ("mask", "restart"):
         raise InvalidRequest("compact mode is 'mask' or 'restart'")
     targets = [m.id for m in s.messages if m.id <= up_to and not m.pinned and m.kind != "summary"
@@ -435,21 +463,27 @@ def compact(core, s: Session, up_to: int, summary: str | None = None, mode: str 
         raise InvalidRequest(f"nothing to compact up to message {up_to}")
     t0 = time.perf_counter()
     if summary is None:
-        summary = write_summary(core, s, targets, max_summary_tokens)
+        summary = yield from write_summary_steps(core, s, targets, max_summary_tokens,
+                                                 core.job_seq if seq is None else seq, chunk)
     if mode == "mask":
         msg, note = append_note(core, s, "system", f"Summary of earlier turns: {summary}", "summary", SUMMARY)
         masked = mask(core, s, messages=targets, close_gap=close_gap, reason="compacted", state=MSG_SUMMARIZED)
         report = {"mode": mode, "summary": summary, "summary_message": msg.id, "masked": masked["masked"],
                   "messages": targets}
     else:
-        report = _restart(core, s, targets, summary)
+        report = yield from _restart_steps(core, s, targets, summary, chunk)
     report["t_edit_s"] = time.perf_counter() - t0
     s.log("compact", **report)
     return report
 
 
 def write_summary(core, s: Session, targets: list[int], max_tokens: int) -> str:
-    """Have the model summarize the target messages, greedily, in the scratch sequence."""
+    return finish(write_summary_steps(core, s, targets, max_tokens, core.scratch_seq, core.n_batch))
+
+
+def write_summary_steps(core, s: Session, targets: list[int], max_tokens: int, seq: int, chunk: int = JOB_CHUNK):
+    """Have the model summarize the target messages, greedily, in sequence `seq` (cleared
+    before and after); yields between prompt chunks and every few summary tokens."""
     from kvside.engine.sampling import Sampler, SamplingParams
 
     lines = [f"{s.message(i).role}: {s.message(i).content}" for i in targets]
@@ -459,28 +493,29 @@ def write_summary(core, s: Session, targets: list[int], max_tokens: int) -> str:
     room = core.n_ctx - max_tokens - 1
     if len(tokens) > room:  # keep the end of the transcript, which the summary matters most for
         tokens = tokens[:8] + tokens[-(room - 8):]
-    scratch = core.scratch_seq
-    core.mem.clear_seq(scratch)
+    core.mem.clear_seq(seq)
     params = SamplingParams(temperature=0.0, repeat_penalty=1.1, max_tokens=max_tokens)
     sampler = Sampler(params, tokens, core.model.n_vocab)
     out: list[int] = []
     try:
-        core.decode_now(scratch, tokens, 0, logits="last")
+        yield from core.decode_steps(seq, tokens, 0, chunk)
         pos = len(tokens)
         while len(out) < max_tokens:
-            tok = sampler.sample(core.ctx, core.batch.n - 1)
+            tok = sampler.sample(core.ctx, core.batch.n - 1)  # right after its decode: nothing ran between
             if core.model.is_eog(tok):
                 break
             out.append(tok)
-            core.decode_now(scratch, [tok], pos, logits="last")
+            if len(out) % SUMMARY_TOKENS_PER_STEP == 0:
+                yield
+            core.decode_now(seq, [tok], pos, logits="last")
             pos += 1
     finally:
         sampler.close()
-        core.mem.clear_seq(scratch)
+        core.mem.clear_seq(seq)
     return core.model.detokenize(out).strip()
 
 
-def _restart(core, s: Session, targets: list[int], summary: str) -> dict:
+def _restart_steps(core, s: Session, targets: list[int], summary: str, chunk: int = JOB_CHUNK):
     """The baseline compaction: re-prefill <system><summary><later turns> from text."""
     keep = [m for m in s.messages if m.id not in targets and m.kind != "text" and s.ledger.positions_of({m.id})]
     summary_msg = Message(s.next_message_id(), "system", f"Summary of earlier turns: {summary}", kind="summary")
@@ -500,7 +535,7 @@ def _restart(core, s: Session, targets: list[int], summary: str) -> dict:
         seg = core.template.delta(hist, [m.as_template()], add_generation_prompt=False) or ""
         toks = core.model.tokenize(seg, add_special=not hist and core.model.add_bos, parse_special=True)
         start = s.ledger.next_pos
-        core.decode_now(s.seq, toks, start, logits="none")
+        yield from core.decode_steps(s.seq, toks, start, chunk)
         s.ledger.append(toks, m.id, SUMMARY if m is summary_msg else LIVE)
         hist.append(m.as_template())
     return {"mode": "restart", "summary": summary, "summary_message": summary_msg.id,

@@ -20,6 +20,7 @@ from kvside._llama import native_patch_loaded
 
 from kvside.engine import binding, compose, edits, persist
 from kvside.engine.core import Core, EngineConfig
+from kvside.engine.jobs import LongWork
 from kvside.engine.ledger import Ledger
 from kvside.engine.stream import Stream
 from kvside.engine.session import check_name
@@ -111,9 +112,14 @@ class Engine:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(fn(core))
+            result = fn(core)
         except BaseException as exc:
             future.set_exception(exc)
+            return
+        if isinstance(result, LongWork):  # long work: it advances between decode steps, then resolves
+            core.start_job(result.steps, future, result.session, result.needs_job_seq)
+        else:
+            future.set_result(result)
 
     def _drain(self) -> None:
         while True:
@@ -181,8 +187,11 @@ class Engine:
         return self._edit(name, apply)
 
     def restore(self, path: str, name: str | None = None) -> str:
-        """Load a session file from anywhere (the user's own act: CLI, chat app, an upload)."""
-        return self.call(lambda core: persist.restore(core, Path(path), name).name)
+        """Load a session file from anywhere (the user's own act: CLI, chat app, an upload). The
+        file is read a chunk at a time between decode steps."""
+        def task(core):
+            return LongWork(_named(persist.restore_steps(core, Path(path), name)))
+        return self.call(task)
 
     def restore_named(self, saved: str, name: str | None = None) -> str:
         """Load the saved session `saved` from the sessions folder, as `name` (default: its own)."""
@@ -192,7 +201,7 @@ class Engine:
                 raise SessionNotFound(f"no saved session named {saved!r}")
             if (name or saved) == saved and saved in core.evicted:
                 return persist.bring_back(core, saved).name
-            return persist.restore(core, path, name or saved).name
+            return LongWork(_named(persist.restore_steps(core, path, name or saved)))
         return self.call(apply)
 
     def session_file(self, name: str) -> Path:
@@ -245,16 +254,27 @@ class Engine:
                 return fn(core, s)
         return self._edit(name, apply)
 
+    def _atomic_job(self, name: str, make_steps, needs_job_seq: bool = False) -> Any:
+        """The same for an edit written as a job (jobs.py): it advances between decode steps, so
+        other sessions keep streaming while it re-prefills or writes a summary."""
+        def task(core):
+            steps = _atomically(core, core.get(name), make_steps)
+            return LongWork(steps, session=name, needs_job_seq=needs_job_seq)
+        return self.call(task, session=name)
+
     def roll(self, name: str, drop: int, keep: int | None = None, strategy: str | None = None,
              boundary: bool = False) -> dict:
-        return self._atomic_edit(name, lambda core, s: edits.roll(core, s, drop, keep, strategy or s.roll_strategy, boundary))
+        return self._atomic_job(name, lambda core, s: edits.roll_steps(core, s, drop, keep, strategy or s.roll_strategy,
+                                                                       boundary))
 
     def mask(self, name: str, messages: list[int] | None = None, span: tuple[int, int] | None = None,
              close_gap: bool = False, strategy: str = "shift") -> dict:
-        return self._atomic_edit(name, lambda core, s: edits.mask(core, s, messages, span, close_gap, strategy=strategy))
+        return self._atomic_job(name, lambda core, s: edits.mask_steps(core, s, messages, span, close_gap,
+                                                                       strategy=strategy))
 
     def compact(self, name: str, up_to: int, summary: str | None = None, mode: str = "mask") -> dict:
-        return self._atomic_edit(name, lambda core, s: edits.compact(core, s, up_to, summary, mode))
+        return self._atomic_job(name, lambda core, s: edits.compact_steps(core, s, up_to, summary, mode),
+                                needs_job_seq=summary is None)
 
     def prune(self, name: str, kind: str = "tool", keep_last: int = 1, close_gap: bool = False) -> dict:
         return self._atomic_edit(name, lambda core, s: edits.prune(core, s, kind, keep_last, close_gap))
@@ -275,8 +295,10 @@ class Engine:
 
     # -- documents ------------------------------------------------------------------------------
     def compile(self, path: str, progress=None) -> dict:
-        """Compute and store a document's KV blocks (reused when content and model match)."""
-        return self.call(lambda core: compose.compile_document(core, Path(path), progress=progress))
+        """Compute and store a document's KV blocks (reused when content and model match). It
+        runs a block chunk at a time between decode steps: streams of other sessions go on."""
+        return self.call(lambda core: LongWork(compose.compile_steps(core, Path(path), progress=progress),
+                                               needs_job_seq=True))
 
     def attach(self, name: str, document: str, recompute: int = 0, strategy: str | None = None) -> dict:
         """Splice a compiled document into the session: no prefill of the document."""
@@ -374,13 +396,24 @@ class Engine:
                 "model": core.model.info().to_dict(),
                 "n_ctx": core.n_ctx,
                 "n_cells": core.n_cells,
-                "max_sessions": core.n_seq_max - 1,
+                "max_sessions": core.max_sessions,
                 "n_batch": core.n_batch,
                 "n_threads": core.n_threads,
                 "can_shift": core.mem.can_shift(),
             }
 
         return self.call(facts)
+
+
+def _atomically(core, s, make_steps):
+    """A job's steps inside a snapshot of its session (txn.atomic), taken when the job starts."""
+    with atomic(core, s):
+        return (yield from make_steps(core, s))
+
+
+def _named(steps):
+    """A restore job's result: the restored session's name."""
+    return (yield from steps).name
 
 
 def _as_kvside(exc: BaseException) -> KvsideError:

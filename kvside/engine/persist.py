@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvside import sessionfile
 from kvside.engine.edits import Strategy
+from kvside.engine.jobs import finish
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
 from kvside.engine.session import Message, Session, check_name
@@ -77,17 +78,22 @@ def restore(core, path: Path, name: str | None = None) -> Session:
     its cells are loaded into the scratch sequence and checked against its ledger, and only then
     is a sequence taken (sending an idle session to disk if none is free) and the session
     registered. On any failure the cache, the sessions and the file are as before."""
+    return finish(restore_steps(core, path, name))
+
+
+def restore_steps(core, path: Path, name: str | None = None):
+    """restore as a job: the file is read (and its checksum checked) a chunk at a time."""
     path = Path(path)
-    sf = sessionfile.read_header(path, verify=True)
+    sf = sessionfile.read_header(path, verify=False)
     header = sf.header
     name = check_name(name or header.get("name") or path.stem)
-    if name in core.sessions or (name in core.evicted and Path(core.evicted[name]).resolve() != path.resolve()):
-        raise InvalidRequest(f"session {name!r} already exists")
+    _check_free(core, name, path)
     check_compatible(core, header, path.name)
     s = session_from_header(header, name, path.name)
     if any(not 0 <= t < core.model.n_vocab for t in s.ledger.tok + s.pending):
         raise SessionFileError(f"{path.name} holds tokens this model does not have")
-    state = sessionfile.read_state(sf)
+    state = yield from sessionfile.read_state_steps(sf)  # checks the checksum over header and state
+    _check_free(core, name, path)  # other work ran while the file was read
     scratch = core.scratch_seq
     try:
         _load_into(core, scratch, state, s.ledger, path.name)
@@ -100,6 +106,11 @@ def restore(core, path: Path, name: str | None = None) -> Session:
     core.evicted.pop(name, None)
     core.sessions[name] = s
     return s
+
+
+def _check_free(core, name: str, path: Path) -> None:
+    if name in core.sessions or (name in core.evicted and Path(core.evicted[name]).resolve() != path.resolve()):
+        raise InvalidRequest(f"session {name!r} already exists")
 
 
 def session_from_header(header: dict, name: str, label: str) -> Session:
@@ -165,7 +176,7 @@ def make_room(core, keep: set[str] = frozenset()) -> None:
     is none."""
     idle = [s for s in core.sessions.values() if not s.busy and s.name not in keep]
     if not idle:
-        raise CacheFull(f"all {core.n_seq_max - 1} resident sessions are busy")
+        raise CacheFull(f"all {core.max_sessions} resident sessions are busy")
     evict(core, min(idle, key=lambda s: s.last_used))
 
 

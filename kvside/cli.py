@@ -577,8 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-chars", type=int, default=2400, help="serve: history kept by the client, in characters")
     p.add_argument("--max-tokens", type=int, default=48, help="serve: tokens per reply")
     p.add_argument("--late-from", type=int, default=10, help="serve: first turn counted as late")
-    p.add_argument("--load-clients", type=int, default=8, help="serve: concurrent clients in the load run")
-    p.add_argument("--load-requests", type=int, default=3, help="serve: requests per load client")
+    p.add_argument("--load-clients", type=int, default=16, help="serve: concurrent clients in the load run")
+    p.add_argument("--load-requests", type=int, default=4, help="serve: requests per load client")
     p.add_argument("--flash-attn", choices=["auto", "on", "off", "reference"], default="auto",
                    help="restore: attention kernel (reference: ggml's reference kernels, native patch)")
     p.add_argument("--json", action="store_true")

@@ -53,7 +53,7 @@ def test_best_match_needs_something_new_to_answer():
 
 
 def test_best_match_refuses_a_changed_middle_and_a_changed_head():
-    assert best_match({"s": held(SYS, U1, A1, U2)}, msgs(SYS, ("user", "other"), A1, U2, U3)).reused == 1
+    assert best_match({"s": held(SYS, U1, A1, U2)}, msgs(SYS, ("user", "other"), A1, U2, U3)) is None
     assert best_match({"s": held(SYS, U1, A1)}, msgs(("system", "new rules"), U1, A1, U2)) is None
 
 
@@ -64,7 +64,15 @@ def test_best_match_does_not_report_cells_already_gone_as_dropped():
 
 def test_best_match_compares_whitespace_trimmed_content_and_roles():
     assert best_match({"s": held(SYS, U1)}, msgs(("system", " be brief \n"), U1, U2)).reused == 2
-    assert best_match({"s": held(SYS, U1)}, msgs(SYS, ("assistant", "q1"), U2)).reused == 1
+    assert best_match({"s": held(SYS, U1)}, msgs(SYS, ("assistant", "q1"), U2)) is None  # same text, other role
+
+
+def test_best_match_does_not_take_another_conversation_that_shares_only_the_head():
+    other = held(SYS, ("user", "theirs"), ("assistant", "their answer"), ("user", "more"), ("assistant", "more"))
+    assert best_match({"s": other}, msgs(SYS, ("user", "mine"))) is None
+    # but a client that dropped less than it kept is trimming its own history
+    m = best_match({"s": held(SYS, U1, A1, U2, A2)}, msgs(SYS, U2, A2, U3))
+    assert m is not None and m.dropped == [1, 2]
 
 
 def test_best_match_of_nothing_held_is_none():

@@ -72,7 +72,7 @@ def attached_against_prefill(engine, doc, **how) -> tuple[dict, dict]:
     engine.check(name)
     tokens = engine.ledger(name).tok
     ref = engine.new_session()
-    engine.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
+    engine.call(lambda core: core.prefill(core.get(ref), [(0, tokens)]))
     result = compare(engine.next_logits(name, probe, all_logits=True), engine.next_logits(ref, probe, all_logits=True))
     engine.delete_session(name)
     engine.delete_session(ref)

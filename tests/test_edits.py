@@ -21,7 +21,7 @@ def exact():
 def filled(engine, n=240):
     """A session holding n corpus tokens, with no chat structure."""
     name = engine.new_session()
-    engine.call(lambda core: core._prefill_now(core.get(name), [(0, corpus.tokens(core.model, n))]))
+    engine.call(lambda core: core.prefill(core.get(name), [(0, corpus.tokens(core.model, n))]))
     return name
 
 
@@ -30,7 +30,7 @@ def reference_logits(engine, name, probe):
     tokens = engine.ledger(name).tok
     ref = engine.new_session()
     try:
-        engine.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
+        engine.call(lambda core: core.prefill(core.get(ref), [(0, tokens)]))
         return engine.next_logits(ref, probe, all_logits=True)
     finally:
         engine.delete_session(ref)

@@ -99,7 +99,7 @@ def test_cache_equals_a_fresh_prefill_of_the_ledger_tokens(engine, session):
     live = engine.next_logits(session)
     fresh = engine.new_session()
     try:
-        engine.call(lambda core: core._prefill_now(core.get(fresh), [(0, ledger.tok)]))
+        engine.call(lambda core: core.prefill(core.get(fresh), [(0, ledger.tok)]))
         pending = engine.call(lambda core: list(core.get(session).pending))
         ref = engine.next_logits(fresh, pending or None)
     finally:

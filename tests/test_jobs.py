@@ -55,7 +55,7 @@ def test_a_compile_runs_between_the_tokens_of_another_stream(engine, tmp_path):
 def test_a_reprefill_runs_between_the_tokens_of_another_stream(engine):
     busy = engine.new_session()
     context = engine.call(lambda core: corpus.tokens(core.model, 700))
-    engine.call(lambda core: core._prefill_now(core.get(busy), [(0, context)]))
+    engine.call(lambda core: core.prefill(core.get(busy), [(0, context)]))
     reference = engine.next_logits(busy)
     s = engine.new_session()
     report, during = stream_beside(engine, s, lambda: engine.roll(busy, drop=1, keep=699, strategy="reprefill"))
@@ -68,12 +68,12 @@ def test_a_reprefill_runs_between_the_tokens_of_another_stream(engine):
 
 def test_work_for_a_session_in_a_job_waits_for_it(engine):
     busy = engine.new_session()
-    engine.call(lambda core: core._prefill_now(core.get(busy), [(0, corpus.tokens(core.model, 600))]))
+    engine.call(lambda core: core.prefill(core.get(busy), [(0, corpus.tokens(core.model, 600))]))
     order = []
     roll = threading.Thread(target=lambda: order.append(("roll", engine.roll(busy, drop=1, keep=599,
                                                                                 strategy="reprefill")["recomputed"])))
     roll.start()
-    while not engine.call(lambda core: bool(core.jobs)):  # until the roll runs as a job
+    while not engine.call(lambda core: core.jobs.active):  # until the roll runs as a job
         time.sleep(0.005)
     order.append(("ledger", len(engine.ledger(busy))))  # queued behind the job: sees its result
     roll.join()
@@ -85,7 +85,7 @@ def test_closing_the_engine_stops_a_job_and_rolls_its_session_back(tmp_path):
     busy = engine.new_session("busy")
     engine.chat(busy, "Remember the number 51.", max_tokens=4, **GREEDY).wait()
     tokens = engine.ledger(busy).tok
-    engine.call(lambda core: core._prefill_now(core.get(busy), [(99, corpus.tokens(core.model, 700)[1:])]))
+    engine.call(lambda core: core.prefill(core.get(busy), [(99, corpus.tokens(core.model, 700)[1:])]))
     before = engine.ledger(busy).tok
     errors = []
     roll = threading.Thread(target=lambda: _catch(errors, lambda: engine.roll(busy, drop=1, keep=len(tokens),

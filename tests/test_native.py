@@ -67,7 +67,7 @@ def test_inplace_recompute_of_every_position_equals_a_reprefill(exact):
     exact.check(name)
     ref = exact.new_session()
     tokens = exact.ledger(name).tok
-    exact.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
+    exact.call(lambda core: core.prefill(core.get(ref), [(0, tokens)]))
     # same tokens, positions and batch shapes as the prefill, layout-independent kernels: every
     # key and value is bit-identical
     assert_same_cache(exact, name, ref)
@@ -105,7 +105,7 @@ def test_values_all_differs_from_shift_and_moves_toward_the_reference(exact):
         exact.delete_session(name)
     ref = exact.new_session()
     tokens = exact_tokens(exact)
-    exact.call(lambda core: core._prefill_now(core.get(ref), [(0, tokens)]))
+    exact.call(lambda core: core.prefill(core.get(ref), [(0, tokens)]))
     _, k_ref, v_ref = cache(exact, ref)
     exact.delete_session(ref)
     _, k_shift, v_shift = caches["shift"]

@@ -53,7 +53,7 @@ def measure(engine: Engine, docs: list[Path], recompute: int | str, steps: int) 
             t_attach = time.perf_counter() - t0
             tokens = list(s.ledger.tok)
             t0 = time.perf_counter()
-            core._prefill_now(ref, [(0, tokens)])
+            core.prefill(ref, [(0, tokens)])
             core.probe(ref.name, question)
             t_prefill = time.perf_counter() - t0
             cont = core.greedy(ref.name, question, steps)

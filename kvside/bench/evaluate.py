@@ -15,7 +15,7 @@ from kvside.bench import compose as bench_compose
 from kvside.bench import corpus
 from kvside.bench import roll as bench_roll
 from kvside.bench.fidelity import compare
-from kvside.engine import Engine, edits, kvstate, native
+from kvside.engine import Engine, edits, kvstate, native, prompt
 
 SYSTEM = "You are a helpful assistant. Read carefully and answer precisely."
 
@@ -61,7 +61,7 @@ def noise_floor(engine: Engine, ctx: int, delta: int, steps: int) -> dict:
         s = core.new_session()
         try:
             tokens = corpus.tokens(core.model, ctx + 1)
-            core._prefill_now(s, [(0, tokens[:-1])])
+            core.prefill(s, [(0, tokens[:-1])])
             child, _ = edits.fork(core, s)
             forced = [tokens[-1]] + core.greedy(s.name, [tokens[-1]], steps - 1)
             for d in (delta, -delta):
@@ -132,7 +132,7 @@ def compaction(engine: Engine, steps: int, log) -> dict:
 
 
 def _question_tokens(core, s, question: str) -> list[int]:
-    pieces = core._chat_pieces(s, [], generation=False)
+    pieces = prompt.chat_pieces(core, s, [], generation=False)
     head = [t for _, toks in pieces for t in toks]
     text = core.template.delta(s.template_history(), [{"role": "user", "content": question}], add_generation_prompt=True)
     return head + core.model.tokenize(text, add_special=False, parse_special=True)
@@ -153,12 +153,12 @@ def kv_analysis(engine: Engine, ctx: int, drop: int, keep: int) -> dict:
         ref = core.new_session()
         try:
             tokens = corpus.tokens(core.model, ctx)
-            core._prefill_now(s, [(0, tokens)])
+            core.prefill(s, [(0, tokens)])
             before = kvstate.parse(core.seq_state(s.seq))
             edits.roll(core, s, drop, keep, "shift")
             core.probe(s.name, [tokens[-1]])  # applies the K-shift
             after = kvstate.parse(core.seq_state(s.seq))
-            core._prefill_now(ref, [(0, list(s.ledger.tok))])
+            core.prefill(ref, [(0, list(s.ledger.tok))])
             reference = kvstate.parse(core.seq_state(ref.seq))
         finally:
             core.delete_session(s.name)

@@ -27,7 +27,7 @@ def run(model: str | None, doc_kb: int = 100, reprefill_tokens: int = 2048, n_ct
     with Engine(model=model, n_ctx=n_ctx, max_sessions=3, n_threads=threads, sessions_dir=str(folder / "s")) as e:
         busy = e.new_session("rebuild")
         context = e.call(lambda core: corpus.tokens(core.model, reprefill_tokens))
-        e.call(lambda core: core._prefill_now(core.get(busy), [(0, context)]))
+        e.call(lambda core: core.prefill(core.get(busy), [(0, context)]))
         stream = e.new_session("stream")
         alone = _gaps(e, stream, lambda: time.sleep(8.0))
 

@@ -24,7 +24,7 @@ def run(model: str | None, n_tokens: int, reps: int, n_threads: int | None, flas
             tokens = corpus.tokens(core.model, n_tokens + 1)
             context, nxt = tokens[:-1], tokens[-1]
             s = core.new_session("bench")
-            core._prefill_now(s, [(0, context)])
+            core.prefill(s, [(0, context)])
             original = core.probe("bench", [nxt])
             path = folder / "bench.kvs"
             saves, restores, prefills, identical = [], [], [], []
@@ -41,7 +41,7 @@ def run(model: str | None, n_tokens: int, reps: int, n_threads: int | None, flas
                 identical.append(bool(np.array_equal(got, original)))
                 ref = core.new_session("reprefill")
                 t0 = time.perf_counter()
-                core._prefill_now(ref, [(0, context)])
+                core.prefill(ref, [(0, context)])
                 core.probe(ref.name, [nxt])
                 prefills.append(time.perf_counter() - t0)
                 core.delete_session(ref.name)

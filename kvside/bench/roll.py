@@ -35,7 +35,7 @@ def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: s
         ref = core.new_session()
         try:
             t0 = time.perf_counter()
-            core._prefill_now(ref, [(0, kept)])
+            core.prefill(ref, [(0, kept)])
             core.probe(ref.name, [nxt])
             t_ref = time.perf_counter() - t0
             cont = core.greedy(ref.name, [nxt], steps)
@@ -46,7 +46,7 @@ def measure(engine: Engine, tokens: list[int], drop: int, keep: int, strategy: s
             core.delete_session(ref.name)
         s = core.new_session()
         try:
-            core._prefill_now(s, [(0, context)])
+            core.prefill(s, [(0, context)])
             t0 = time.perf_counter()
             report = edits.roll(core, s, drop, keep, strategy)
             core.probe(s.name, [nxt])

@@ -2,7 +2,8 @@
 once the history passes a budget the oldest turns are dropped from the front. In one run, each daemon with one session's worth of
 cache (as llama-server with one slot): kvside with reuse, kvside without reuse, kvside told the session explicitly and sent only the new turn
 (the time to prefill the new turn alone), and llama.cpp's llama-server with --cache-reuse 256
-when `make peer` has built it. Then a load run: concurrent streaming clients against kvside."""
+when `make peer` has built it. Then a load run: concurrent streaming clients, a quarter of them
+leaving early, against kvside with four resident sessions and llama-server with four slots."""
 
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def _wait(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 def _start(kind: str, model: Path, n_ctx: int, threads: int, home: str, sessions: int = 1) -> tuple[subprocess.Popen, str]:
     port = _port()
     if kind == "llama-server":
-        cmd = [str(PEER), "-m", str(model), "-c", str(n_ctx), "--cache-reuse", "256", "--port", str(port),
-               "-t", str(threads), "-np", "1", "--no-webui"]
+        # -c is shared by the slots: n_ctx for each of them, as each kvside session has
+        cmd = [str(PEER), "-m", str(model), "-c", str(n_ctx * sessions), "--cache-reuse", "256", "--port", str(port),
+               "-t", str(threads), "-np", str(sessions), "--no-webui"]
     else:
         cmd = [sys.executable, "-m", "kvside.cli", "serve", "--model", str(model), "--n-ctx", str(n_ctx),
                "--port", str(port), "--threads", str(threads), "--max-sessions", str(sessions)]
@@ -124,38 +126,91 @@ def chat_run(base: str, turns: int, budget_chars: int, max_tokens: int, explicit
     return rows
 
 
-def load_run(base: str, clients: int, requests: int, max_tokens: int) -> dict:
-    ttfts: list[float] = []
-    tokens = 0
-    errors = []
+def _load_request(base: str, body: dict, cut_after: int | None) -> dict:
+    """One streamed request of the load run; with cut_after, the client goes away after that many
+    content chunks. What came back: status, time to first token, whether the reply was complete."""
+    t0 = time.perf_counter()
+    out = {"status": 0, "ttft_s": None, "text": "", "finish": None, "done": False, "session": None, "cut": False}
+    pieces: list[str] = []
+    body = dict(body, stream=True)
+    try:
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+            out["status"], out["session"] = r.status_code, r.headers.get("x-kvside-session")
+            if r.status_code >= 400:
+                r.read()
+                return out
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    out["done"] = True
+                    continue
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        if out["ttft_s"] is None:
+                            out["ttft_s"] = time.perf_counter() - t0
+                        pieces.append(piece)
+                    out["finish"] = choice.get("finish_reason") or out["finish"]
+                if cut_after is not None and len(pieces) >= cut_after:
+                    out["cut"] = True
+                    break  # leaving the with block closes the connection: the client went away
+    except httpx.HTTPError as exc:
+        out["error"] = repr(exc)
+    out["text"] = "".join(pieces)
+    return out
+
+
+def load_run(base: str, clients: int, requests: int, max_tokens: int, leak_check: bool) -> dict:
+    """`clients` concurrent streaming clients, each a conversation of `requests` turns sent as full
+    message arrays; a quarter of the clients go away after three chunks of every reply. Counted:
+    5xx answers, replies that did not end properly, and (kvside) sessions holding another
+    client's turns."""
+    results: list[dict] = []
+    last_session: dict[int, str] = {}
     lock = threading.Lock()
 
     def client(c: int) -> None:
-        nonlocal tokens
+        history = [{"role": "system", "content": SYSTEM}]
+        leaves = c % 4 == 0
         for k in range(requests):
-            q = QUESTIONS[(c * requests + k) % len(QUESTIONS)]
-            try:
-                r = _stream(base, {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
-                                   "temperature": 0})
-                with lock:
-                    ttfts.append(r["ttft_s"])
-                    tokens += max(len(r["text"]) // 4, 1)
-            except Exception as exc:  # counted, reported
-                with lock:
-                    errors.append(repr(exc))
+            user = {"role": "user", "content": f"[client {c}] " + QUESTIONS[(c * requests + k) % len(QUESTIONS)]}
+            r = _load_request(base, {"messages": history + [user], "max_tokens": max_tokens, "temperature": 0},
+                              3 if leaves else None)
+            with lock:
+                results.append(r)
+            if not leaves and r["done"]:
+                history += [user, {"role": "assistant", "content": r["text"]}]
+                if r["session"]:
+                    last_session[c] = r["session"]
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     wall = time.perf_counter() - t0
-    ttfts.sort()
-    return {"clients": clients, "requests": clients * requests, "errors": len(errors),
-            "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
-            "ttft_p95_s": ttfts[int(0.95 * (len(ttfts) - 1))] if ttfts else None,
-            "approx_tok_s": tokens / wall, "wall_s": wall, "error_samples": errors[:3]}
+    ttfts = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
+    whole = [r for r in results if not r["cut"]]
+    out = {"clients": clients, "requests": len(results), "leaving_clients": (clients + 3) // 4,
+           "status_5xx": sum(1 for r in results if r["status"] >= 500),
+           "other_errors": sum(1 for r in results if r["status"] == 0 or 400 <= r["status"] < 500),
+           "incomplete_replies": sum(1 for r in whole if not (r["done"] and r["finish"])),
+           "ttft_p50_s": round(statistics.median(ttfts), 3) if ttfts else None,
+           "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 3) if ttfts else None,
+           "wall_s": round(wall, 2), "error_samples": [r.get("error") for r in results if r.get("error")][:3]}
+    if leak_check:
+        leaks = 0
+        for c, name in last_session.items():
+            shown = httpx.get(f"{base}/kvside/sessions/{name}", timeout=120).json()
+            for m in shown.get("messages", []):
+                if m["role"] == "user" and m["state"] == "live" and not m["content"].startswith(f"[client {c}] "):
+                    leaks += 1
+        out["cross_session_leaks"] = leaks
+        out["sessions_checked"] = len(last_session)
+    return out
 
 
 def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens: int, threads: int,
@@ -166,7 +221,7 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
                     "max_tokens": max_tokens, "threads": threads, "late_from": late_from, "runs": {}}
     if not PEER.exists():
         result["notice"] = "llama-server not built (make peer): skipped"
-    for kind in configs:
+    for kind in configs if turns else []:  # --turns 0: the load run alone
         home = tempfile.mkdtemp(prefix="kvside-bench-serve-")
         proc, base = _start("llama-server" if kind == "llama-server" else
                             ("kvside-noreuse" if kind == "kvside-noreuse" else "kvside"), path, n_ctx, threads, home)
@@ -177,13 +232,15 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    if load_clients:  # a daemon with room for several sessions, as one serving editors runs
-        proc, base = _start("kvside", path, n_ctx, threads, tempfile.mkdtemp(prefix="kvside-bench-load-"), sessions=4)
-        try:
-            result["load"] = load_run(base, load_clients, load_requests, max_tokens)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    if load_clients:  # a daemon with room for four sessions, beside llama-server with four slots
+        result["load"] = {}
+        for kind in ["kvside"] + (["llama-server"] if PEER.exists() else []):
+            proc, base = _start(kind, path, n_ctx, threads, tempfile.mkdtemp(prefix="kvside-bench-load-"), sessions=4)
+            try:
+                result["load"][kind] = load_run(base, load_clients, load_requests, max_tokens, kind == "kvside")
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
     return result
 
 
@@ -196,10 +253,11 @@ def table(result: dict) -> str:
     for i in range(result["turns"]):
         cells = [f"{runs[k]['turns'][i]['ttft_s']:.3f} / {runs[k]['turns'][i]['cached_tokens']}" for k in kinds]
         lines.append(f"{i} | " + " | ".join(cells))
-    lines.append(f"late median (turn >= {result['late_from']}) | " +
-                 " | ".join(f"{runs[k]['late_ttft_median_s']:.3f}" for k in kinds))
-    if "load" in result:
-        lines.append("load: " + json.dumps({k: v for k, v in result["load"].items() if k != "error_samples"}))
+    if kinds:
+        lines.append(f"late median (turn >= {result['late_from']}) | " +
+                     " | ".join(f"{runs[k]['late_ttft_median_s']:.3f}" for k in kinds))
+    for kind, load in result.get("load", {}).items():
+        lines.append(f"load, {kind}: " + json.dumps({k: v for k, v in load.items() if k != "error_samples"}))
     if "notice" in result:
         lines.append(result["notice"])
     return "\n".join(lines)

@@ -40,9 +40,15 @@ def best_match(sessions: dict[str, list[dict]], incoming: list[dict]) -> Match |
                     continue
                 if a + n == len(want):
                     break  # the client sends exactly what this session holds: nothing new to answer
+                gone = [m["id"] for m in held[a:b] if m.get("state", "live") == "live"]
+                # Dropping more than is kept is not a client trimming its history but another
+                # conversation that shares a head (the same system prompt): taking this session
+                # would destroy that conversation's cache to save a few tokens. llama-server's
+                # slot choice asks for the same kind of similarity.
+                if len(gone) > n:
+                    break
                 reused = a + n
                 if best is None or reused > best.reused:
-                    gone = [m["id"] for m in held[a:b] if m.get("state", "live") == "live"]
                     best = Match(name, a, gone, reused, incoming[a + n :])
                 break  # the smallest b (fewest drops) is best for this head
     if best is not None and best.reused == 0:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from kvside import atomic, sessionfile
+from kvside.engine import prompt
 from kvside.engine.jobs import JOB_CHUNK, finish
 from kvside.engine.ledger import COMPOSED
 from kvside.engine.session import Message, Session
@@ -218,7 +219,7 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
     if SENTINEL not in seg:
         raise DocumentError("this model's chat template does not keep the document text as given")
     before, after = seg.split(SENTINEL, 1)
-    pieces = core._chat_pieces(s, [], generation=False)  # pending tokens and the last reply's closing
+    pieces = prompt.chat_pieces(core, s, [], generation=False)  # pending tokens and the last reply's closing
     prefix = [t for _, toks in pieces for t in toks]
     prefix_msgs = [m for m, toks in pieces for _ in toks]
     head = core.model.tokenize(before, add_special=len(s.ledger) == 0 and not prefix and core.model.add_bos,
@@ -227,7 +228,7 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
     n_doc = sum(len(b.header["tokens"]) for b in blocks)
     need = len(prefix) + len(head) + n_doc + len(tail)
     edits.auto_roll(core, s, need + 1, protect=set())
-    core._room_check(s, need, 0)
+    core.room_check(s, need)
     t0 = time.perf_counter()
     start_cells = len(s.ledger)
     scratch = core.scratch_seq

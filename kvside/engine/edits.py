@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvside.engine import deviation, native
+from kvside.engine import deviation, native, prompt
 from kvside.engine.jobs import JOB_CHUNK, finish
 from kvside.engine.ledger import ERRATUM, LIVE, RECOMPUTED, SUMMARY
 from kvside.engine.session import (
@@ -411,10 +411,10 @@ def prune(core, s: Session, kind: str = "tool", keep_last: int = 1, close_gap: b
 def append_note(core, s: Session, role: str, content: str, kind: str, state: str) -> tuple[Message, dict]:
     """Append a message to the cache now (no generation) with its cells in `state`."""
     msg = Message(s.next_message_id(), role, content, kind=kind)
-    pieces = core._chat_pieces(s, [msg], generation=False)
+    pieces = prompt.chat_pieces(core, s, [msg], generation=False)
     tokens = [t for _, toks in pieces for t in toks]
     rolled = auto_roll(core, s, len(tokens) + 1, protect=set())
-    core._room_check(s, len(tokens), 0)
+    core.room_check(s, len(tokens))
     start = s.ledger.next_pos
     core.decode_now(s.seq, tokens, start, logits="none")
     for msg_id, toks in pieces:

@@ -98,7 +98,7 @@ class Engine:
                     try:
                         core.step()
                     except Exception as exc:  # a bug must cost the requests in flight, not the engine
-                        core.fail_all(KvsideError(f"internal error: {type(exc).__name__}: {exc}"))
+                        core.scheduler.fail_all(KvsideError(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             self.close_failures = core.close()
             self._drain()
@@ -117,7 +117,7 @@ class Engine:
             future.set_exception(exc)
             return
         if isinstance(result, LongWork):  # long work: it advances between decode steps, then resolves
-            core.start_job(result.steps, future, result.session, result.needs_job_seq)
+            core.jobs.start(result.steps, future, result.session, result.needs_job_seq)
         else:
             future.set_result(result)
 

@@ -1,0 +1,69 @@
+"""Prompt assembly: the tokens that append messages (or raw text) to what a session's cache already
+holds, and the template text that closes a reply. Chat templates render whole conversations;
+kvside renders the difference (ChatTemplate.delta), so an earlier turn is never re-tokenized."""
+
+from __future__ import annotations
+
+from kvside.engine.session import Message, Session
+from kvside.engine.template import TemplateError
+
+
+def chat_pieces(
+    core, s: Session, new: list[Message], *, generation: bool, history: list[dict] | None = None
+) -> list[tuple[int, list[int]]]:
+    """Token pieces (message id, tokens) that append `new` (and the reply's generation prompt)
+    to what the session's cache holds."""
+    hist = s.template_history() if history is None else list(history)
+    texts: list[tuple[int, str]] = []
+    if s.closing:
+        texts.append((s.pending_msg, s.closing))
+    for m in new:
+        seg = core.template.delta(hist, [m.as_template()], add_generation_prompt=False)
+        if seg is None:
+            raise TemplateError("this model's chat template rewrites earlier turns; kvside needs one that appends")
+        texts.append((m.id, seg))
+        hist.append(m.as_template())
+    pieces: list[tuple[int, list[int]]] = []
+    if s.pending:
+        pieces.append((s.pending_msg, list(s.pending)))
+    fresh = len(s.ledger) == 0 and not s.pending
+    for msg_id, text in texts:
+        if not text:
+            continue
+        tokens = core.model.tokenize(text, add_special=False, parse_special=True)
+        if fresh and core.model.add_bos and not (tokens and tokens[0] == core.model.bos):
+            tokens.insert(0, core.model.bos)
+        fresh = False
+        pieces.append((msg_id, tokens))
+    if generation:
+        gen = core.template.delta(hist, [], add_generation_prompt=True) or ""
+        pieces.append((-1, core.model.tokenize(gen, add_special=False, parse_special=True) if gen else []))
+    return pieces
+
+def text_pieces(core, s: Session, msg_id: int, text: str) -> list[tuple[int, list[int]]]:
+    pieces: list[tuple[int, list[int]]] = []
+    if s.pending and not core.model.is_eog(s.pending[0]):
+        pieces.append((s.pending_msg, list(s.pending)))
+    fresh = len(s.ledger) == 0 and not pieces
+    pieces.append((msg_id, core.model.tokenize(text, add_special=fresh, parse_special=False)))
+    return pieces
+
+
+def closing(core, history: list[dict], reply: Message, pending: list[int]) -> tuple[str, bool]:
+    """Template text that closes the reply after what the model wrote, and whether the EOG
+    token already sampled stands for its first part (then it is decoded, not re-tokenized)."""
+    before = core.template.render(history, add_generation_prompt=True)
+    after = core.template.render(history + [reply.as_template()], add_generation_prompt=False)
+    body = reply.content
+    if after.startswith(before + body):
+        closing = after[len(before) + len(body) :]
+    else:
+        stripped = body.strip()
+        j = after.rfind(stripped) if stripped else -1
+        closing = after[j + len(stripped) :] if j >= len(before) else ""
+    eog = pending and core.model.is_eog(pending[0])
+    if eog:
+        eog_text = core.model.token_text(pending[0])
+        if closing.startswith(eog_text):
+            return closing[len(eog_text) :], True
+    return closing, False

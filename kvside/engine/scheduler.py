@@ -1,0 +1,345 @@
+"""The generations: every reply in progress, one per busy session. Each step packs the next tokens
+of every generation (one token for those decoding, a share of the batch for those prefilling) into
+one llama_decode, then samples each one's next token from its own row of logits. Runs on the
+engine thread only, inside Core."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+
+from kvside._llama import lib
+from kvside.engine import edits, prompt
+from kvside.engine.decode import decode_error
+from kvside.engine.sampling import Sampler, SamplingParams, StopMatcher
+from kvside.engine.session import Message, Session
+from kvside.engine.stream import Completion, Event, Stream, Usage
+from kvside.errors import EditError, InvalidRequest, KvsideError
+
+PREFILL = "prefill"
+DECODE = "decode"
+SMALL_BATCH = 64
+
+
+@dataclass
+class _Gen:
+    """A generation in progress."""
+
+    session: Session
+    stream: Stream
+    params: SamplingParams
+    sampler: Sampler
+    stops: StopMatcher
+    todo: list[int]  # prompt tokens still to decode
+    todo_msg: list[int]  # their message ids
+    reply_id: int
+    mode: str  # "chat" or "text"
+    history: list[dict]  # template history before the reply
+    rollback: dict
+    rollback_first_msg: int = -1  # the turn's first new message: protected from auto-roll
+    phase: str = PREFILL
+    next_token: int = -1
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    usage: Usage = field(default_factory=Usage)
+    t_start: float = field(default_factory=time.perf_counter)
+    t_first: float = 0.0
+    notices: list[dict] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, core):
+        self.core = core
+        self.gens: list[_Gen] = []
+        self._last_big = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.gens)
+
+    def start_chat(self, name: str, messages: list[dict], params: SamplingParams, stream: Stream) -> None:
+        s = self.core.get(name)
+        new = []
+        next_id = s.next_message_id()
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
+                raise InvalidRequest("each message needs a role (system/user/assistant/tool) and string content")
+            new.append(Message(next_id + i, role, content, kind="tool" if role == "tool" else "chat"))
+        if not new:
+            raise InvalidRequest("no messages to send")
+        if not any(m.content.strip() for m in new):
+            raise InvalidRequest("the message is empty")
+        if not s.messages and new[0].role == "system":
+            new[0].pinned = True  # the system prompt is never rolled away
+        history = s.template_history() + [m.as_template() for m in new]
+        pieces = prompt.chat_pieces(self.core, s, new, generation=True)
+        reply_id = next_id + len(new)
+        pieces[-1] = (reply_id, pieces[-1][1])
+        self._start(s, pieces, params, stream, reply_id, "chat", history, new)
+
+    def start_text(self, name: str, text: str, params: SamplingParams, stream: Stream) -> None:
+        s = self.core.get(name)
+        if not text:
+            raise InvalidRequest("the prompt is empty")
+        msg_id = s.next_message_id()
+        new = [Message(msg_id, "user", text, kind="text")]
+        pieces = prompt.text_pieces(self.core, s, msg_id, text)
+        self._start(s, pieces, params, stream, msg_id + 1, "text", [], new)
+
+    def start_tokens(self, name: str, tokens: list[int], params: SamplingParams, stream: Stream) -> None:
+        """Continue a session from raw tokens (fill-in-the-middle prompts carry special tokens)."""
+        s = self.core.get(name)
+        if not tokens:
+            raise InvalidRequest("the prompt is empty")
+        msg_id = s.next_message_id()
+        new = [Message(msg_id, "user", "", kind="text")]
+        pieces = [(msg_id, list(tokens))]
+        self._start(s, pieces, params, stream, msg_id + 1, "text", [], new)
+
+    def _start(self, s, pieces, params, stream, reply_id, mode, history, new) -> None:
+        todo = [t for _, toks in pieces for t in toks]
+        todo_msg = [m for m, toks in pieces for _ in toks]
+        notices = []
+        rolled = edits.auto_roll(self.core, s, len(todo) + 1, protect={m.id for m in new})
+        if rolled:
+            notices.append(self._notice(stream, rolled))
+        self.core.room_check(s, len(todo))
+        rollback = {
+            "start": s.ledger.next_pos,
+            "n_messages": len(s.messages),
+            "pending": list(s.pending),
+            "pending_msg": s.pending_msg,
+            "closing": s.closing,
+        }
+        s.messages.extend(new)
+        self.core.clear_pending(s)
+        sampler = Sampler(params, s.ledger.tok + todo, self.core.model.n_vocab)
+        gen = _Gen(s, stream, params, sampler, StopMatcher(params.stop), todo, todo_msg, reply_id, mode, history, rollback)
+        gen.rollback_first_msg = new[0].id if new else -1
+        gen.notices.extend(notices)
+        gen.usage.cached_tokens = len(s.ledger)
+        gen.usage.prompt_tokens = len(s.ledger) + len(todo)
+        s.busy = True
+        s.last_used = time.time()
+        self.gens.append(gen)
+
+    def step(self) -> None:
+        """One llama_decode over every active generation."""
+        for g in list(self.gens):
+            if g.stream.cancelled:
+                self._finish(g, "cancelled")
+        if not self.gens:
+            return
+        self.core.batch.clear()
+        slots = self._plan_big() if not self._last_big else None
+        self._last_big = bool(slots)
+        if not slots:
+            slots = self._plan_small()
+        if not slots:  # only big prefills are waiting
+            slots = self._plan_big()
+            self._last_big = True
+        if not slots:
+            for g in [g for g in self.gens if g.phase == PREFILL and not g.todo]:
+                self._fail(g, InvalidRequest("nothing to decode"))
+            return
+        rc = lib.llama_decode(self.core.ctx, self.core.batch.raw)
+        if rc != 0:
+            error = decode_error(rc)
+            for g, _, _, _ in slots:
+                self.core.mem.rm(g.session.seq, g.session.ledger.next_pos, -1)
+                self._fail(g, error)
+            return
+        for g, toks, msgs, idx in slots:
+            for tok, msg in _runs(toks, msgs):
+                g.session.ledger.append(tok, msg)
+            if idx >= 0:
+                if g.phase == PREFILL:
+                    g.phase = DECODE
+                    g.t_first = time.perf_counter()
+                self._on_token(g, g.sampler.sample(self.core.ctx, idx))
+
+    # llama.cpp's CPU matmul switches kernels at 64 tokens per ubatch (measured): batches below
+    # that give bit-identical rows whatever else they hold, batches above differ in rounding. So
+    # a prefill chunk of 64 tokens or more is decoded alone, and small work (decode steps, short
+    # prompt tails) is packed only while the batch stays under 64: a session's output then does
+    # not depend on what other sessions are doing.
+    def _plan_big(self) -> list:
+        for g in self.gens:
+            if g.phase == PREFILL and len(g.todo) >= SMALL_BATCH:
+                self.gens.remove(g)
+                self.gens.append(g)  # round-robin among long prompts
+                return [self._add_prefill(g, min(len(g.todo), self.core.n_batch))]
+        return []
+
+    def _plan_small(self) -> list:
+        slots = []
+        for g in self.gens:
+            if g.phase == DECODE and self.core.batch.n + 1 < SMALL_BATCH:
+                idx = self.core.batch.add(g.next_token, g.session.ledger.next_pos, g.session.seq, True)
+                slots.append((g, [g.next_token], [g.reply_id], idx))
+        for g in self.gens:
+            if g.phase == PREFILL and 0 < len(g.todo) and self.core.batch.n + len(g.todo) < SMALL_BATCH:
+                slots.append(self._add_prefill(g, len(g.todo)))
+        return slots
+
+    def _add_prefill(self, g: _Gen, n: int):
+        pos0 = g.session.ledger.next_pos
+        idx = -1
+        for i in range(n):
+            last = i == n - 1 and n == len(g.todo)
+            j = self.core.batch.add(g.todo[i], pos0 + i, g.session.seq, last)
+            idx = j if last else idx
+        slot = (g, g.todo[:n], g.todo_msg[:n], idx)
+        del g.todo[:n], g.todo_msg[:n]
+        return slot
+
+    def _on_token(self, g: _Gen, token: int) -> None:
+        g.tokens.append(token)
+        g.usage.completion_tokens = len(g.tokens)
+        if self.core.model.is_eog(token) and not g.params.ignore_eos:
+            return self._finish(g, "stop")
+        text = g.decoder.decode(self.core.model.piece(token))
+        emit, hit = g.stops.feed(text)
+        if emit:
+            g.text.append(emit)
+            g.stream.put(Event("text", emit))
+        if hit:
+            return self._finish(g, "stop", stop_hit=True)
+        if len(g.tokens) >= g.params.max_tokens:
+            return self._finish(g, "length")
+        if g.session.ledger.next_pos + 1 >= self.core.n_ctx:
+            protect = set(range(g.rollback_first_msg, g.reply_id + 1))
+            try:
+                rolled = edits.auto_roll(self.core, g.session, 1 + self.core.n_ctx // 8, protect=protect)
+            except KvsideError as exc:
+                # the reply so far stays in the session; the client learns why it stopped
+                return self._finish(g, "error", error=EditError(f"the window is full and rolling it failed: {exc.message}"))
+            if not rolled or g.session.ledger.next_pos + 1 >= self.core.n_ctx:
+                return self._finish(g, "length")
+            g.notices.append(self._notice(g.stream, rolled))
+        g.next_token = token
+
+    def _notice(self, stream: Stream, report: dict) -> dict:
+        notice = {"kind": "roll", **report}
+        if report.get("strategy") == "close_gaps":
+            text = f"context full: closed {report['gaps_closed']} holes left by masks"
+        else:
+            text = f"context full: rolled {report['dropped']} tokens ({report['strategy']})"
+        stream.put(Event("notice", text=text, data=notice))
+        return notice
+
+    def _finish(self, g: _Gen, reason: str, stop_hit: bool = False, error: KvsideError | None = None) -> None:
+        """End g: its reply becomes a message of the session, and the stream gets the completion
+        (or `error`, after the text so far)."""
+        s = g.session
+        if reason == "cancelled" and g.phase == PREFILL:
+            self._undo(g)
+            completion = Completion(s.name, "", [], "cancelled", g.usage, t_total_s=time.perf_counter() - g.t_start)
+            self._release(g)
+            g.stream.finish(completion)
+            return
+        if not stop_hit:
+            tail = g.decoder.decode(b"", final=True) + g.stops.flush()
+            if tail:
+                g.text.append(tail)
+                g.stream.put(Event("text", tail))
+        text = "".join(g.text)
+        s.pending = g.tokens[-1:]
+        s.pending_msg = g.reply_id
+        if g.mode == "chat":
+            reply = Message(g.reply_id, "assistant", text)
+            s.messages.append(reply)
+            s.closing, keep_eog = prompt.closing(self.core, g.history, reply, s.pending)
+            if s.pending and self.core.model.is_eog(s.pending[0]) and not keep_eog:
+                s.pending = []
+        else:
+            s.messages.append(Message(g.reply_id, "assistant", text, kind="text"))
+            if s.pending and self.core.model.is_eog(s.pending[0]):
+                s.pending = []
+        now = time.perf_counter()
+        n_dec = max(len(g.tokens) - 1, 0)
+        completion = Completion(
+            session=s.name,
+            text=text,
+            tokens=list(g.tokens),
+            finish_reason=reason,
+            usage=g.usage,
+            t_prefill_s=(g.t_first or now) - g.t_start,
+            t_total_s=now - g.t_start,
+            decode_tok_s=n_dec / (now - g.t_first) if g.t_first and n_dec and now > g.t_first else 0.0,
+            notices=g.notices,
+            params=vars(g.params),
+        )
+        self._release(g)
+        if error is not None:
+            g.stream.fail(error)
+        else:
+            g.stream.finish(completion)
+
+    def stop_all(self, error: KvsideError) -> None:
+        """End every generation with `error` as _fail does (the engine is closing)."""
+        for g in list(self.gens):
+            self._fail(g, error)
+
+    def fail_all(self, error: KvsideError) -> None:
+        """End every generation with `error`; their sessions are rebuilt from their ledgers, so
+        none is left between states."""
+        for g in list(self.gens):
+            if g in self.gens:
+                self.gens.remove(g)
+            g.sampler.close()
+            g.session.busy = False
+            try:
+                edits.reprefill(self.core, g.session)
+            except KvsideError:
+                pass  # reprefill cleared the session's cache and ledger; it starts empty
+            self.core.ready.extend(g.session.backlog)
+            g.session.backlog.clear()
+            g.stream.fail(error)
+
+    def _undo(self, g: _Gen) -> None:
+        s, rb = g.session, g.rollback
+        self.core.mem.rm(s.seq, rb["start"], -1)
+        s.ledger.truncate(rb["start"])
+        del s.messages[rb["n_messages"] :]
+        s.pending, s.pending_msg, s.closing = rb["pending"], rb["pending_msg"], rb["closing"]
+
+    def _fail(self, g: _Gen, error: KvsideError) -> None:
+        """End g with an error. A prompt not fully read is undone; a reply already under way is
+        kept as far as it got, so the ledger and the messages still agree."""
+        if g.phase == PREFILL:
+            self._undo(g)
+            self._release(g)
+            g.stream.fail(error)
+        else:
+            self._finish(g, "error", error=error)
+
+    def _release(self, g: _Gen) -> None:
+        g.sampler.close()
+        if g in self.gens:
+            self.gens.remove(g)
+        s = g.session
+        s.busy = False
+        s.last_used = time.time()
+        self.core.ready.extend(s.backlog)
+        s.backlog.clear()
+        if s.temporary and s.name in self.core.sessions and not self.ready_for(s.name):
+            self.core.delete_session(s.name, forget_file=True)
+
+    def ready_for(self, name: str) -> bool:
+        """Whether work for session `name` waits in the ready list."""
+        return any(item[1] == name for item in self.core.ready)
+
+
+def _runs(tokens: list[int], msgs: list[int]):
+    """Group consecutive tokens by message id."""
+    start = 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or msgs[i] != msgs[start]:
+            yield tokens[start:i], msgs[start]
+            start = i

@@ -13,6 +13,7 @@ from kvside.errors import KvsideError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+CHAT_N_CTX = 2048
 
 
 def _engine_args(p: argparse.ArgumentParser, n_ctx: int = 2048) -> None:
@@ -171,6 +172,13 @@ def chat_app(ns: argparse.Namespace):
     from kvside.tui.app import ChatApp
     from kvside.tui.backend import LocalBackend, RemoteBackend
 
+    if ns.connect:  # the daemon has its own model, window and folders: these flags would do nothing
+        local_only = [flag for flag, given in (
+            ("--model", ns.model), ("--docs", ns.docs), ("--sessions-dir", ns.sessions_dir), ("--exact", ns.exact),
+            ("--threads", ns.threads), ("--n-gpu-layers", ns.n_gpu_layers), ("--n-ctx", ns.n_ctx != CHAT_N_CTX)) if given]
+        if local_only:
+            raise KvsideError_usage(f"{', '.join(local_only)} set up the in-process engine; with --connect the "
+                                    "daemon's own settings apply (give them to `kvside serve`)")
     engines, watchers = [], []
     params = _sampling(ns)
 
@@ -484,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _api_key_arg(p)
     p.add_argument("--session", default=None, help="continue (or start) a saved session by name")
     p.add_argument("--sessions-dir", default=None, help="where sessions are saved")
-    _engine_args(p)
+    _engine_args(p, n_ctx=CHAT_N_CTX)
     _sampling_args(p)
     p.set_defaults(func=cmd_chat)
 

@@ -147,3 +147,30 @@ async def test_stop_strings_end_the_reply(tmp_path):
         close()
     assert chat.items[-1].text == free[: free.index(stop)]
     assert chat.last["finish_reason"] == "stop"
+
+
+@pytest.mark.asyncio
+async def test_session_flag_opens_that_saved_session(tmp_path):
+    app, close = launch(tmp_path, "-t", "0", "-n", "4", "--session", "notes")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await started(pilot)
+        assert app.current == "notes"
+        await send(pilot, "The meeting is on Friday.")
+    close()
+    app, close = launch(tmp_path, "-t", "0", "-n", "4", "--session", "notes")
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await started(pilot)
+            assert app.current == "notes"
+            assert "Friday" in app.chats["notes"].items[0].text
+    finally:
+        close()
+
+
+@pytest.mark.parametrize("flag", [["--model", "x.gguf"], ["--docs", "."], ["--exact"], ["--n-ctx", "512"],
+                                  ["--threads", "1"], ["--sessions-dir", "."]])
+def test_engine_flags_with_connect_are_refused_not_ignored(flag, capsys):
+    from kvside.cli import main
+
+    assert main(["chat", "--connect", "http://127.0.0.1:9", *flag]) == 2
+    assert flag[0] in capsys.readouterr().err

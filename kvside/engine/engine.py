@@ -328,23 +328,18 @@ class Engine:
         longest match (or `session`, created if unknown), edits it to match and starts the reply
         in one task (binding.bind_and_start). The stream's first event is "bound", with the
         session's name and what was reused."""
-        stream = Stream(session or "")
-        stream.on_event = on_event
-
-        def run(core: Core) -> None:
-            if stream.cancelled:
-                return stream.fail(KvsideError("cancelled before it started"))
-            try:
-                binding.bind_and_start(core, messages, params, stream, session=session, reuse=reuse,
-                                       documents=list(documents))
-            except KvsideError as exc:
-                stream.fail(exc)
-
-        return self._post_stream(run, stream, session)
+        return self._bind(lambda core, stream: binding.bind_and_start(
+            core, messages, params, stream, session=session, reuse=reuse, documents=list(documents)),
+            session, on_event)
 
     def bind_text(self, *, text: str | None = None, tokens=None, session: str | None = None,
                   on_event=None, **params: Any) -> Stream:
         """A text completion in `session` (created if unknown) or in a temporary session."""
+        return self._bind(lambda core, stream: binding.bind_text(core, params, stream, text=text, tokens=tokens,
+                                                                 session=session), session, on_event)
+
+    def _bind(self, start, session: str | None, on_event) -> Stream:
+        """Post start(core, stream) as one task (after `session`'s current work, if named)."""
         stream = Stream(session or "")
         stream.on_event = on_event
 
@@ -352,13 +347,10 @@ class Engine:
             if stream.cancelled:
                 return stream.fail(KvsideError("cancelled before it started"))
             try:
-                binding.bind_text(core, params, stream, text=text, tokens=tokens, session=session)
+                start(core, stream)
             except KvsideError as exc:
                 stream.fail(exc)
 
-        return self._post_stream(run, stream, session)
-
-    def _post_stream(self, run, stream: Stream, session: str | None) -> Stream:
         future = self.submit(run, session=session)
         future.add_done_callback(lambda f: f.exception() and stream.fail(_as_kvside(f.exception())))
         return stream

@@ -150,9 +150,9 @@ class Daemon:
         queue: asyncio.Queue = asyncio.Queue()
         return queue, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
 
-    async def _bound(self, request: HTTPRequest, stream, queue: asyncio.Queue) -> dict:
-        """Wait until the engine has chosen the session (the response headers name it); a client
-        that goes away meanwhile cancels the request before it starts."""
+    async def _wait_for(self, kind: str, request: HTTPRequest, stream, queue: asyncio.Queue):
+        """The next event of `kind`, skipping others; an error event is raised. A client that
+        goes away meanwhile cancels the generation."""
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), timeout=0.5)
@@ -162,8 +162,12 @@ class Daemon:
                 continue
             if event.kind == "error":
                 raise event.data["error"]
-            if event.kind == "bound":
-                return event.data
+            if event.kind == kind:
+                return event
+
+    async def _bound(self, request: HTTPRequest, stream, queue: asyncio.Queue) -> dict:
+        """What the engine bound the request to (the response headers name the session)."""
+        return (await self._wait_for("bound", request, stream, queue)).data
 
     async def _first(self, queue: asyncio.Queue):
         """The first event if it comes soon; an early error becomes a proper HTTP error."""
@@ -187,18 +191,9 @@ class Daemon:
                 return
 
     async def _collect(self, request: HTTPRequest, stream, queue) -> Any:
-        """Wait for a non-streamed reply, cancelling it if the client goes away."""
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    stream.cancel()
-                continue
-            if event.kind == "error":
-                raise event.data["error"]
-            if event.kind == "done":
-                return stream.completion
+        """A non-streamed reply, whole."""
+        await self._wait_for("done", request, stream, queue)
+        return stream.completion
 
     def _sse(self, events, headers: dict) -> EventSourceResponse:
         """Server-sent events, with a keep-alive comment while a long prompt is read."""

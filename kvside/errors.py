@@ -61,6 +61,11 @@ class CacheFull(KvsideError):
     code = "cache_full"
 
 
+class NoIdleSession(CacheFull):
+    """Every resident session is busy, so none can go to disk to make room. The engine holds a
+    task that raises it until a session is free again (when one is busy, it will be)."""
+
+
 class EditError(KvsideError):
     status = 400
     kind = "invalid_request_error"

@@ -143,3 +143,20 @@ def test_concurrent_http_clients_each_get_a_session_with_exactly_their_messages(
                 assert contents == [m["content"] for m in asks[i]] + [reply], (i, contents)
         finally:
             live.stop()
+
+
+def test_a_conversation_whose_session_went_to_disk_is_brought_back_not_prefilled(tmp_path):
+    with Engine(n_ctx=256, max_sessions=1, n_threads=2, sessions_dir=str(tmp_path)) as engine:
+        first = engine.bind_chat(msgs(SYS, U1), max_tokens=4, **GREEDY)
+        first.wait()
+        other = engine.bind_chat(msgs(("user", "a different conversation")), max_tokens=4, **GREEDY)
+        other.wait()  # one resident session: the first one went to disk to make room
+        assert other.session != first.session
+        assert {r["name"]: r["resident"] for r in engine.sessions()}[first.session] is False
+        again = engine.bind_chat(msgs(SYS, U1) + [{"role": "assistant", "content": first.completion.text}] + msgs(U2),
+                                 max_tokens=4, **GREEDY)
+        again.wait()
+        assert again.session == first.session
+        assert again.completion.usage.cached_tokens > 0
+        contents = [m["content"] for m in engine.messages(first.session)]
+        assert contents == [SYS[1], U1[1], first.completion.text, U2[1], again.completion.text]

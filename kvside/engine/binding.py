@@ -90,9 +90,11 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
     else:
         candidates = {n: chat_history(c) for n, c in core.sessions.items()
                       if c.auto_bound and not c.busy} if reuse else {}
+        if reuse:
+            candidates.update(core.auto_saved)  # on disk: brought back (exactly) if they match best
         match = best_match(candidates, messages)
         if match is not None:
-            s = core.sessions[match.session]
+            s = core.get(match.session)
         else:
             s, created = core.new_session(core.free_name(AUTO_PREFIX)), True
             s.auto_bound = reuse

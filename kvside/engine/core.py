@@ -105,11 +105,13 @@ class Core:
         )
         self.sessions: dict[str, Session] = {}
         self.evicted: dict[str, Path] = {}  # sessions on disk, restored on first use
+        self.auto_saved: dict[str, list[dict]] = {}  # of those, request binding's: what each holds
         self.sessions_dir = Path(config.sessions_dir) if config.sessions_dir else subdir("sessions")
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         self.type_k = self.type_v = "f16"  # llama.cpp's default KV types; recorded in session files
         self.free_seqs = list(range(self.scratch_seq))
         self.ready: list = []  # deferred work whose session became free
+        self.waiting: list = []  # work that needs a sequence while every session is busy
         self.scheduler = Scheduler(self)
         self.jobs = JobRunner(self)
         self._spent = {"gens": 0.0, "jobs": 0.0}  # engine time each side used while both had work
@@ -161,12 +163,12 @@ class Core:
         closed = EngineClosed("the engine has stopped")
         self.scheduler.stop_all(closed)
         self.jobs.stop_all(closed)
-        waiting = self.ready + [item for s in self.sessions.values() for item in s.backlog]
-        self.ready = []
+        waiting = self.ready + self.waiting + [item for s in self.sessions.values() for item in s.backlog]
+        self.ready, self.waiting = [], []
         for s in self.sessions.values():
             s.backlog.clear()
         for _fn, _session, future in waiting:
-            if future.set_running_or_notify_cancel():
+            if future.running() or future.set_running_or_notify_cancel():
                 future.set_exception(closed)
         failures = []
         if self.config.persist and self.ctx:
@@ -218,6 +220,12 @@ class Core:
         self.mem.clear_seq(seq)
         self.free_seqs.append(seq)
         self.free_seqs.sort()
+        self.session_freed()
+
+    def session_freed(self) -> None:
+        """A session went idle or a sequence came free: work waiting for one may run now."""
+        self.ready.extend(self.waiting)
+        self.waiting.clear()
 
     def new_session(self, name: str | None = None, system: str | None = None,
                     keep: set[str] = frozenset()) -> Session:
@@ -242,6 +250,7 @@ class Core:
 
     def delete_session(self, name: str, forget_file: bool = False) -> None:
         if name not in self.sessions and name in self.evicted:
+            self.auto_saved.pop(name, None)
             path = self.evicted.pop(name)
             if forget_file:
                 path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from kvside.engine.ledger import Ledger
 from kvside.engine.stream import Stream
 from kvside.engine.session import check_name
 from kvside.engine.txn import atomic
-from kvside.errors import EngineClosed, InvalidRequest, KvsideError, SessionNotFound
+from kvside.errors import EngineClosed, InvalidRequest, KvsideError, NoIdleSession, SessionNotFound
 
 _STOP = object()
 
@@ -109,10 +109,16 @@ class Engine:
         if session is not None and session in core.sessions and core.sessions[session].busy:
             core.sessions[session].backlog.append(item)
             return
-        if not future.set_running_or_notify_cancel():
+        if not future.running() and not future.set_running_or_notify_cancel():
             return
         try:
             result = fn(core)
+        except NoIdleSession as exc:
+            if any(s.busy for s in core.sessions.values()):
+                core.waiting.append(item)  # tried again when a session is free (tasks that need a
+                return  # sequence take it before they change anything)
+            future.set_exception(exc)
+            return
         except BaseException as exc:
             future.set_exception(exc)
             return
@@ -348,6 +354,8 @@ class Engine:
                 return stream.fail(KvsideError("cancelled before it started"))
             try:
                 start(core, stream)
+            except NoIdleSession:
+                raise  # the engine holds the task until a session is free
             except KvsideError as exc:
                 stream.fail(exc)
 
@@ -363,6 +371,8 @@ class Engine:
             try:
                 sampling = core.get(session).defaults.replace(**params)
                 start(core, sampling, stream)
+            except NoIdleSession:
+                raise  # the engine holds the task until a session is free
             except KvsideError as exc:
                 stream.fail(exc)
 

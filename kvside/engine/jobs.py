@@ -99,6 +99,7 @@ class JobRunner:
             s.last_used = time.time()
             self.core.ready.extend(s.backlog)
             s.backlog.clear()
+            self.core.session_freed()
 
     def stop_all(self, error) -> None:
         """Close every job (their snapshots roll their sessions back) and fail their callers."""

@@ -13,7 +13,7 @@ from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
 from kvside.engine.session import Message, Session, check_name
 from kvside.engine.state import StateRejected, set_seq_state
-from kvside.errors import CacheFull, InvalidRequest, KvsideError, SessionBusy
+from kvside.errors import InvalidRequest, KvsideError, NoIdleSession, SessionBusy
 from kvside.sessionfile import SessionFileError
 
 SUFFIX = ".kvs"
@@ -163,30 +163,46 @@ def session_path(core, name: str) -> Path:
     return core.sessions_dir / f"{check_name(name)}{SUFFIX}"
 
 
+MAX_SAVED_AUTO = 8  # sessions made by request binding kept on disk, per resident session
+
+
 def evict(core, s: Session) -> Path:
     path = session_path(core, s.name)
     save(core, s, path)
     core.delete_session(s.name)
     core.evicted[s.name] = path
+    if s.auto_bound:
+        # what it holds stays in memory, so a request that continues it can still be matched
+        # and brought back instead of prefilled; request binding's sessions are a cache (the
+        # client holds the conversation), so beyond a bound the oldest ones are dropped
+        from kvside.engine.binding import chat_history
+
+        core.auto_saved[s.name] = chat_history(s)
+        while len(core.auto_saved) > MAX_SAVED_AUTO * core.max_sessions:
+            oldest = next(iter(core.auto_saved))
+            core.auto_saved.pop(oldest)
+            core.evicted.pop(oldest, path).unlink(missing_ok=True)
     return path
 
 
 def make_room(core, keep: set[str] = frozenset()) -> None:
-    """Send the least recently used idle session (not one in `keep`) to disk; CacheFull if there
-    is none."""
+    """Send the least recently used idle session (not one in `keep`) to disk; NoIdleSession if
+    there is none."""
     idle = [s for s in core.sessions.values() if not s.busy and s.name not in keep]
     if not idle:
-        raise CacheFull(f"all {core.max_sessions} resident sessions are busy")
+        raise NoIdleSession(f"all {core.max_sessions} resident sessions are busy")
     evict(core, min(idle, key=lambda s: s.last_used))
 
 
 def bring_back(core, name: str) -> Session:
     path = core.evicted.pop(name)
     try:
-        return restore(core, path, name)
+        s = restore(core, path, name)
     except KvsideError:
         core.evicted[name] = path  # still on disk, still known
         raise
+    s.auto_bound = core.auto_saved.pop(name, None) is not None
+    return s
 
 
 def scan(core) -> None:

@@ -330,6 +330,7 @@ class Scheduler:
         s.backlog.clear()
         if s.temporary and s.name in self.core.sessions and not self.ready_for(s.name):
             self.core.delete_session(s.name, forget_file=True)
+        self.core.session_freed()
 
     def ready_for(self, name: str) -> bool:
         """Whether work for session `name` waits in the ready list."""

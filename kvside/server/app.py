@@ -65,10 +65,10 @@ class Daemon:
         self.max_active = max_active
         self.reuse = reuse
         self.keepalive_s = keepalive_s
+        # requests in flight; beyond max_active a request is refused (429). Requests beyond the
+        # resident sessions wait in the engine until a session is free (a request's session is
+        # busy until the engine has seen it end, which is not when its client went away)
         self.active = 0
-        # one generation per resident session at most; further requests wait here, in a queue
-        # bounded by max_active, instead of failing for want of a cache slot
-        self.slots = asyncio.Semaphore(info["max_sessions"])
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -129,15 +129,9 @@ class Daemon:
         if self.active >= self.max_active:
             raise Overloaded(f"{self.active} requests in flight; try again shortly")
         self.active += 1
-        try:
-            await self.slots.acquire()
-        except BaseException:
-            self.active -= 1
-            raise
 
     def _done(self) -> None:
         self.active -= 1
-        self.slots.release()
 
     @staticmethod
     def _explicit(request: HTTPRequest, req: oa.Request) -> str | None:

@@ -235,3 +235,20 @@ def test_evicted_session_names_are_not_reused(tmp_path):
         second = engine.new_session()
         assert second != first
         assert {r["name"] for r in engine.sessions()} == {first, second}
+
+
+def test_a_session_too_large_to_copy_is_rebuilt_whole_on_roll_back(exact, monkeypatch):
+    from kvside.engine import txn
+
+    name = exact.new_session(system="You are brief.")
+    for q in ("My cat is Tom.", "My dog is Rex."):
+        say(exact, name, q)
+    messages, ledger = exact.messages(name), exact.ledger(name)
+    monkeypatch.setattr(txn, "SNAPSHOT_MAX_BYTES", 0)  # as for a long session of a large model
+    monkeypatch.setattr(edits, "mask", lambda *a, **k: (_ for _ in ()).throw(EditError("mask failed")))
+    with pytest.raises(EditError):
+        exact.compact(name, up_to=2, summary="Pets.")
+    assert exact.messages(name) == messages
+    assert exact.ledger(name).tok == ledger.tok  # the same tokens, rebuilt densely
+    exact.check(name)
+    say(exact, name, "And my bird?")

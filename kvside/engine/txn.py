@@ -4,6 +4,9 @@ any failure put the cells and the session's records back as they were.
 
 The snapshot is the sequence's state (llama_state_seq_get_data: about 23 KB per token of the
 default model) plus copies of the ledger and messages, so a roll back is exact, not a rebuild.
+Above SNAPSHOT_MAX_BYTES of state (a long session of a large model, where the copy would cost
+more than the edit) only the records are kept, and a roll back rebuilds the cells from the
+saved ledger's tokens: the session is whole again, with its positions made dense.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import copy
 import logging
 from contextlib import contextmanager
 
+from kvside._llama import lib
 from kvside.engine.session import Session
 from kvside.engine.state import set_seq_state
 from kvside.errors import KvsideError
@@ -21,23 +25,30 @@ log = logging.getLogger("kvside")
 _FIELDS = ("ledger", "messages", "pending", "pending_msg", "closing", "roll_strategy", "edit_log", "defaults")
 
 
+SNAPSHOT_MAX_BYTES = 64 << 20  # about 10 ms of copying on a laptop CPU
+
+
 class Snapshot:
     def __init__(self, core, s: Session):
         self.core, self.session = core, s
-        self.state = bytes(core.seq_state(s.seq))
+        size = lib.llama_state_seq_get_size(core.ctx, s.seq)
+        self.state = bytes(core.seq_state(s.seq)) if size <= SNAPSHOT_MAX_BYTES else None
         self.fields = {f: copy.deepcopy(getattr(s, f)) for f in _FIELDS}
 
     def restore(self) -> None:
-        """Put the session back as it was. If llama.cpp cannot take the cells back (it always
-        could hold them before), rebuild them from the saved ledger's tokens instead."""
+        """Put the session back as it was. Without a state copy, or if llama.cpp cannot take the
+        cells back (it always could hold them before), rebuild them from the saved ledger."""
+        from kvside.engine.edits import reprefill
+
         core, s = self.core, self.session
         for f, value in self.fields.items():
             setattr(s, f, value)
+        if self.state is None:
+            reprefill(core, s)
+            return
         try:
             set_seq_state(core.ctx, s.seq, self.state)
         except KvsideError as exc:
-            from kvside.engine.edits import reprefill
-
             log.warning("session %s: could not reload its snapshot (%s); rebuilding from its tokens", s.name, exc)
             reprefill(core, s)
 

@@ -23,7 +23,7 @@ scalars = st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) |
                            st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 
-FIELDS = ["messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+FIELDS = ["messages", "prompt", "model", "content", "tokens", "with_pieces", "add_special", "parse_special", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "seed", "stop", "stream", "stream_options", "n", "session", "documents", "suffix",
           "repeat_penalty", "input_prefix", "input_suffix", "n_predict",
           # the edits' arguments
@@ -55,7 +55,8 @@ def assert_clean(r):
         assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
 
 
-ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/infill", "/kvside/restore"] + \
+ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/infill", "/kvside/restore", "/tokenize", "/detokenize",
+             "/apply-template"] + \
     [f"/kvside/sessions/fz/{edit}" for edit in EDITS if edit not in ("compact",)]
 
 

@@ -28,6 +28,8 @@ from starlette.routing import Route
 from kvside.engine import Engine, commands
 from kvside.engine.session import check_name
 from kvside.errors import InvalidRequest, KvsideError, ModelNotFound
+from kvside.engine.sampling import SamplingParams
+from kvside.server import llamacpp_api as llamacpp
 from kvside.server import openai_api as oa
 from kvside.server.guard import Guard
 
@@ -57,7 +59,8 @@ class Daemon:
                  max_body: int = 8 * 1024 * 1024, max_upload: int = 16 << 30, max_active: int = 32,
                  reuse: bool = True, keepalive_s: float = KEEPALIVE_S):
         self.engine = engine
-        info = engine.info()
+        info = self.info = engine.info()
+        self.template = engine.call(llamacpp.template_facts)
         self.model_name = info["model_name"]
         self.model_aliases = {self.model_name, "default", os.path.basename(info["model"]["path"])}
         self.max_body = max_body
@@ -72,6 +75,11 @@ class Daemon:
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/models", self.models, methods=["GET"]),
+            Route("/props", self.props, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/apply-template", self.apply_template, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/infill", self.infill, methods=["POST"]),
@@ -217,7 +225,26 @@ class Daemon:
 
     async def models(self, request: HTTPRequest) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvside"}]})
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvside",
+             "meta": llamacpp.model_meta(self.info)}]})
+
+    # -- llama-server's helpers (llamacpp_api.py) -------------------------------------------------
+    async def props(self, request: HTTPRequest) -> JSONResponse:
+        return JSONResponse(llamacpp.props(self.info, self.template, vars(SamplingParams())))
+
+    async def tokenize(self, request: HTTPRequest) -> JSONResponse:
+        args = llamacpp.tokenize_args(await self._json(request))
+        return JSONResponse(await asyncio.to_thread(self.engine.call, lambda core: llamacpp.tokenize(core, *args)))
+
+    async def detokenize(self, request: HTTPRequest) -> JSONResponse:
+        tokens = llamacpp.detokenize_args(await self._json(request), self.info["model"]["n_vocab"])
+        text = await asyncio.to_thread(self.engine.call, lambda core: core.model.detokenize(tokens, special=True))
+        return JSONResponse({"content": text})
+
+    async def apply_template(self, request: HTTPRequest) -> JSONResponse:
+        messages = llamacpp.apply_template_args(await self._json(request))
+        return JSONResponse(await asyncio.to_thread(self.engine.call,
+                                                    lambda core: llamacpp.apply_template(core, messages)))
 
     async def chat_completions(self, request: HTTPRequest):
         req = oa.parse_chat(await self._json(request))

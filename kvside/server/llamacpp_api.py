@@ -1,0 +1,109 @@
+"""llama-server's own helper endpoints, in its shapes (tools/server/server-context.cpp): `/props`,
+`/tokenize`, `/detokenize`, `/apply-template`, and the `meta` block of `/v1/models`. Zed's llama.cpp
+provider reads `/props` for the window and the template's capabilities; llama.vscode counts tokens
+exactly with `/apply-template` + `/tokenize`. Vocabulary: llama-server's words here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvside import __version__
+from kvside.errors import InvalidRequest
+from kvside.server import openai_api as oa
+
+
+def model_meta(info: dict) -> dict:
+    """The `meta` block llama-server puts in each /v1/models entry."""
+    model = info["model"]
+    return {"vocab_type": None, "n_vocab": model["n_vocab"], "n_ctx": info["n_ctx"],
+            "n_ctx_train": model["n_ctx_train"], "n_embd": model["n_embd"], "n_params": model["n_params"],
+            "size": model["size_bytes"]}
+
+
+def props(info: dict, template: dict, defaults: dict) -> dict:
+    """GET /props: the window per session, the sampling defaults, the chat template and what it can
+    do. kvside does not parse tool calls yet, so supports_tool_calls is false, as it must be."""
+    return {
+        "default_generation_settings": {"n_ctx": info["n_ctx"], "params": defaults},
+        "total_slots": info["max_sessions"],
+        "model_alias": info["model_name"],
+        "model_path": info["model"]["path"].rsplit("/", 1)[-1],  # the file's name, not where it lives
+        "modalities": {"vision": False, "audio": False, "video": False},
+        "chat_template": template["source"],
+        "chat_template_caps": {"supports_tools": False, "supports_tool_calls": False,
+                               "supports_parallel_tool_calls": False, "supports_tool_call_id": False,
+                               "supports_system_role": template["system_role"]},
+        "bos_token": template["bos_token"],
+        "eos_token": template["eos_token"],
+        "build_info": f"kvside {__version__}",
+        "endpoint_props": True,
+        "endpoint_slots": False,
+        "endpoint_metrics": False,
+    }
+
+
+def _flag(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{key}' must be true or false", param=key)
+    return value
+
+
+def tokenize_args(body: Any) -> tuple[str, bool, bool, bool]:
+    """POST /tokenize {content, add_special=false, parse_special=true, with_pieces=false}."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    content = body.get("content", "")
+    if not isinstance(content, str):
+        raise InvalidRequest("'content' must be a string", param="content")
+    return (content, _flag(body, "add_special", False), _flag(body, "parse_special", True),
+            _flag(body, "with_pieces", False))
+
+
+def tokenize(core, content: str, add_special: bool, parse_special: bool, with_pieces: bool) -> dict:
+    tokens = core.model.tokenize(content, add_special=add_special, parse_special=parse_special)
+    if not with_pieces:
+        return {"tokens": tokens}
+    out = []
+    for t in tokens:
+        raw = core.model.piece(t, special=True)
+        try:
+            piece: Any = raw.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: llama-server sends the bytes
+            piece = list(raw)
+        out.append({"id": t, "piece": piece})
+    return {"tokens": out}
+
+
+def detokenize_args(body: Any, n_vocab: int) -> list[int]:
+    """POST /detokenize {tokens}: every token must be one of the model's."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    tokens = body.get("tokens", [])
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < n_vocab for t in tokens):
+        raise InvalidRequest(f"'tokens' must be a list of token ids (0 to {n_vocab - 1})", param="tokens")
+    return tokens
+
+
+def apply_template_args(body: Any) -> list[dict]:
+    """POST /apply-template: the messages of a chat completion request, checked as /v1 checks them."""
+    return oa.parse_chat(body).messages
+
+
+def apply_template(core, messages: list[dict]) -> dict:
+    """The prompt the chat template makes of `messages`, with the reply's generation prompt:
+    tokenized with add_special it is what a fresh session reads for that request."""
+    return {"prompt": core.template.render(messages, add_generation_prompt=True)}
+
+
+def template_facts(core) -> dict:
+    try:
+        core.template.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                             add_generation_prompt=True)
+        system_role = True
+    except Exception:  # a template that raises on a system message does not have the role
+        system_role = False
+    model = core.model
+    return {"source": model.chat_template or "", "system_role": system_role,
+            "bos_token": model.token_text(model.bos) if model.bos >= 0 else "",
+            "eos_token": model.token_text(model.eos) if model.eos >= 0 else ""}

@@ -28,7 +28,9 @@ FIELDS = ["messages", "prompt", "model", "content", "tokens", "with_pieces", "ad
           "repeat_penalty", "input_prefix", "input_suffix", "n_predict",
           # the edits' arguments
           "drop", "keep", "strategy", "boundary", "span", "close_gap", "up_to", "summary", "mode", "kind",
-          "keep_last", "text", "name", "as", "document", "recompute", "path"]
+          "keep_last", "text", "name", "as", "document", "recompute", "path",
+          # Ollama's
+          "options", "system", "raw", "format", "tools", "images", "think", "keep_alive"]
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x", 3]),
                                  "content": st.text(max_size=30) | json_values})
 field_values = {f: json_values for f in FIELDS} | {"messages": st.lists(message, max_size=3) | json_values}
@@ -52,11 +54,12 @@ def assert_clean(r):
     assert r.status_code < 500 or r.status_code == 503, (r.status_code, r.text[:300])
     if r.status_code >= 400:
         err = r.json()["error"]
-        assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
+        message = err if isinstance(err, str) else err["message"]  # Ollama's shape, or OpenAI's
+        assert isinstance(message, str) and message and "Traceback" not in message
 
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/infill", "/kvside/restore", "/tokenize", "/detokenize",
-             "/apply-template"] + \
+             "/apply-template", "/api/chat", "/api/generate", "/api/show"] + \
     [f"/kvside/sessions/fz/{edit}" for edit in EDITS if edit not in ("compact",)]
 
 
@@ -66,6 +69,8 @@ ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/infill", "/kvside/rest
 def test_random_json_never_gets_a_5xx(client, path, body):
     if isinstance(body, dict) and path.endswith(("/chat/completions", "/completions", "/infill")):
         body.setdefault("max_tokens", 4)
+    if isinstance(body, dict) and path.startswith("/api/"):
+        body.setdefault("options", {"num_predict": 4})
     assert_clean(client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}))
 
 

@@ -161,7 +161,8 @@ def test_host_header_must_name_this_daemon(open_live, host, status):
     ("GET", "/kvside/sessions"), ("GET", "/kvside/sessions/x"), ("DELETE", "/kvside/sessions/x"),
     ("POST", "/kvside/sessions/x/roll"), ("POST", "/kvside/restore"), ("GET", "/kvside/sessions/x/file"),
     ("PUT", "/kvside/sessions/x/file"), ("GET", "/no/such/route"), ("GET", "/props"), ("POST", "/tokenize"),
-    ("POST", "/detokenize"), ("POST", "/apply-template"), ("GET", "/models"),
+    ("POST", "/detokenize"), ("POST", "/apply-template"), ("GET", "/models"), ("GET", "/api/tags"),
+    ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/show"), ("GET", "/api/version"),
 ])
 def test_every_route_but_health_needs_the_key(live, method, path):
     r = httpx.request(method, live.url + path, headers=JSON, content=b"{}")

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -22,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from kvside.engine import Engine, commands
@@ -30,6 +31,7 @@ from kvside.engine.session import check_name
 from kvside.errors import InvalidRequest, KvsideError, ModelNotFound
 from kvside.engine.sampling import SamplingParams
 from kvside.server import llamacpp_api as llamacpp
+from kvside.server import ollama_api as ollama
 from kvside.server import openai_api as oa
 from kvside.server.guard import Guard
 
@@ -83,6 +85,12 @@ class Daemon:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/infill", self.infill, methods=["POST"]),
+            Route("/api/version", self.ollama_version, methods=["GET"]),
+            Route("/api/tags", self.ollama_tags, methods=["GET"]),
+            Route("/api/ps", self.ollama_ps, methods=["GET"]),
+            Route("/api/show", self.ollama_show, methods=["POST"]),
+            Route("/api/chat", self.ollama_chat, methods=["POST"]),
+            Route("/api/generate", self.ollama_generate, methods=["POST"]),
             Route("/kvside/sessions", self.list_sessions, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.show_session, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.delete_session, methods=["DELETE"]),
@@ -98,12 +106,14 @@ class Daemon:
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _on_error(self, request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, KvsideError):
-            headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-            return error_response(exc, headers)
         if isinstance(exc, ClientDisconnect):
-            return error_response(InvalidRequest("the client went away"))
-        return error_response(KvsideError(f"internal error: {type(exc).__name__}"))
+            exc = InvalidRequest("the client went away")
+        elif not isinstance(exc, KvsideError):
+            exc = KvsideError(f"internal error: {type(exc).__name__}")
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+        if request.url.path.startswith("/api/"):  # Ollama's clients read {"error": "..."}
+            return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+        return error_response(exc, headers)
 
     async def _on_http(self, request, exc: HTTPException) -> JSONResponse:
         err = KvsideError(exc.detail if isinstance(exc.detail, str) else "error")
@@ -227,6 +237,93 @@ class Daemon:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvside",
              "meta": llamacpp.model_meta(self.info)}]})
+
+    # -- Ollama's API (ollama_api.py) -------------------------------------------------------------
+    def _ollama_model(self, body) -> str:
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest("'model' must be a string", param="model")
+        if name is not None:
+            self._check_model(name[: -len(":latest")] if name.endswith(":latest") else name)
+        return name or self.model_name
+
+    async def ollama_version(self, request: HTTPRequest) -> JSONResponse:
+        return JSONResponse(ollama.version())
+
+    async def ollama_tags(self, request: HTTPRequest) -> JSONResponse:
+        return JSONResponse(ollama.tags(self.info, [f"{self.model_name}:latest"]))
+
+    async def ollama_ps(self, request: HTTPRequest) -> JSONResponse:
+        return JSONResponse(ollama.ps(self.info, f"{self.model_name}:latest"))
+
+    async def ollama_show(self, request: HTTPRequest) -> JSONResponse:
+        self._ollama_model(await self._json(request))
+        fim = await asyncio.to_thread(self.engine.call, lambda core: _has_fim(core))
+        return JSONResponse(ollama.show(self.info, self.template["source"], fim))
+
+    async def ollama_chat(self, request: HTTPRequest):
+        body = await self._json(request)
+        model = self._ollama_model(body)
+        messages, params, streaming = ollama.chat_request(body, self.info["n_ctx"])
+        explicit = request.headers.get("x-kvside-session")
+        t0 = time.perf_counter()
+        stream, queue, note, first = await self._start(request, streaming, lambda on_event: self.engine.bind_chat(
+            messages, session=check_name(explicit) if explicit else None, reuse=self.reuse, on_event=on_event,
+            **params))
+        shape = lambda text: {"message": {"role": "assistant", "content": text}}  # noqa: E731
+        return await self._ollama_answer(request, stream, queue, first, model, shape, streaming, t0, note)
+
+    async def ollama_generate(self, request: HTTPRequest):
+        body = await self._json(request)
+        model = self._ollama_model(body)
+        prompt, suffix, params, streaming, raw = ollama.generate_request(body, self.info["n_ctx"])
+        if not prompt and suffix is None:  # Ollama answers an empty prompt by loading the model
+            return JSONResponse({"model": model, "created_at": ollama.now(), "response": "", "done": True,
+                                 "done_reason": "load"})
+        explicit = request.headers.get("x-kvside-session")
+        session = check_name(explicit) if explicit else None
+        t0 = time.perf_counter()
+        if suffix is not None or raw:
+            tokens = (lambda core: fim_tokens(core, prompt, suffix)) if suffix is not None else None
+            post = lambda on_event: self.engine.bind_text(text=prompt, tokens=tokens, session=session,  # noqa: E731
+                                                          on_event=on_event, **params)
+        else:
+            system = body.get("system")
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            post = lambda on_event: self.engine.bind_chat(messages, session=session, reuse=self.reuse,  # noqa: E731
+                                                          on_event=on_event, **params)
+        stream, queue, note, first = await self._start(request, streaming, post)
+        return await self._ollama_answer(request, stream, queue, first, model, lambda text: {"response": text},
+                                         streaming, t0, note)
+
+    async def _ollama_answer(self, request, stream, queue, first, model: str, shape, streaming: bool, t0: float,
+                             note: dict):
+        headers = {"X-Kvside-Session": note["session"]}
+        if not streaming:
+            try:
+                done = await self._collect(request, stream, queue)
+            finally:
+                self._done()
+            return JSONResponse({"model": model, "created_at": ollama.now(), **shape(done.text),
+                                 **ollama.final_fields(done, t0)}, headers=headers)
+
+        async def lines():
+            try:
+                async for event in self._events(queue, first):
+                    if event.kind == "text":
+                        yield _line({"model": model, "created_at": ollama.now(), **shape(event.text), "done": False})
+                    elif event.kind == "error":
+                        yield _line({"error": event.data["error"].message})
+                        break
+                    elif event.kind == "done":
+                        yield _line({"model": model, "created_at": ollama.now(), **shape(""),
+                                     **ollama.final_fields(stream.completion, t0)})
+            finally:
+                if not stream.done:
+                    stream.cancel()  # the client went away
+                self._done()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
 
     # -- llama-server's helpers (llamacpp_api.py) -------------------------------------------------
     async def props(self, request: HTTPRequest) -> JSONResponse:
@@ -440,6 +537,17 @@ def parse_json(text: str) -> Any:
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+def _has_fim(core) -> bool:
+    from kvside._llama import lib
+
+    vocab = core.model.vocab
+    return min(lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab)) >= 0
 
 
 def _data(obj: dict) -> ServerSentEvent:

@@ -1,0 +1,159 @@
+"""Ollama's API (ollama/api/types.go) in its shapes, on the daemon's port: the requests of
+/api/chat and /api/generate become the same engine requests as /v1's (session binding, cache
+edits), and the answers are Ollama's: newline-delimited JSON, durations in nanoseconds, errors as
+{"error": "..."}. Vocabulary: Ollama's words here."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from kvside import __version__
+from kvside.errors import InvalidRequest
+from kvside.server import openai_api as oa
+
+# Copilot Chat's Ollama provider refuses servers older than 0.6.4; kvside speaks that API level.
+API_VERSION = "0.6.4"
+
+# options Ollama takes and the engine's names for them
+_OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+            "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
+            "repeat_last_n": "repeat_last_n", "frequency_penalty": "frequency_penalty",
+            "presence_penalty": "presence_penalty"}
+# accepted and without effect here: the daemon owns threads, batch and memory placement
+_IGNORED = {"num_ctx", "num_batch", "num_thread", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "numa",
+            "num_keep", "typical_p", "low_vram", "vocab_only", "penalize_newline", "mirostat", "mirostat_tau",
+            "mirostat_eta", "tfs_z"}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def options(body: dict, n_ctx: int) -> dict:
+    """Ollama's `options` as engine sampling parameters. A num_ctx above the daemon's window is
+    refused: Ollama truncates the front of the prompt then, losing the system prompt and tools."""
+    opts = body.get("options") or {}
+    if not isinstance(opts, dict):
+        raise InvalidRequest("'options' must be an object", param="options")
+    num_ctx = opts.get("num_ctx")
+    if num_ctx is not None and (not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx > n_ctx):
+        raise InvalidRequest(f"num_ctx {num_ctx!r} is more than this daemon's window of {n_ctx} tokens per session "
+                             f"(start kvside serve with --n-ctx to raise it)", param="options.num_ctx")
+    unknown = set(opts) - set(_OPTIONS) - _IGNORED
+    if unknown:
+        raise InvalidRequest(f"unknown options: {', '.join(sorted(unknown))}", param="options")
+    fields = {_OPTIONS[k]: v for k, v in opts.items() if k in _OPTIONS and v is not None}
+    if fields.get("max_tokens") is not None and fields["max_tokens"] < 0:
+        del fields["max_tokens"]  # -1: until the model stops (the session's default bound)
+    parsed = oa.parse_completion({"prompt": "", **fields})  # the same type and range checks as /v1
+    params = dict(parsed.params)
+    if "repeat_last_n" in fields:
+        if not isinstance(fields["repeat_last_n"], int) or isinstance(fields["repeat_last_n"], bool):
+            raise InvalidRequest("'repeat_last_n' must be an integer", param="options.repeat_last_n")
+        params["repeat_last_n"] = fields["repeat_last_n"]
+    return params
+
+
+def _refuse_unsupported(body: dict) -> None:
+    if body.get("tools"):
+        raise InvalidRequest("tool calls are not supported by kvside yet", param="tools")
+    if body.get("format"):
+        raise InvalidRequest("structured output ('format') is not supported by kvside yet", param="format")
+
+
+def chat_request(body: dict, n_ctx: int) -> tuple[list[dict], dict, bool]:
+    """POST /api/chat: (messages, sampling parameters, stream). Streaming is Ollama's default."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    _refuse_unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("images"):
+            raise InvalidRequest("this model reads text only; images are not supported", param=f"messages[{i}].images")
+    parsed = oa.parse_chat({"messages": messages})
+    return parsed.messages, options(body, n_ctx), _stream_flag(body)
+
+
+def generate_request(body: dict, n_ctx: int) -> tuple[str, str | None, dict, bool, bool]:
+    """POST /api/generate: (prompt, suffix, parameters, stream, raw). Without `raw` the prompt is a
+    user message in the chat template (with `system` before it), as Ollama does."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    _refuse_unsupported(body)
+    if body.get("images"):
+        raise InvalidRequest("this model reads text only; images are not supported", param="images")
+    prompt, suffix, system = body.get("prompt", ""), body.get("suffix"), body.get("system")
+    for name, value in (("prompt", prompt), ("suffix", suffix), ("system", system)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"'{name}' must be a string", param=name)
+    raw = body.get("raw", False)
+    if not isinstance(raw, bool):
+        raise InvalidRequest("'raw' must be true or false", param="raw")
+    return prompt or "", suffix or None, options(body, n_ctx), _stream_flag(body), raw
+
+
+def _stream_flag(body: dict) -> bool:
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be true or false", param="stream")
+    return stream
+
+
+def done_reason(finish: str) -> str:
+    return "length" if finish == "length" else "stop"
+
+
+def final_fields(done, t0: float) -> dict:
+    """The counts and durations (nanoseconds) of the last chunk."""
+    usage = done.usage
+    return {"done": True, "done_reason": done_reason(done.finish_reason),
+            "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
+            "prompt_eval_count": usage.prompt_tokens - usage.cached_tokens,
+            "prompt_eval_duration": int(done.t_prefill_s * 1e9), "eval_count": usage.completion_tokens,
+            "eval_duration": int(max(done.t_total_s - done.t_prefill_s, 0) * 1e9)}
+
+
+def details(info: dict) -> dict:
+    model = info["model"]
+    return {"parent_model": "", "format": "gguf", "family": model["architecture"], "families": [model["architecture"]],
+            "parameter_size": _size(model["n_params"]), "quantization_level": _quant(model["description"])}
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _quant(description: str) -> str:
+    parts = description.split()
+    return parts[-1] if parts else ""
+
+
+def tags(info: dict, names: list[str]) -> dict:
+    model = info["model"]
+    return {"models": [{"name": n, "model": n, "modified_at": now(), "size": model["size_bytes"],
+                        "digest": model["fingerprint"], "details": details(info)} for n in names]}
+
+
+def show(info: dict, template: str, fim: bool) -> dict:
+    model, arch = info["model"], info["model"]["architecture"]
+    capabilities = ["completion"] + (["insert"] if fim else [])
+    return {"modified_at": now(), "template": template, "modelfile": "", "license": "",
+            "parameters": f"num_ctx {info['n_ctx']}", "details": details(info), "capabilities": capabilities,
+            "model_info": {"general.architecture": arch, "general.parameter_count": model["n_params"],
+                           f"{arch}.context_length": info["n_ctx"], f"{arch}.embedding_length": model["n_embd"],
+                           f"{arch}.block_count": model["n_layer"]}}
+
+
+def ps(info: dict, name: str) -> dict:
+    model = info["model"]
+    return {"models": [{"name": name, "model": name, "size": model["size_bytes"], "digest": model["fingerprint"],
+                        "details": details(info), "expires_at": "0001-01-01T00:00:00Z",
+                        "size_vram": model["size_bytes"] if info["n_gpu_layers"] else 0,
+                        "context_length": info["n_ctx"]}]}
+
+
+def version() -> dict:
+    return {"version": API_VERSION, "kvside": __version__}

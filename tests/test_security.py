@@ -163,6 +163,7 @@ def test_host_header_must_name_this_daemon(open_live, host, status):
     ("PUT", "/kvside/sessions/x/file"), ("GET", "/no/such/route"), ("GET", "/props"), ("POST", "/tokenize"),
     ("POST", "/detokenize"), ("POST", "/apply-template"), ("GET", "/models"), ("GET", "/api/tags"),
     ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/show"), ("GET", "/api/version"),
+    ("GET", "/metrics"),
 ])
 def test_every_route_but_health_needs_the_key(live, method, path):
     r = httpx.request(method, live.url + path, headers=JSON, content=b"{}")

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kvside.engine import Engine, commands
@@ -34,6 +34,7 @@ from kvside.server import llamacpp_api as llamacpp
 from kvside.server import ollama_api as ollama
 from kvside.server import openai_api as oa
 from kvside.server.guard import Guard
+from kvside.server.metrics import CountRequests, Metrics
 
 KEEPALIVE_S = 5.0
 FILE_SUFFIX = "/file"
@@ -76,6 +77,7 @@ class Daemon:
         self.active = 0
         routes = [
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_text, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/models", self.models, methods=["GET"]),
             Route("/props", self.props, methods=["GET"]),
@@ -101,8 +103,9 @@ class Daemon:
         ]
         starlette = Starlette(routes=routes, exception_handlers={
             KvsideError: self._on_error, HTTPException: self._on_http, Exception: self._on_error})
-        self.app = Guard(starlette, api_key=api_key, bind_host=host, allow_hosts=allow_hosts,
-                         allow_origins=allow_origins, upload_suffixes=(FILE_SUFFIX,))
+        self.metrics = Metrics()
+        self.app = CountRequests(Guard(starlette, api_key=api_key, bind_host=host, allow_hosts=allow_hosts,
+                                       allow_origins=allow_origins, upload_suffixes=(FILE_SUFFIX,)), self.metrics)
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _on_error(self, request, exc: Exception) -> JSONResponse:
@@ -202,9 +205,10 @@ class Daemon:
             if event.kind in ("done", "error"):
                 return
 
-    async def _collect(self, request: HTTPRequest, stream, queue) -> Any:
+    async def _collect(self, request: HTTPRequest, stream, queue, note: dict | None = None) -> Any:
         """A non-streamed reply, whole."""
         await self._wait_for("done", request, stream, queue)
+        self.metrics.reply(stream.completion, note)
         return stream.completion
 
     def _sse(self, events, headers: dict) -> EventSourceResponse:
@@ -232,6 +236,11 @@ class Daemon:
     # -- endpoints ------------------------------------------------------------------------------
     async def health(self, request: HTTPRequest) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": self.model_name, "active": self.active})
+
+    async def metrics_text(self, request: HTTPRequest) -> Response:
+        sessions = await asyncio.to_thread(self.engine.sessions)
+        body, content_type = self.metrics.render(self.active, sessions)
+        return Response(body, media_type=content_type)
 
     async def models(self, request: HTTPRequest) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
@@ -301,7 +310,7 @@ class Daemon:
         headers = {"X-Kvside-Session": note["session"]}
         if not streaming:
             try:
-                done = await self._collect(request, stream, queue)
+                done = await self._collect(request, stream, queue, note)
             finally:
                 self._done()
             return JSONResponse({"model": model, "created_at": ollama.now(), **shape(done.text),
@@ -316,6 +325,7 @@ class Daemon:
                         yield _line({"error": event.data["error"].message})
                         break
                     elif event.kind == "done":
+                        self.metrics.reply(stream.completion, note)
                         yield _line({"model": model, "created_at": ollama.now(), **shape(""),
                                      **ollama.final_fields(stream.completion, t0)})
             finally:
@@ -353,16 +363,16 @@ class Daemon:
         cid = oa.new_id("chatcmpl")
         headers = {"X-Kvside-Session": name}
         if req.stream:
-            return self._sse(self._sse_chat(stream, queue, first, cid, req), headers)
+            return self._sse(self._sse_chat(stream, queue, first, cid, req, note), headers)
         try:
-            done = await self._collect(request, stream, queue)
+            done = await self._collect(request, stream, queue, note)
         finally:
             self._done()
         extra = {"kvside": {"notices": done.notices, **note}}
         return JSONResponse(oa.chat_response(cid, self.model_name, done.text, oa.finish_reason(done.finish_reason),
                                              done.usage.to_dict(), extra), headers=headers)
 
-    async def _sse_chat(self, stream, queue, first, cid, req):
+    async def _sse_chat(self, stream, queue, first, cid, req, note: dict):
         model = self.model_name
         try:
             yield _data(oa.chat_chunk(cid, model, {"role": "assistant", "content": ""}, None))
@@ -376,6 +386,7 @@ class Daemon:
                     break
                 elif event.kind == "done":
                     done = stream.completion
+                    self.metrics.reply(done, note)
                     yield _data(oa.chat_chunk(cid, model, {}, oa.finish_reason(done.finish_reason)))
                     if req.include_usage:
                         yield _data(oa.usage_chunk(cid, model, done.usage.to_dict()))
@@ -438,6 +449,7 @@ class Daemon:
                     break
                 elif event.kind == "done":
                     done = stream.completion
+                    self.metrics.reply(done)
                     if shape == "infill":
                         yield _data({"content": "", "stop": True, "stop_type": done.finish_reason})
                     else:
@@ -471,7 +483,9 @@ class Daemon:
         if edit not in commands.EDITS:
             raise HTTPException(404, f"unknown edit {edit!r} (one of: {', '.join(commands.EDITS)})")
         body = await self._json(request)
-        return JSONResponse(await asyncio.to_thread(commands.apply, self.engine, name, edit, body))
+        result = await asyncio.to_thread(commands.apply, self.engine, name, edit, body)
+        self.metrics.edit(edit, result)
+        return JSONResponse(result)
 
     async def restore_session(self, request: HTTPRequest) -> JSONResponse:
         body = await self._json(request)

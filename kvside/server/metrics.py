@@ -1,0 +1,90 @@
+"""GET /metrics in Prometheus' text format (prometheus_client): requests by route and status,
+prompt tokens computed against reused, cache edits by kind and strategy, time to first token
+and decode rate, and the sessions resident and on disk. One registry per daemon."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+ROUTES = {"/health", "/v1/models", "/models", "/v1/chat/completions", "/v1/completions", "/infill", "/props",
+          "/tokenize", "/detokenize", "/apply-template", "/api/version", "/api/tags", "/api/ps", "/api/show",
+          "/api/chat", "/api/generate", "/kvside/sessions", "/kvside/restore", "/metrics"}
+
+
+_SESSION_ACTIONS = {"roll", "mask", "compact", "prune", "erratum", "fork", "save", "strategy", "attach", "file"}
+
+
+def route_of(path: str) -> str:
+    """A route label with session names taken out, so the label set stays small."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/kvside/sessions/"):
+        rest = path[len("/kvside/sessions/"):].split("/")
+        if len(rest) == 1:
+            return "/kvside/sessions/{name}"
+        if len(rest) == 2:
+            return "/kvside/sessions/{name}/" + (rest[1] if rest[1] in _SESSION_ACTIONS else "{other}")
+    return "other"
+
+
+class CountRequests:
+    """ASGI middleware outside the guard: every answer is counted, refusals included."""
+
+    def __init__(self, app, metrics: "Metrics"):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = route_of(scope["path"])
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        return await self.app(scope, receive, counted)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("kvside_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("kvside_prompt_tokens", "Prompt tokens of replies: read now (computed) or "
+                                     "found in the cache (reused)", ["kind"], registry=r)
+        self.completion_tokens = Counter("kvside_completion_tokens", "Tokens generated", registry=r)
+        self.replies = Counter("kvside_replies", "Replies by how they ended", ["finish_reason"], registry=r)
+        self.edits = Counter("kvside_edits", "Cache edits by kind and strategy", ["edit", "strategy"], registry=r)
+        self.ttft = Histogram("kvside_time_to_first_token_seconds", "From request to first sampled token",
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=r)
+        self.decode_rate = Histogram("kvside_decode_tokens_per_second", "Decode rate of a reply",
+                                     buckets=(5, 10, 20, 40, 80, 160, 320, 640, 1280), registry=r)
+        self.in_flight = Gauge("kvside_requests_in_flight", "Requests being answered", registry=r)
+        self.sessions = Gauge("kvside_sessions", "Sessions by where they are", ["where"], registry=r)
+
+    def reply(self, done, note: dict | None = None) -> None:
+        """A finished generation (engine Completion) and what binding did for it."""
+        usage = done.usage
+        self.prompt_tokens.labels("reused").inc(usage.cached_tokens)
+        self.prompt_tokens.labels("computed").inc(max(usage.prompt_tokens - usage.cached_tokens, 0))
+        self.completion_tokens.inc(usage.completion_tokens)
+        self.replies.labels(done.finish_reason).inc()
+        if done.t_prefill_s and done.finish_reason != "cancelled":
+            self.ttft.observe(done.t_prefill_s)
+        if done.decode_tok_s:
+            self.decode_rate.observe(done.decode_tok_s)
+        for notice in done.notices:  # automatic rolls and gap closes during the reply
+            self.edits.labels("auto-" + notice.get("kind", "roll"), str(notice.get("strategy", ""))).inc()
+        if note and note.get("dropped_messages"):
+            self.edits.labels("mask", "shift").inc()  # the client dropped messages: a suffix-cache edit
+
+    def edit(self, kind: str, report) -> None:
+        strategy = report.get("strategy", "") if isinstance(report, dict) else ""
+        self.edits.labels(kind, str(strategy)).inc()
+
+    def render(self, in_flight: int, sessions: list[dict]) -> tuple[bytes, str]:
+        self.in_flight.set(in_flight)
+        self.sessions.labels("resident").set(sum(1 for s in sessions if s.get("resident")))
+        self.sessions.labels("disk").set(sum(1 for s in sessions if not s.get("resident")))
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

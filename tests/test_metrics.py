@@ -1,0 +1,56 @@
+"""GET /metrics: Prometheus text that counts what the daemon did, checked against requests made."""
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import LiveDaemon
+from kvside.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    with Engine(n_ctx=512, max_sessions=2, n_threads=2, sessions_dir=str(tmp_path_factory.mktemp("metrics"))) as e:
+        live = LiveDaemon(e)
+        yield live.url
+        live.stop()
+
+
+def samples(url):
+    text = httpx.get(url + "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(got, name, **labels):
+    return got.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_requests_tokens_edits_and_sessions(url):
+    before = samples(url)
+    history = [{"role": "user", "content": "Name a fruit."}]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": history, "max_tokens": 4, "temperature": 0},
+                   timeout=120).json()
+    history += [{"role": "assistant", "content": r["choices"][0]["message"]["content"]},
+                {"role": "user", "content": "And a vegetable?"}]
+    r2 = httpx.post(url + "/v1/chat/completions", json={"messages": history, "max_tokens": 4, "temperature": 0},
+                    timeout=120).json()
+    session = r2["kvside"]["session"]
+    assert httpx.post(f"{url}/kvside/sessions/{session}/roll", json={"drop": 2}).status_code == 200
+    assert httpx.post(url + "/v1/chat/completions", content="{}", headers={"Content-Type": "text/plain"}).status_code == 415
+    after = samples(url)
+
+    def grew(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("kvside_requests_total", route="/v1/chat/completions", status="200") == 2
+    assert grew("kvside_requests_total", route="/v1/chat/completions", status="415") == 1
+    assert grew("kvside_requests_total", route="/kvside/sessions/{name}/roll", status="200") == 1
+    assert grew("kvside_prompt_tokens_total", kind="reused") == r2["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert grew("kvside_completion_tokens_total") == r["usage"]["completion_tokens"] + r2["usage"]["completion_tokens"]
+    assert grew("kvside_edits_total", edit="roll", strategy="shift") == 1
+    assert grew("kvside_time_to_first_token_seconds_count") == 2
+    assert value(after, "kvside_sessions", where="resident") >= 1

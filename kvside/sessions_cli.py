@@ -100,6 +100,8 @@ def import_file(path: str, name: str | None, folder: Path, model: str | None, fo
 def listing(folder: Path) -> list[dict]:
     rows = []
     for path in sorted(folder.glob(f"*{SUFFIX}")):
+        if path.name.startswith("."):  # a file being written or received, not a session
+            continue
         try:
             sf = sessionfile.read_header(path, verify=False)
             h = sf.header

@@ -89,6 +89,7 @@ def test_kill_9_during_a_save_leaves_every_file_whole(tmp_path):
     for path in folder.glob("*.kvs"):
         assert sessionfile.read_header(path, verify=True).checksum_ok
 
+    (folder / ".upload-abc123.kvs").write_bytes(b"half an upload")  # what a kill during an upload leaves
     proc = serve(home, port)
     try:
         assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # the restart cleared the leftovers

@@ -17,6 +17,7 @@ from kvside.errors import InvalidRequest, KvsideError, NoIdleSession, SessionBus
 from kvside.sessionfile import SessionFileError
 
 SUFFIX = ".kvs"
+UPLOAD_PREFIX = ".upload-"  # a session file a client is sending (kvside/server/app.py)
 
 
 def header_for(core, s: Session) -> dict:
@@ -208,8 +209,8 @@ def bring_back(core, name: str) -> Session:
 def scan(core) -> None:
     """Sessions saved by an earlier run become known (restored on first use). Temporary files a
     killed run left half-written are removed: the engine that persists owns its sessions folder."""
-    for tmp in core.sessions_dir.glob(f".*{SUFFIX}.*.tmp"):
+    for tmp in [*core.sessions_dir.glob(f".*{SUFFIX}.*.tmp"), *core.sessions_dir.glob(f"{UPLOAD_PREFIX}*{SUFFIX}")]:
         tmp.unlink(missing_ok=True)
     for path in sorted(core.sessions_dir.glob(f"*{SUFFIX}")):
-        if path.stem not in core.sessions:
+        if not path.name.startswith(".") and path.stem not in core.sessions:
             core.evicted[path.stem] = path

@@ -26,7 +26,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kvside.engine import Engine, commands
+from kvside.engine import Engine, commands, persist
 from kvside.engine.session import check_name
 from kvside.errors import InvalidRequest, KvsideError, ModelNotFound
 from kvside.engine.sampling import SamplingParams
@@ -513,7 +513,7 @@ class Daemon:
         and the temporary file goes away whatever happens."""
         name = check_name(request.path_params["name"])
         folder = Path(await asyncio.to_thread(self.engine.call, lambda core: core.sessions_dir))
-        fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".kvs", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=persist.UPLOAD_PREFIX, suffix=persist.SUFFIX, dir=folder)
         try:
             size = 0
             with os.fdopen(fd, "wb") as f:

@@ -62,3 +62,12 @@ class LiveDaemon:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def daemon_url(tmp_path_factory):
+    """A module's daemon without an API key, on its own engine (n_ctx 512, two sessions)."""
+    with Engine(n_ctx=512, max_sessions=2, n_threads=2, sessions_dir=str(tmp_path_factory.mktemp("daemon"))) as e:
+        live = LiveDaemon(e)
+        yield live.url
+        live.stop()

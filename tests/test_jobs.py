@@ -4,7 +4,6 @@ another session's stream keeps getting tokens while it runs, and the work's resu
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from conftest import GREEDY
@@ -56,14 +55,12 @@ def test_a_reprefill_runs_between_the_tokens_of_another_stream(engine):
     busy = engine.new_session()
     context = engine.call(lambda core: corpus.tokens(core.model, 700))
     engine.call(lambda core: core.prefill(core.get(busy), [(0, context)]))
-    reference = engine.next_logits(busy)
     s = engine.new_session()
     report, during = stream_beside(engine, s, lambda: engine.roll(busy, drop=1, keep=699, strategy="reprefill"))
     assert report["strategy"] == "reprefill" and report["recomputed"] == 699
     assert during >= 699 // JOB_CHUNK - 1, during
     engine.check(busy)
     assert engine.ledger(busy).tok == context[:699]
-    assert np.isfinite(reference).all()
 
 
 def test_work_for_a_session_in_a_job_waits_for_it(engine):

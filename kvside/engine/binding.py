@@ -5,12 +5,31 @@ dropped messages' cells go, the later cells move down) instead of a re-prefill."
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 
-def _key(m: dict) -> tuple[str, str]:
-    return (m.get("role", ""), (m.get("content") or "").strip())
+def _key(m: dict) -> tuple:
+    """What identifies a message the client resends: role, text, and for agents the calls an
+    assistant turn made (name and arguments, compared as JSON: clients re-serialise them) and
+    the call a tool result answers."""
+    calls = tuple((c["function"]["name"], _canonical(c["function"].get("arguments")))
+                  for c in (m.get("tool_calls") or []))
+    return (m.get("role", ""), (m.get("content") or "").strip(), calls)
+
+
+def _canonical(arguments) -> str:
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return str(arguments)
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def tools_key(tools: list[dict]) -> str:
+    """Tool definitions render into the system turn: only sessions made with the same ones match."""
+    return json.dumps(tools or [], sort_keys=True, ensure_ascii=False)
 
 
 @dataclass
@@ -67,7 +86,7 @@ def chat_history(s) -> list[dict]:
 
 
 def bind_and_start(core, messages: list[dict], params: dict, stream, *, session: str | None = None,
-                   reuse: bool = True, documents: list[str] = ()) -> dict:
+                   reuse: bool = True, documents: list[str] = (), reply=None) -> dict:
     """Choose the session that answers `messages`, edit it to match, and start the reply, all in
     one engine task: nothing outside the engine thread decides from a snapshot, so two requests
     cannot bind one session (a session is claimed by the reply it starts, which marks it busy).
@@ -88,10 +107,11 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         else:
             s, match, created = core.new_session(session), None, True
     else:
+        tools = tools_key(reply.tools if reply is not None else [])
         candidates = {n: chat_history(c) for n, c in core.sessions.items()
-                      if c.auto_bound and not c.busy} if reuse else {}
-        if reuse:
-            candidates.update(core.auto_saved)  # on disk: brought back (exactly) if they match best
+                      if c.auto_bound and not c.busy and tools_key(c.tools) == tools} if reuse else {}
+        if reuse:  # on disk: brought back (exactly) if they match best
+            candidates.update({n: held for n, (key, held) in core.auto_saved.items() if key == tools})
         match = best_match(candidates, messages)
         if match is not None:
             s = core.get(match.session)
@@ -123,7 +143,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
                 note["attached"] = attached
             stream.session = s.name
             stream.put(Event("bound", data=note))
-            core.start_chat(s.name, new, sampling, stream)
+            core.start_chat(s.name, new, sampling, stream, reply)
     except BaseException:
         if created:
             core.delete_session(s.name)
@@ -132,7 +152,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
 
 
 def bind_text(core, params: dict, stream, *, text: str | None = None, tokens=None,
-              session: str | None = None) -> dict:
+              session: str | None = None, reply=None) -> dict:
     """The same for a text completion: an explicit session (created if unknown), or a temporary
     one removed when the reply ends. `tokens`: a function of the core giving the prompt's tokens
     (fill-in-the-middle prompts carry special tokens); else `text` is the prompt."""
@@ -149,9 +169,9 @@ def bind_text(core, params: dict, stream, *, text: str | None = None, tokens=Non
         stream.session = s.name
         stream.put(Event("bound", data={"session": s.name}))
         if tokens is not None:
-            core.start_tokens(s.name, tokens(core), sampling, stream)
+            core.start_tokens(s.name, tokens(core), sampling, stream, reply)
         else:
-            core.start_text(s.name, text or "", sampling, stream)
+            core.start_text(s.name, text or "", sampling, stream, reply)
     except BaseException:
         if created:
             core.delete_session(s.name)

@@ -215,7 +215,8 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
     blocks = load_blocks(core, entry)
     label = f"Document {entry.get('name', Path(key).name)}:\n"
     msg = Message(s.next_message_id(), "user", label + SENTINEL, kind="document")
-    seg = core.template.delta(s.template_history(), [msg.as_template()], add_generation_prompt=False) or ""
+    seg = core.template.delta(s.template_history(), [msg.as_template()], add_generation_prompt=False,
+                              tools=s.tools) or ""
     if SENTINEL not in seg:
         raise DocumentError("this model's chat template does not keep the document text as given")
     before, after = seg.split(SENTINEL, 1)

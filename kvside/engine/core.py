@@ -27,6 +27,7 @@ from kvside.engine.model import Model
 from kvside.engine.scheduler import Scheduler
 from kvside.engine.session import Message, Session, check_name
 from kvside.engine.state import get_seq_state
+from kvside.engine import toolcalls
 from kvside.engine.template import ChatTemplate
 from kvside.errors import (
     CacheFull,
@@ -103,9 +104,11 @@ class Core:
             bos_token=self.model.token_text(self.model.bos) if self.model.bos >= 0 else "",
             eos_token=self.model.token_text(self.model.eos) if self.model.eos >= 0 else "",
         )
+        self.tool_format = toolcalls.detect(self.model.chat_template)  # how this model writes tool calls
         self.sessions: dict[str, Session] = {}
         self.evicted: dict[str, Path] = {}  # sessions on disk, restored on first use
-        self.auto_saved: dict[str, list[dict]] = {}  # of those, request binding's: what each holds
+        # of those, request binding's: (their tools, what each holds)
+        self.auto_saved: dict[str, tuple[str, list[dict]]] = {}
         self.sessions_dir = Path(config.sessions_dir) if config.sessions_dir else subdir("sessions")
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         self.type_k = self.type_v = "f16"  # llama.cpp's default KV types; recorded in session files
@@ -411,14 +414,14 @@ class Core:
             self.jobs.advance()
         self._spent[side] += time.perf_counter() - t0
 
-    def start_chat(self, name: str, messages: list[dict], params, stream) -> None:
-        self.scheduler.start_chat(name, messages, params, stream)
+    def start_chat(self, name: str, messages: list[dict], params, stream, reply=None) -> None:
+        self.scheduler.start_chat(name, messages, params, stream, reply)
 
-    def start_text(self, name: str, text: str, params, stream) -> None:
-        self.scheduler.start_text(name, text, params, stream)
+    def start_text(self, name: str, text: str, params, stream, reply=None) -> None:
+        self.scheduler.start_text(name, text, params, stream, reply)
 
-    def start_tokens(self, name: str, tokens: list[int], params, stream) -> None:
-        self.scheduler.start_tokens(name, tokens, params, stream)
+    def start_tokens(self, name: str, tokens: list[int], params, stream, reply=None) -> None:
+        self.scheduler.start_tokens(name, tokens, params, stream, reply)
 
 
 def _logits_row(ctx, index: int, n_vocab: int) -> np.ndarray:

@@ -532,7 +532,7 @@ def _restart_steps(core, s: Session, targets: list[int], summary: str, chunk: in
     s.pending, s.pending_msg, s.closing = [], -1, ""
     hist: list[dict] = []
     for m in order:
-        seg = core.template.delta(hist, [m.as_template()], add_generation_prompt=False) or ""
+        seg = core.template.delta(hist, [m.as_template()], add_generation_prompt=False, tools=s.tools) or ""
         toks = core.model.tokenize(seg, add_special=not hist and core.model.add_bos, parse_special=True)
         start = s.ledger.next_pos
         yield from core.decode_steps(s.seq, toks, start, chunk)
@@ -565,7 +565,7 @@ def fork(core, s: Session, name: str | None = None, on_device: bool | None = Non
     child.ledger = s.ledger.copy()
     child.messages = [Message(**m.to_dict()) for m in s.messages]
     child.pending, child.pending_msg, child.closing = list(s.pending), s.pending_msg, s.closing
-    child.defaults, child.roll_strategy = s.defaults, s.roll_strategy
+    child.defaults, child.roll_strategy, child.tools = s.defaults, s.roll_strategy, list(s.tools)
     child.edit_log = list(s.edit_log)
     report = {"parent": s.name, "child": child.name, "on_device": on_device, "bytes_through_host": size,
               "t_edit_s": time.perf_counter() - t0}

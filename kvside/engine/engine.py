@@ -329,20 +329,20 @@ class Engine:
         return self._generate(session, params, lambda core, p, st: core.start_tokens(session, tokens, p, st), on_event)
 
     def bind_chat(self, messages: list[dict], *, session: str | None = None, reuse: bool = True,
-                  documents: list[str] = (), on_event=None, **params: Any) -> Stream:
+                  documents: list[str] = (), on_event=None, reply=None, **params: Any) -> Stream:
         """Answer a client's whole message array: the engine picks the session that holds the
         longest match (or `session`, created if unknown), edits it to match and starts the reply
         in one task (binding.bind_and_start). The stream's first event is "bound", with the
         session's name and what was reused."""
         return self._bind(lambda core, stream: binding.bind_and_start(
-            core, messages, params, stream, session=session, reuse=reuse, documents=list(documents)),
+            core, messages, params, stream, session=session, reuse=reuse, documents=list(documents), reply=reply),
             session, on_event)
 
     def bind_text(self, *, text: str | None = None, tokens=None, session: str | None = None,
-                  on_event=None, **params: Any) -> Stream:
+                  on_event=None, reply=None, **params: Any) -> Stream:
         """A text completion in `session` (created if unknown) or in a temporary session."""
         return self._bind(lambda core, stream: binding.bind_text(core, params, stream, text=text, tokens=tokens,
-                                                                 session=session), session, on_event)
+                                                                 session=session, reply=reply), session, on_event)
 
     def _bind(self, start, session: str | None, on_event, refuse_cancelled: bool = True) -> Stream:
         """Post start(core, stream) as one task (after `session`'s current work, if named). With

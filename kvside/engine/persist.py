@@ -38,6 +38,7 @@ def header_for(core, s: Session) -> dict:
         "closing": s.closing,
         "defaults": vars(s.defaults),
         "roll_strategy": s.roll_strategy,
+        "tools": s.tools,
         "edit_log": s.edit_log,
         "created": s.created,
         "last_used": s.last_used,
@@ -127,6 +128,7 @@ def session_from_header(header: dict, name: str, label: str) -> Session:
         s.closing = str(header.get("closing", ""))
         s.defaults = SamplingParams(**header.get("defaults", {})).validate()
         s.edit_log = [dict(e) for e in header.get("edit_log", [])]
+        s.tools = [dict(t) for t in header.get("tools", [])]
         s.created = float(header.get("created", time.time()))
         strategy = header.get("roll_strategy", "shift")
         if not isinstance(strategy, str):
@@ -176,9 +178,9 @@ def evict(core, s: Session) -> Path:
         # what it holds stays in memory, so a request that continues it can still be matched
         # and brought back instead of prefilled; request binding's sessions are a cache (the
         # client holds the conversation), so beyond a bound the oldest ones are dropped
-        from kvside.engine.binding import chat_history
+        from kvside.engine.binding import chat_history, tools_key
 
-        core.auto_saved[s.name] = chat_history(s)
+        core.auto_saved[s.name] = (tools_key(s.tools), chat_history(s))
         while len(core.auto_saved) > MAX_SAVED_AUTO * core.max_sessions:
             oldest = next(iter(core.auto_saved))
             core.auto_saved.pop(oldest)

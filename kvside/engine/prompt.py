@@ -17,12 +17,12 @@ def chat_pieces(
     texts: list[tuple[int, str]] = []
     if s.closing:
         texts.append((s.pending_msg, s.closing))
-    for m in new:
-        seg = core.template.delta(hist, [m.as_template()], add_generation_prompt=False)
-        if seg is None:
+    if new:
+        segs = core.template.segments(hist, [m.as_template() for m in new], add_generation_prompt=False, tools=s.tools)
+        if segs is None:
             raise TemplateError("this model's chat template rewrites earlier turns; kvside needs one that appends")
-        texts.append((m.id, seg))
-        hist.append(m.as_template())
+        texts += [(m.id, seg) for m, seg in zip(new, segs)]
+        hist += [m.as_template() for m in new]
     pieces: list[tuple[int, list[int]]] = []
     if s.pending:
         pieces.append((s.pending_msg, list(s.pending)))
@@ -36,7 +36,7 @@ def chat_pieces(
         fresh = False
         pieces.append((msg_id, tokens))
     if generation:
-        gen = core.template.delta(hist, [], add_generation_prompt=True) or ""
+        gen = core.template.delta(hist, [], add_generation_prompt=True, tools=s.tools) or ""
         pieces.append((-1, core.model.tokenize(gen, add_special=False, parse_special=True) if gen else []))
     return pieces
 
@@ -49,19 +49,27 @@ def text_pieces(core, s: Session, msg_id: int, text: str) -> list[tuple[int, lis
     return pieces
 
 
-def closing(core, history: list[dict], reply: Message, pending: list[int]) -> tuple[str, bool]:
-    """Template text that closes the reply after what the model wrote, and whether the EOG
-    token already sampled stands for its first part (then it is decoded, not re-tokenized)."""
-    before = core.template.render(history, add_generation_prompt=True)
-    after = core.template.render(history + [reply.as_template()], add_generation_prompt=False)
-    body = reply.content
+def closing(core, history: list[dict], reply: Message, pending: list[int], *, raw: str | None = None,
+            tools: list[dict] | None = None) -> tuple[str, bool]:
+    """Template text that closes the reply after what the model wrote (`raw`, by default the
+    reply's content), and whether the EOG token already sampled stands for its first part
+    (then it is decoded, not re-tokenized)."""
+    before = core.template.render(history, add_generation_prompt=True, tools=tools)
+    after = core.template.render(history + [reply.as_template()], add_generation_prompt=False, tools=tools)
+    body = reply.content if raw is None else raw
+    eog = pending and core.model.is_eog(pending[0])
+    turn = after[len(before) :] if after.startswith(before) else ""
     if after.startswith(before + body):
         closing = after[len(before) + len(body) :]
+    elif eog and core.model.token_text(pending[0]) in turn:
+        # the template writes the turn differently from the model (a tool call re-serialised,
+        # reasoning dropped): what follows the turn's end-of-generation token still closes it
+        eog_text = core.model.token_text(pending[0])
+        return turn[turn.rfind(eog_text) + len(eog_text) :], True
     else:
         stripped = body.strip()
         j = after.rfind(stripped) if stripped else -1
         closing = after[j + len(stripped) :] if j >= len(before) else ""
-    eog = pending and core.model.is_eog(pending[0])
     if eog:
         eog_text = core.model.token_text(pending[0])
         if closing.startswith(eog_text):

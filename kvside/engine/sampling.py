@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import random
+import re
 from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
 
 from kvside._llama import lib
 from kvside.errors import InvalidRequest
@@ -60,22 +64,28 @@ class SamplingParams:
 
 
 class Sampler:
-    """One llama.cpp sampler chain for one generation. `sample` also records the token (accept)."""
+    """One llama.cpp sampler chain for one generation. `sample` also records the token (accept).
 
-    def __init__(self, params: SamplingParams, history: list[int], n_vocab: int):
+    constraint: a grammar (reply.Constraint) applied first, so every other sampler only ever
+    sees tokens the grammar allows; a lazy one waits for its trigger patterns."""
+
+    def __init__(self, params: SamplingParams, history: list[int], n_vocab: int, *, vocab=None, constraint=None,
+                 tokenize=None):
         chain_params = lib.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self.chain = lib.llama_sampler_chain_init(chain_params)
+        self.n_vocab = n_vocab
+        if constraint is not None:
+            self._add(_grammar_sampler(vocab, constraint, tokenize))
         penalised = (
             params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
         )
+        penalties = None
         if penalised and params.repeat_last_n > 0:
-            self._add(
-                lib.llama_sampler_init_penalties(
-                    n_vocab,
-                    params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
-                )
+            penalties = lib.llama_sampler_init_penalties(
+                n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
             )
+            self._add(penalties)
         if params.temperature <= 0:
             self._add(lib.llama_sampler_init_greedy())
         else:
@@ -87,9 +97,10 @@ class Sampler:
             self._add(lib.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else random.getrandbits(32)
             self._add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        if penalised:
+        if penalties is not None:
+            # the prompt counts for the penalties only: a grammar starts at the reply
             for token in history[-params.repeat_last_n :]:
-                lib.llama_sampler_accept(self.chain, token)
+                lib.llama_sampler_accept(penalties, token)
 
     def _add(self, sampler) -> None:
         lib.llama_sampler_chain_add(self.chain, sampler)
@@ -97,10 +108,46 @@ class Sampler:
     def sample(self, ctx, index: int) -> int:
         return lib.llama_sampler_sample(self.chain, ctx, index)
 
+    def logprobs(self, ctx, index: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """The model's log-probability of `token` at batch row `index` (before sampling shaped the
+        distribution, as OpenAI reports it) and the `top` most likely tokens."""
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        logz = peak + np.log(np.exp(logits - peak).sum())
+        best = []
+        if top > 0:
+            ids = np.argpartition(-logits, top)[:top]
+            ids = ids[np.argsort(-logits[ids])]
+            best = [(int(i), float(logits[i] - logz)) for i in ids]
+        return float(logits[token] - logz), best
+
     def close(self) -> None:
         if self.chain:
             lib.llama_sampler_free(self.chain)
             self.chain = None
+
+
+def _grammar_sampler(vocab, constraint, tokenize):
+    grammar = constraint.grammar.encode()
+    if constraint.lazy:
+        # a trigger word that is a single token triggers on that token; others become patterns
+        tokens, patterns = [], [p.encode() for p in constraint.patterns]
+        for word in constraint.words:
+            ids = tokenize(word)
+            if len(ids) == 1:
+                tokens.append(ids[0])
+            else:
+                patterns.append(re.escape(word).encode())
+        words = (ctypes.c_char_p * max(len(patterns), 1))(*patterns)
+        ids = (ctypes.c_int32 * max(len(tokens), 1))(*tokens)
+        sampler = lib.llama_sampler_init_grammar_lazy_patterns(
+            vocab, grammar, b"root", words, len(patterns), ids, len(tokens)
+        )
+    else:
+        sampler = lib.llama_sampler_init_grammar(vocab, grammar, b"root")
+    if not sampler:
+        raise InvalidRequest("the output constraint did not compile to a grammar llama.cpp accepts")
+    return sampler
 
 
 class StopMatcher:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from kvside._llama import lib
 from kvside.engine import edits, prompt
 from kvside.engine.decode import decode_error
+from kvside.engine.reply import ReplyReader, ReplySpec, constraint
 from kvside.engine.sampling import Sampler, SamplingParams, StopMatcher
 from kvside.engine.session import Message, Session
 from kvside.engine.stream import Completion, Event, Stream, Usage
@@ -49,6 +50,10 @@ class _Gen:
     t_start: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
     notices: list[dict] = field(default_factory=list)
+    spec: ReplySpec | None = None
+    reader: ReplyReader | None = None  # splits a chat reply into content, reasoning and tool calls
+    logprobs: list[dict] = field(default_factory=list)  # per token, when asked for
+    unsent_logprobs: int = 0  # of those, not yet carried by an event
 
 
 class Scheduler:
@@ -61,37 +66,52 @@ class Scheduler:
     def active(self) -> bool:
         return bool(self.gens)
 
-    def start_chat(self, name: str, messages: list[dict], params: SamplingParams, stream: Stream) -> None:
+    def start_chat(self, name: str, messages: list[dict], params: SamplingParams, stream: Stream,
+                   spec: ReplySpec | None = None) -> None:
         s = self.core.get(name)
+        spec = spec or ReplySpec()
         new = []
         next_id = s.next_message_id()
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
                 raise InvalidRequest("each message needs a role (system/user/assistant/tool) and string content")
-            new.append(Message(next_id + i, role, content, kind="tool" if role == "tool" else "chat"))
+            new.append(Message(next_id + i, role, content, kind="tool" if role == "tool" else "chat",
+                               tool_calls=m.get("tool_calls") or None, tool_call_id=m.get("tool_call_id"),
+                               reasoning=m.get("reasoning_content") or ""))
         if not new:
             raise InvalidRequest("no messages to send")
-        if not any(m.content.strip() for m in new):
+        if not any(m.content.strip() or m.tool_calls for m in new):
             raise InvalidRequest("the message is empty")
-        if not s.messages and new[0].role == "system":
-            new[0].pinned = True  # the system prompt is never rolled away
+        if spec.tools:
+            if not s.messages:
+                s.tools = list(spec.tools)
+            elif s.tools != spec.tools:
+                raise InvalidRequest(f"session {name!r} was started with other tools; tool definitions are part of "
+                                     "its cached prompt, so start a new session for a new set", param="tools")
+        if not s.messages and (new[0].role == "system" or s.tools):
+            # the system prompt is never rolled away, nor the turn that carries the tool definitions
+            new[0].pinned = True
         history = s.template_history() + [m.as_template() for m in new]
         pieces = prompt.chat_pieces(self.core, s, new, generation=True)
         reply_id = next_id + len(new)
         pieces[-1] = (reply_id, pieces[-1][1])
-        self._start(s, pieces, params, stream, reply_id, "chat", history, new)
+        gen_prompt = self.core.model.detokenize(pieces[-1][1], special=True)
+        self._start(s, pieces, params, stream, reply_id, "chat", history, new, spec,
+                    think=gen_prompt.rstrip().endswith("<think>"))
 
-    def start_text(self, name: str, text: str, params: SamplingParams, stream: Stream) -> None:
+    def start_text(self, name: str, text: str, params: SamplingParams, stream: Stream,
+                   spec: ReplySpec | None = None) -> None:
         s = self.core.get(name)
         if not text:
             raise InvalidRequest("the prompt is empty")
         msg_id = s.next_message_id()
         new = [Message(msg_id, "user", text, kind="text")]
         pieces = prompt.text_pieces(self.core, s, msg_id, text)
-        self._start(s, pieces, params, stream, msg_id + 1, "text", [], new)
+        self._start(s, pieces, params, stream, msg_id + 1, "text", [], new, spec)
 
-    def start_tokens(self, name: str, tokens: list[int], params: SamplingParams, stream: Stream) -> None:
+    def start_tokens(self, name: str, tokens: list[int], params: SamplingParams, stream: Stream,
+                     spec: ReplySpec | None = None) -> None:
         """Continue a session from raw tokens (fill-in-the-middle prompts carry special tokens)."""
         s = self.core.get(name)
         if not tokens:
@@ -99,9 +119,9 @@ class Scheduler:
         msg_id = s.next_message_id()
         new = [Message(msg_id, "user", "", kind="text")]
         pieces = [(msg_id, list(tokens))]
-        self._start(s, pieces, params, stream, msg_id + 1, "text", [], new)
+        self._start(s, pieces, params, stream, msg_id + 1, "text", [], new, spec)
 
-    def _start(self, s, pieces, params, stream, reply_id, mode, history, new) -> None:
+    def _start(self, s, pieces, params, stream, reply_id, mode, history, new, spec=None, think=False) -> None:
         todo = [t for _, toks in pieces for t in toks]
         todo_msg = [m for m, toks in pieces for _ in toks]
         notices = []
@@ -118,8 +138,14 @@ class Scheduler:
         }
         s.messages.extend(new)
         self.core.clear_pending(s)
-        sampler = Sampler(params, s.ledger.tok + todo, self.core.model.n_vocab)
+        rule = constraint(spec, self.core.tool_format) if spec is not None else None
+        sampler = Sampler(params, s.ledger.tok + todo, self.core.model.n_vocab, vocab=self.core.model.vocab,
+                          constraint=rule, tokenize=self.core.model.tokenize)
         gen = _Gen(s, stream, params, sampler, StopMatcher(params.stop), todo, todo_msg, reply_id, mode, history, rollback)
+        gen.spec = spec
+        if mode == "chat":
+            gen.reader = ReplyReader(self.core.tool_format if spec is not None and spec.calls_allowed else None,
+                                     think=think)
         gen.rollback_first_msg = new[0].id if new else -1
         gen.notices.extend(notices)
         gen.usage.cached_tokens = len(s.ledger)
@@ -161,7 +187,10 @@ class Scheduler:
                 if g.phase == PREFILL:
                     g.phase = DECODE
                     g.t_first = time.perf_counter()
-                self._on_token(g, g.sampler.sample(self.core.ctx, idx))
+                token = g.sampler.sample(self.core.ctx, idx)
+                if g.spec is not None and g.spec.logprobs:
+                    self._logprob(g, idx, token)
+                self._on_token(g, token)
 
     # llama.cpp's CPU matmul switches kernels at 64 tokens per ubatch (measured): batches below
     # that give bit-identical rows whatever else they hold, batches above differ in rounding. So
@@ -203,11 +232,13 @@ class Scheduler:
         g.usage.completion_tokens = len(g.tokens)
         if self.core.model.is_eog(token) and not g.params.ignore_eos:
             return self._finish(g, "stop")
-        text = g.decoder.decode(self.core.model.piece(token))
+        # a reply that may call tools is read with its special tokens ([TOOL_CALLS], <|channel|>...)
+        special = g.reader is not None and g.reader.fmt is not None
+        text = g.decoder.decode(self.core.model.piece(token, special=special))
         emit, hit = g.stops.feed(text)
         if emit:
             g.text.append(emit)
-            g.stream.put(Event("text", emit))
+            self._emit(g, emit)
         if hit:
             return self._finish(g, "stop", stop_hit=True)
         if len(g.tokens) >= g.params.max_tokens:
@@ -223,6 +254,40 @@ class Scheduler:
                 return self._finish(g, "length")
             g.notices.append(self._notice(g.stream, rolled))
         g.next_token = token
+
+    def _emit(self, g: _Gen, text: str) -> None:
+        """Send what the model wrote: as is, or through the reply reader as content, reasoning
+        and tool-call deltas. Log-probabilities not yet sent ride on the next event."""
+        if g.reader is None:
+            return g.stream.put(Event("text", text, data=self._take_logprobs(g)))
+        for d in g.reader.feed(text):
+            self._put_delta(g, d)
+
+    def _put_delta(self, g: _Gen, d) -> None:
+        if d.kind == "content":
+            g.stream.put(Event("text", d.text, data=self._take_logprobs(g)))
+        elif d.kind == "reasoning":
+            g.stream.put(Event("reasoning", d.text))
+        elif d.kind == "call":
+            g.stream.put(Event("tool_call", d.text, data={"index": d.index, "id": d.call_id, "name": d.text}))
+        else:
+            g.stream.put(Event("tool_args", d.text, data={"index": d.index, "id": d.call_id}))
+
+    def _logprob(self, g: _Gen, idx: int, token: int) -> None:
+        lp, top = g.sampler.logprobs(self.core.ctx, idx, token, g.spec.top_logprobs)
+        piece = self.core.model.piece
+        g.logprobs.append({"token": piece(token).decode("utf-8", errors="replace"), "logprob": lp,
+                           "bytes": list(piece(token)),
+                           "top_logprobs": [{"token": piece(t).decode("utf-8", errors="replace"), "logprob": p,
+                                             "bytes": list(piece(t))} for t, p in top]})
+        g.unsent_logprobs += 1
+
+    def _take_logprobs(self, g: _Gen) -> dict:
+        if not g.unsent_logprobs:
+            return {}
+        out = g.logprobs[len(g.logprobs) - g.unsent_logprobs :]
+        g.unsent_logprobs = 0
+        return {"logprobs": out}
 
     def _notice(self, stream: Stream, report: dict) -> dict:
         notice = {"kind": "roll", **report}
@@ -247,14 +312,23 @@ class Scheduler:
             tail = g.decoder.decode(b"", final=True) + g.stops.flush()
             if tail:
                 g.text.append(tail)
-                g.stream.put(Event("text", tail))
-        text = "".join(g.text)
+                self._emit(g, tail)
+        raw = text = "".join(g.text)
+        reasoning, calls = "", []
+        if g.reader is not None:
+            parsed, deltas = g.reader.finish()
+            for d in deltas:
+                self._put_delta(g, d)
+            text, reasoning = parsed.content, parsed.reasoning
+            calls = g.reader.openai_calls(parsed.calls)
+            if calls and reason == "stop":
+                reason = "tool_calls"
         s.pending = g.tokens[-1:]
         s.pending_msg = g.reply_id
         if g.mode == "chat":
-            reply = Message(g.reply_id, "assistant", text)
+            reply = Message(g.reply_id, "assistant", text, tool_calls=calls or None, reasoning=reasoning)
             s.messages.append(reply)
-            s.closing, keep_eog = prompt.closing(self.core, g.history, reply, s.pending)
+            s.closing, keep_eog = prompt.closing(self.core, g.history, reply, s.pending, raw=raw, tools=s.tools)
             if s.pending and self.core.model.is_eog(s.pending[0]) and not keep_eog:
                 s.pending = []
         else:
@@ -274,6 +348,9 @@ class Scheduler:
             decode_tok_s=n_dec / (now - g.t_first) if g.t_first and n_dec and now > g.t_first else 0.0,
             notices=g.notices,
             params=vars(g.params),
+            reasoning=reasoning,
+            tool_calls=calls,
+            logprobs=g.logprobs if g.spec is not None and g.spec.logprobs else None,
         )
         self._release(g)
         if error is not None:

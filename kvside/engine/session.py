@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def _arguments(text):
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
 @dataclass
 class Message:
     id: int
@@ -36,9 +45,27 @@ class Message:
     state: str = MSG_LIVE
     pinned: bool = False
     kind: str = "chat"  # "chat", "summary", "erratum", "tool", "text"
+    # OpenAI's tool calls of an assistant turn: [{"id", "type": "function", "function": {"name",
+    # "arguments": JSON text}}]; the call id a tool result answers; the reasoning of a reply
+    tool_calls: list | None = None
+    tool_call_id: str | None = None
+    reasoning: str = ""
 
     def as_template(self) -> dict:
-        return {"role": self.role, "content": self.content}
+        """The message as chat templates take it (arguments as objects, as Hugging Face's
+        templates expect them)."""
+        out = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.get("id", ""), "type": "function",
+                 "function": {"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.reasoning:
+            out["reasoning_content"] = self.reasoning
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +91,9 @@ class Session:
     backlog: list = field(default_factory=list)
     auto_bound: bool = False  # created by request binding, which may reuse it for a later request
     temporary: bool = False  # removed when its reply ends (a daemon run with --no-reuse)
+    # The tool definitions the session's prompt was rendered with: templates put them in the
+    # system turn, so they are part of the cached prefix and every later turn renders with them.
+    tools: list[dict] = field(default_factory=list)
 
     def next_message_id(self) -> int:
         return max((m.id for m in self.messages), default=-1) + 1

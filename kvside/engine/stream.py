@@ -12,7 +12,9 @@ from kvside.errors import KvsideError
 
 @dataclass
 class Event:
-    kind: str  # "bound" (the session chosen), "text", "notice" (e.g. an automatic roll), "done", "error"
+    # "bound" (the session chosen), "text", "reasoning", "tool_call" (a call's id and name),
+    # "tool_args" (a fragment of its arguments), "notice" (e.g. an automatic roll), "done", "error"
+    kind: str
     text: str = ""
     data: dict = field(default_factory=dict)
 
@@ -37,13 +39,16 @@ class Completion:
     session: str
     text: str
     tokens: list[int]
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "tool_calls", "error" or "cancelled"
     usage: Usage
     t_prefill_s: float = 0.0  # request accepted to first sampled token
     t_total_s: float = 0.0
     decode_tok_s: float = 0.0
     notices: list[dict] = field(default_factory=list)
     params: dict = field(default_factory=dict)  # the sampling parameters the reply was made with
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI's shape
+    logprobs: list[dict] | None = None  # per token, when asked for
 
 
 class Stream:

@@ -5,6 +5,7 @@ message adds is render(history + [m]) minus render(history)."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 
 import jinja2
@@ -32,9 +33,42 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _plain_history(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """The history for a template that knows nothing of tools: kvside's own tool prompt joins
+    the system prompt, calls become Hermes markup in the assistant's text and tool results
+    become user turns (templates that check roles accept those)."""
+    from kvside.engine.toolcalls import FORMATS
+
+    out = []
+    for m in messages:
+        m = dict(m)
+        calls = m.pop("tool_calls", None)
+        m.pop("tool_call_id", None)
+        m.pop("reasoning_content", None)
+        if calls:
+            text = "\n".join(
+                "<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                             ensure_ascii=False) + "\n</tool_call>"
+                for c in calls
+            )
+            m["content"] = (m.get("content") or "") + ("\n" if m.get("content") else "") + text
+        if m.get("role") == "tool":
+            m = {"role": "user", "content": "<tool_response>\n" + (m.get("content") or "") + "\n</tool_response>"}
+        out.append(m)
+    if tools:
+        prompt = FORMATS["generic"].prompt(tools)
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
 class ChatTemplate:
     def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = ""):
         self.source = source or CHATML
+        # whether the template renders tool definitions and calls itself
+        self.supports_tools = "tools" in self.source and "tool_call" in self.source
         self.bos_token = bos_token
         self.eos_token = eos_token
         env = ImmutableSandboxedEnvironment(
@@ -48,26 +82,52 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the model's chat template does not parse: {exc}") from None
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], *, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         if not messages and not add_generation_prompt:
             return ""
+        extra = {}
+        if not self.supports_tools:
+            messages = _plain_history(messages, tools)
+        elif tools:
+            extra["tools"] = tools
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except TemplateError:
             raise
         except jinja2.TemplateError as exc:
             raise TemplateError(f"chat template failed: {exc}") from None
 
-    def delta(self, history: list[dict], new: list[dict], *, add_generation_prompt: bool) -> str | None:
+    def delta(self, history: list[dict], new: list[dict], *, add_generation_prompt: bool,
+              tools: list[dict] | None = None) -> str | None:
         """Text that `new` adds after `history`, or None when the template is not append-only
         for these messages (it rewrote earlier text)."""
-        before = self.render(history, add_generation_prompt=False)
-        after = self.render(history + new, add_generation_prompt=add_generation_prompt)
+        before = self.render(history, add_generation_prompt=False, tools=tools)
+        after = self.render(history + new, add_generation_prompt=add_generation_prompt, tools=tools)
         if not after.startswith(before):
             return None
         return after[len(before) :]
+
+    def segments(self, history: list[dict], new: list[dict], *, add_generation_prompt: bool,
+                 tools: list[dict] | None = None) -> list[str] | None:
+        """The text each of `new` adds after `history` (the last one also carries the generation
+        prompt), or None when the template rewrites what `history` rendered. Templates that
+        group messages (Qwen puts consecutive tool results in one user turn, closed after the
+        last) are split where each prefix stops agreeing with the whole: the closing that a
+        later message moves is counted with that later message."""
+        full = self.render(history + new, add_generation_prompt=add_generation_prompt, tools=tools)
+        before = self.render(history, add_generation_prompt=False, tools=tools)
+        if not full.startswith(before):
+            return None
+        cuts = [len(before)]
+        for i in range(1, len(new)):
+            part = self.render(history + new[:i], add_generation_prompt=False, tools=tools)
+            n = len(os.path.commonprefix([part, full]))
+            cuts.append(max(n, cuts[-1]))
+        cuts.append(len(full))
+        return [full[a:b] for a, b in zip(cuts, cuts[1:])]

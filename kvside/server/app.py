@@ -358,7 +358,8 @@ class Daemon:
         self._check_model(req.model)
         explicit = self._explicit(request, req)
         stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_chat(
-            req.messages, session=explicit, reuse=self.reuse, documents=req.documents, on_event=on_event, **req.params))
+            req.messages, session=explicit, reuse=self.reuse, documents=req.documents, on_event=on_event,
+            reply=req.reply, **req.params))
         name = note["session"]
         cid = oa.new_id("chatcmpl")
         headers = {"X-Kvside-Session": name}
@@ -369,16 +370,16 @@ class Daemon:
         finally:
             self._done()
         extra = {"kvside": {"notices": done.notices, **note}}
-        return JSONResponse(oa.chat_response(cid, self.model_name, done.text, oa.finish_reason(done.finish_reason),
-                                             done.usage.to_dict(), extra), headers=headers)
+        return JSONResponse(oa.chat_response(cid, self.model_name, done, extra), headers=headers)
 
     async def _sse_chat(self, stream, queue, first, cid, req, note: dict):
         model = self.model_name
         try:
             yield _data(oa.chat_chunk(cid, model, {"role": "assistant", "content": ""}, None))
             async for event in self._events(queue, first):
-                if event.kind == "text":
-                    yield _data(oa.chat_chunk(cid, model, {"content": event.text}, None))
+                delta = oa.delta_for(event)
+                if delta is not None:
+                    yield _data(oa.chat_chunk(cid, model, delta, None, event.data.get("logprobs")))
                 elif event.kind == "notice":
                     yield ServerSentEvent(comment=f"kvside {json.dumps(event.data)}")
                 elif event.kind == "error":
@@ -421,7 +422,7 @@ class Daemon:
             raise InvalidRequest("the prompt is empty", param="prompt")
         tokens = (lambda core: fim_tokens(core, req.prompt, req.suffix)) if req.suffix is not None else None
         stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_text(
-            text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, **req.params))
+            text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply, **req.params))
         cid = oa.new_id("cmpl")
         if req.stream:
             return self._sse(self._sse_text(stream, queue, first, cid, req, shape), {"X-Kvside-Session": note["session"]})
@@ -433,7 +434,7 @@ class Daemon:
             return JSONResponse({"content": done.text, "stop": True, "stop_type": done.finish_reason,
                                  "tokens_predicted": done.usage.completion_tokens,
                                  "tokens_evaluated": done.usage.prompt_tokens})
-        body = oa.completion_chunk(cid, self.model_name, done.text, oa.finish_reason(done.finish_reason))
+        body = oa.completion_chunk(cid, self.model_name, done.text, oa.finish_reason(done.finish_reason), done.logprobs)
         body["usage"] = done.usage.to_dict()
         return JSONResponse(body)
 
@@ -443,7 +444,7 @@ class Daemon:
             async for event in self._events(queue, first):
                 if event.kind == "text":
                     yield _data({"content": event.text, "stop": False} if shape == "infill" else
-                                oa.completion_chunk(cid, model, event.text, None))
+                                oa.completion_chunk(cid, model, event.text, None, event.data.get("logprobs")))
                 elif event.kind == "error":
                     yield _data(event.data["error"].to_openai())
                     break

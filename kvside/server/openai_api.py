@@ -3,10 +3,13 @@ engine; this module is where one becomes the other."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from kvside.engine.reply import ReplySpec, check_choice
+from kvside.engine.toolcalls import check_tools
 from kvside.errors import InvalidRequest
 
 _SAMPLING_FIELDS = {
@@ -32,6 +35,7 @@ class Request:
     prompt: str = ""
     suffix: str | None = None
     documents: list[str] = field(default_factory=list)
+    reply: ReplySpec | None = None
 
 
 def _typed(body: dict, name: str, types: tuple, default=None):
@@ -54,8 +58,14 @@ def _content_text(content, index: int) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image_url", "input_image", "image", "input_audio", "file"):
+                raise InvalidRequest(f"this model reads text only: a '{kind}' content part cannot be given to it",
+                                     param=f"messages[{index}].content")
+            if kind not in ("text", "input_text", "output_text", "refusal"):
                 raise InvalidRequest("only text content parts are supported", param=f"messages[{index}].content")
+            if kind == "refusal":
+                part = {"text": part.get("refusal")}
             if not isinstance(part.get("text"), str):
                 raise InvalidRequest("a text part needs a string 'text'", param=f"messages[{index}].content")
             parts.append(part["text"])
@@ -113,13 +123,98 @@ def parse_chat(body: dict) -> Request:
         role = m.get("role")
         if role == "developer":
             role = "system"
+        if role == "function":  # OpenAI's legacy name for a tool result
+            role = "tool"
         if role not in ("system", "user", "assistant", "tool"):
             raise InvalidRequest(f"unsupported role {role!r}", param=f"messages[{i}].role")
-        out.append({"role": role, "content": _content_text(m.get("content"), i)})
+        msg = {"role": role, "content": _content_text(m.get("content"), i)}
+        if role == "assistant":
+            calls = _history_calls(m.get("tool_calls"), i)
+            if calls:
+                msg["tool_calls"] = calls
+            reasoning = m.get("reasoning_content", m.get("reasoning"))
+            if isinstance(reasoning, str) and reasoning:
+                msg["reasoning_content"] = reasoning
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise InvalidRequest("'tool_call_id' must be a string", param=f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = call_id or ""
+        out.append(msg)
     docs = body.get("documents") or []
     if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
         raise InvalidRequest("'documents' must be a list of names", param="documents")
-    return Request(model, stream, usage, params, session, messages=out, documents=docs)
+    return Request(model, stream, usage, params, session, messages=out, documents=docs, reply=_reply_spec(body))
+
+
+def _history_calls(calls, index: int) -> list[dict]:
+    """An assistant turn's tool_calls as a client resends them (arguments as a JSON string)."""
+    if calls is None:
+        return []
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise InvalidRequest("'tool_calls' must be a list", param=where)
+    out = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest("each tool call needs function.name", param=where)
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        out.append({"id": str(c.get("id") or ""), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _reply_spec(body: dict) -> ReplySpec:
+    """tools, tool_choice, parallel_tool_calls, response_format, logprobs, top_logprobs.
+    reasoning_effort is accepted: reasoning is the model's and the template's to switch."""
+    tools = check_tools(body["tools"]) if body.get("tools") else []
+    choice = check_choice(body.get("tool_choice"), tools)
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    spec = ReplySpec(tools=tools, tool_choice=choice, parallel=parallel,
+                     response_format=_response_format(body.get("response_format")))
+    spec.logprobs, spec.top_logprobs = _logprobs(body)
+    return spec
+
+
+def _response_format(fmt) -> dict | None:
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequest("response_format must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
+                             param="response_format")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise InvalidRequest("json_schema needs {'name': ..., 'schema': {...}}", param="response_format.json_schema")
+    return {"type": "json_schema", "schema": schema, "strict": bool(spec.get("strict"))}
+
+
+def _logprobs(body: dict, completion: bool = False) -> tuple[bool, int]:
+    """Chat: logprobs (bool) + top_logprobs (0-20). Completions: logprobs (int 0-5) is the top count."""
+    value = body.get("logprobs")
+    if completion:
+        if value is None or value is False:
+            return False, 0
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
+            raise InvalidRequest("'logprobs' must be an integer from 0 to 5", param="logprobs")
+        return True, value
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest("'logprobs' must be a boolean", param="logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+            raise InvalidRequest("'top_logprobs' must be an integer from 0 to 20", param="top_logprobs")
+        if not value:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return bool(value), top or 0
 
 
 def parse_completion(body: dict) -> Request:
@@ -132,33 +227,73 @@ def parse_completion(body: dict) -> Request:
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise InvalidRequest("'suffix' must be a string", param="suffix")
-    return Request(model, stream, usage, params, session, prompt=prompt, suffix=suffix)
+    spec = ReplySpec()
+    spec.logprobs, spec.top_logprobs = _logprobs(body, completion=True)
+    return Request(model, stream, usage, params, session, prompt=prompt, suffix=suffix, reply=spec)
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_chunk(cid: str, model: str, delta: dict, finish: str | None) -> dict:
+def chat_chunk(cid: str, model: str, delta: dict, finish: str | None, logprobs: list | None = None) -> dict:
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": {"content": logprobs} if logprobs else None,
+                         "finish_reason": finish}]}
+
+
+def delta_for(event) -> dict | None:
+    """OpenAI's delta for an engine event of a chat reply (None for events that are not one)."""
+    if event.kind == "text":
+        return {"content": event.text}
+    if event.kind == "reasoning":
+        return {"reasoning_content": event.text}
+    if event.kind == "tool_call":
+        d = event.data
+        return {"tool_calls": [{"index": d["index"], "id": d["id"], "type": "function",
+                                "function": {"name": d["name"], "arguments": ""}}]}
+    if event.kind == "tool_args":
+        return {"tool_calls": [{"index": event.data["index"], "function": {"arguments": event.text}}]}
+    return None
 
 
 def usage_chunk(cid: str, model: str, usage: dict, obj: str = "chat.completion.chunk") -> dict:
     return {"id": cid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage}
 
 
-def chat_response(cid: str, model: str, text: str, finish: str, usage: dict, extra: dict) -> dict:
+def chat_response(cid: str, model: str, done, extra: dict) -> dict:
+    message = {"role": "assistant", "content": done.text if done.text or not done.tool_calls else None}
+    if done.reasoning:
+        message["reasoning_content"] = done.reasoning
+    if done.tool_calls:
+        message["tool_calls"] = done.tool_calls
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage, **extra}
+            "choices": [{"index": 0, "message": message,
+                         "logprobs": {"content": done.logprobs} if done.logprobs is not None else None,
+                         "finish_reason": finish_reason(done.finish_reason)}],
+            "usage": done.usage.to_dict(), **extra}
 
 
-def completion_chunk(cid: str, model: str, text: str, finish: str | None) -> dict:
+def completion_chunk(cid: str, model: str, text: str, finish: str | None, logprobs: list | None = None) -> dict:
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "text": text, "logprobs": completion_logprobs(logprobs),
+                         "finish_reason": finish}]}
+
+
+def completion_logprobs(entries: list | None, offset: int = 0) -> dict | None:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
+    if not entries:
+        return None
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def finish_reason(reason: str) -> str:
+    if reason == "tool_calls":
+        return "tool_calls"
     return "stop" if reason in ("stop", "cancelled") else "length"

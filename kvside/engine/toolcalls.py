@@ -371,6 +371,7 @@ class Harmony(Format):
 
     name = "harmony"
     start = "<|channel|>"
+    _ENDS = ["<|end|>", "<|call|>", "<|return|>", "<|start|>"]
 
     _MSG = re.compile(
         r"(?:<\|start\|>assistant)?(?P<head>(?:\s*to=functions\.[\w.-]+)?\s*<\|channel\|>[^<]*(?:<\|constrain\|>[^<]*)?)"
@@ -381,13 +382,16 @@ class Harmony(Format):
     def parse(self, text, partial):
         out = Parsed()
         for m in self._MSG.finditer(text):
-            head, body, closed = m.group("head"), m.group("body"), bool(m.group("end"))
+            head, body = m.group("head"), m.group("body")
             to = re.search(r"to=functions\.([\w.-]+)", head)
             channel = re.search(r"<\|channel\|>\s*(\w+)", head)
             channel = channel.group(1) if channel else ""
+            if partial and not m.group("end"):
+                body = body[: len(body) - _held_prefix(body, self._ENDS)]
             if to:
-                args = body.strip()
-                out.calls.append(Call(to.group(1), args, closed or (not partial and json_value_end(args, 0) is not None)))
+                end = json_value_end(body, 0)
+                args = body[:end].strip() if end is not None else body.strip()
+                out.calls.append(Call(to.group(1), args, end is not None))
                 out.raw_calls.append(m.group(0))
             elif channel == "analysis":
                 out.reasoning += body

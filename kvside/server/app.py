@@ -273,19 +273,28 @@ class Daemon:
     async def ollama_chat(self, request: HTTPRequest):
         body = await self._json(request)
         model = self._ollama_model(body)
-        messages, params, streaming = ollama.chat_request(body, self.info["n_ctx"])
+        messages, params, streaming, spec = ollama.chat_request(body, self.info["n_ctx"])
         explicit = request.headers.get("x-kvside-session")
         t0 = time.perf_counter()
         stream, queue, note, first = await self._start(request, streaming, lambda on_event: self.engine.bind_chat(
             messages, session=check_name(explicit) if explicit else None, reuse=self.reuse, on_event=on_event,
-            **params))
-        shape = lambda text: {"message": {"role": "assistant", "content": text}}  # noqa: E731
+            reply=spec, **params))
+
+        def shape(text: str, thinking: str = "", calls: list | None = None) -> dict:
+            message = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = ollama.tool_calls(calls)
+            return {"message": message}
+
         return await self._ollama_answer(request, stream, queue, first, model, shape, streaming, t0, note)
 
     async def ollama_generate(self, request: HTTPRequest):
         body = await self._json(request)
         model = self._ollama_model(body)
         prompt, suffix, params, streaming, raw = ollama.generate_request(body, self.info["n_ctx"])
+        spec = ollama.reply_spec(body)
         if not prompt and suffix is None:  # Ollama answers an empty prompt by loading the model
             return JSONResponse({"model": model, "created_at": ollama.now(), "response": "", "done": True,
                                  "done_reason": "load"})
@@ -294,16 +303,21 @@ class Daemon:
         t0 = time.perf_counter()
         if suffix is not None or raw:
             tokens = (lambda core: fim_tokens(core, prompt, suffix)) if suffix is not None else None
+            if spec.response_format is not None:
+                raise InvalidRequest("'format' needs a chat prompt (not raw or suffix)", param="format")
             post = lambda on_event: self.engine.bind_text(text=prompt, tokens=tokens, session=session,  # noqa: E731
                                                           on_event=on_event, **params)
         else:
             system = body.get("system")
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             post = lambda on_event: self.engine.bind_chat(messages, session=session, reuse=self.reuse,  # noqa: E731
-                                                          on_event=on_event, **params)
+                                                          on_event=on_event, reply=spec, **params)
         stream, queue, note, first = await self._start(request, streaming, post)
-        return await self._ollama_answer(request, stream, queue, first, model, lambda text: {"response": text},
-                                         streaming, t0, note)
+
+        def shape(text: str, thinking: str = "", calls: list | None = None) -> dict:
+            return {"response": text, **({"thinking": thinking} if thinking else {})}
+
+        return await self._ollama_answer(request, stream, queue, first, model, shape, streaming, t0, note)
 
     async def _ollama_answer(self, request, stream, queue, first, model: str, shape, streaming: bool, t0: float,
                              note: dict):
@@ -313,7 +327,8 @@ class Daemon:
                 done = await self._collect(request, stream, queue, note)
             finally:
                 self._done()
-            return JSONResponse({"model": model, "created_at": ollama.now(), **shape(done.text),
+            return JSONResponse({"model": model, "created_at": ollama.now(),
+                                 **shape(done.text, done.reasoning, done.tool_calls),
                                  **ollama.final_fields(done, t0)}, headers=headers)
 
         async def lines():
@@ -321,13 +336,20 @@ class Daemon:
                 async for event in self._events(queue, first):
                     if event.kind == "text":
                         yield _line({"model": model, "created_at": ollama.now(), **shape(event.text), "done": False})
+                    elif event.kind == "reasoning":
+                        yield _line({"model": model, "created_at": ollama.now(), **shape("", event.text),
+                                     "done": False})
                     elif event.kind == "error":
                         yield _line({"error": event.data["error"].message})
                         break
                     elif event.kind == "done":
-                        self.metrics.reply(stream.completion, note)
+                        done = stream.completion
+                        self.metrics.reply(done, note)
+                        if done.tool_calls:  # Ollama sends each call whole, in one chunk
+                            yield _line({"model": model, "created_at": ollama.now(),
+                                         **shape("", "", done.tool_calls), "done": False})
                         yield _line({"model": model, "created_at": ollama.now(), **shape(""),
-                                     **ollama.final_fields(stream.completion, t0)})
+                                     **ollama.final_fields(done, t0)})
             finally:
                 if not stream.done:
                     stream.cancel()  # the client went away

@@ -5,10 +5,13 @@ edits), and the answers are Ollama's: newline-delimited JSON, durations in nanos
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timezone
 
 from kvside import __version__
+from kvside.engine.reply import ReplySpec
+from kvside.engine.toolcalls import check_tools
 from kvside.errors import InvalidRequest
 from kvside.server import openai_api as oa
 
@@ -55,34 +58,67 @@ def options(body: dict, n_ctx: int) -> dict:
     return params
 
 
-def _refuse_unsupported(body: dict) -> None:
-    if body.get("tools"):
-        raise InvalidRequest("tool calls are not supported by kvside yet", param="tools")
-    if body.get("format"):
-        raise InvalidRequest("structured output ('format') is not supported by kvside yet", param="format")
+def reply_spec(body: dict, tools=None) -> ReplySpec:
+    """`tools` and `format` ("json" or a JSON schema) as the engine's reply spec; `think` is
+    accepted (reasoning is the model's and its template's to switch) and answered as `thinking`."""
+    fmt = body.get("format")
+    if fmt in (None, ""):
+        response_format = None
+    elif fmt == "json":
+        response_format = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        response_format = {"type": "json_schema", "schema": fmt}
+    else:
+        raise InvalidRequest("'format' must be \"json\" or a JSON schema object", param="format")
+    think = body.get("think")
+    if think is not None and not isinstance(think, bool) and think not in ("low", "medium", "high"):
+        raise InvalidRequest("'think' must be true, false, \"low\", \"medium\" or \"high\"", param="think")
+    return ReplySpec(tools=check_tools(tools) if tools else [], response_format=response_format)
 
 
-def chat_request(body: dict, n_ctx: int) -> tuple[list[dict], dict, bool]:
-    """POST /api/chat: (messages, sampling parameters, stream). Streaming is Ollama's default."""
+def chat_request(body: dict, n_ctx: int) -> tuple[list[dict], dict, bool, ReplySpec]:
+    """POST /api/chat: (messages, sampling parameters, stream, reply spec). Streaming is Ollama's
+    default. History tool calls carry arguments as objects and no id; tool results may name the
+    tool (`tool_name`)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list", param="messages")
     for i, m in enumerate(messages):
         if isinstance(m, dict) and m.get("images"):
             raise InvalidRequest("this model reads text only; images are not supported", param=f"messages[{i}].images")
-    parsed = oa.parse_chat({"messages": messages})
-    return parsed.messages, options(body, n_ctx), _stream_flag(body)
+    parsed = oa.parse_chat({"messages": [_from_ollama(m) for m in messages]})
+    return parsed.messages, options(body, n_ctx), _stream_flag(body), reply_spec(body, body.get("tools"))
+
+
+def _from_ollama(m):
+    if not isinstance(m, dict):
+        return m
+    m = dict(m)
+    if m.get("thinking") and not m.get("reasoning_content"):
+        m["reasoning_content"] = m.pop("thinking")
+    return m
+
+
+def tool_calls(calls: list[dict]) -> list[dict]:
+    """OpenAI-shaped calls as Ollama writes them: arguments as an object."""
+    out = []
+    for i, c in enumerate(calls):
+        try:
+            args = json.loads(c["function"]["arguments"])
+        except ValueError:
+            args = {}
+        out.append({"id": c["id"], "function": {"index": i, "name": c["function"]["name"], "arguments": args}})
+    return out
 
 
 def generate_request(body: dict, n_ctx: int) -> tuple[str, str | None, dict, bool, bool]:
     """POST /api/generate: (prompt, suffix, parameters, stream, raw). Without `raw` the prompt is a
-    user message in the chat template (with `system` before it), as Ollama does."""
+    user message in the chat template (with `system` before it), as Ollama does; `format` is
+    read by reply_spec."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    _refuse_unsupported(body)
     if body.get("images"):
         raise InvalidRequest("this model reads text only; images are not supported", param="images")
     prompt, suffix, system = body.get("prompt", ""), body.get("suffix"), body.get("system")
@@ -139,7 +175,12 @@ def tags(info: dict, names: list[str]) -> dict:
 
 def show(info: dict, template: str, fim: bool) -> dict:
     model, arch = info["model"], info["model"]["architecture"]
-    capabilities = ["completion"] + (["insert"] if fim else [])
+    # kvside calls tools on every model (a template without tools gets kvside's own tool prompt),
+    # but only a template that knows tools is one a client should pick for an agent
+    knows_tools = "tools" in template and "tool_call" in template
+    capabilities = ["completion"] + (["tools"] if knows_tools else []) + (["insert"] if fim else [])
+    if "<think>" in template or "reasoning_content" in template:
+        capabilities.append("thinking")
     return {"modified_at": now(), "template": template, "modelfile": "", "license": "",
             "parameters": f"num_ctx {info['n_ctx']}", "details": details(info), "capabilities": capabilities,
             "model_info": {"general.architecture": arch, "general.parameter_count": model["n_params"],

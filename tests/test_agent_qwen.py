@@ -1,0 +1,84 @@
+"""Tool calling on a model that chooses tools (Qwen2.5-Coder-0.5B-Instruct, its own template),
+with the `openai` client and langchain-openai. Few and short: CI has two cores."""
+
+import json
+
+import pytest
+from openai import OpenAI
+
+from conftest import QWEN
+
+pytestmark = pytest.mark.qwen
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+@pytest.fixture(scope="module")
+def client(qwen_url):
+    return OpenAI(base_url=qwen_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_model_chooses_the_tool_and_streams_the_call(client):
+    stream = client.chat.completions.create(model=QWEN, messages=ASK, tools=[WEATHER], temperature=0,
+                                            max_tokens=60, stream=True, stream_options={"include_usage": True})
+    deltas, finish, content = [], None, ""
+    for chunk in stream:
+        if chunk.choices:
+            finish = chunk.choices[0].finish_reason or finish
+            content += chunk.choices[0].delta.content or ""
+            deltas += chunk.choices[0].delta.tool_calls or []
+    assert finish == "tool_calls" and content == ""
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris"}
+
+
+def test_round_trip_answers_from_the_tool_result_on_the_same_cache(client):
+    first = client.chat.completions.create(model=QWEN, messages=ASK, tools=[WEATHER], temperature=0, max_tokens=60)
+    call = first.choices[0].message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    history = ASK + [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "sunny"}'}]
+    second = client.chat.completions.create(model=QWEN, messages=history, tools=[WEATHER], temperature=0,
+                                            max_tokens=40, tool_choice="none")
+    assert second.choices[0].message.tool_calls is None
+    assert second.choices[0].message.content
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_langchain_bind_tools(qwen_url):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the current weather for a city."""
+        return "sunny"
+
+    llm = ChatOpenAI(base_url=qwen_url + "/v1", api_key="unused", model=QWEN, temperature=0, max_retries=0)
+    reply = llm.bind_tools([get_weather]).invoke("What is the weather in Paris right now?")
+    assert reply.tool_calls and reply.tool_calls[0]["name"] == "get_weather"
+    assert reply.tool_calls[0]["args"] == {"city": "Paris"}
+
+
+def test_ollama_chat_with_tools_sends_each_call_whole(qwen_url):
+    """Ollama's shape: the call in one chunk, arguments as an object; the round trip with a tool
+    result (Ollama's history carries no call ids) is answered on the same cache."""
+    import ollama
+
+    client = ollama.Client(host=qwen_url)
+    chunks = list(client.chat(model=QWEN, messages=ASK, tools=[WEATHER], stream=True,
+                              options={"temperature": 0, "num_predict": 60}))
+    calls = [c for chunk in chunks for c in (chunk.message.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert calls[0].function.arguments == {"city": "Paris"}
+    assert chunks[-1].done and chunks[-1].done_reason == "stop"
+    history = ASK + [{"role": "assistant", "content": "", "tool_calls": [{"function": {
+        "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18 C and sunny", "tool_name": "get_weather"}]
+    second = client.chat(model=QWEN, messages=history, tools=[WEATHER], stream=False,
+                         options={"temperature": 0, "num_predict": 30})
+    assert second.done
+    assert second.prompt_eval_count < 40  # only the tool result and the new turn were read

@@ -24,6 +24,17 @@ def _engine_args(p: argparse.ArgumentParser, n_ctx: int = 2048) -> None:
     p.add_argument("--exact", action="store_true",
                    help="attention kernels whose results do not depend on cell layout: bit-exact restores "
                         "of edited sessions, slower prefill (flash attention off)")
+    p.add_argument("--prune-tools", type=_prune_spec, default=None, metavar="keep_last=N",
+                   help="agents: when the window fills, mask old tool results (keeping the last N) before "
+                        "rolling whole turns away")
+
+
+def _prune_spec(text: str) -> int:
+    """`keep_last=N` or `N`."""
+    value = text.split("=", 1)[1] if text.startswith("keep_last=") else text
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError("expected keep_last=N with N >= 0")
+    return int(value)
 
 
 def _api_key_arg(p: argparse.ArgumentParser, serving: bool = False) -> None:
@@ -61,7 +72,7 @@ def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False
     return Engine(
         model=ns.model, n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads,
         n_gpu_layers=ns.n_gpu_layers, persist=persist, sessions_dir=getattr(ns, "sessions_dir", None),
-        exact=bool(getattr(ns, "exact", False)),
+        exact=bool(getattr(ns, "exact", False)), prune_tools=getattr(ns, "prune_tools", None),
     ).start()
 
 

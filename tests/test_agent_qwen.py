@@ -82,3 +82,18 @@ def test_ollama_chat_with_tools_sends_each_call_whole(qwen_url):
                          options={"temperature": 0, "num_predict": 30})
     assert second.done
     assert second.prompt_eval_count < 40  # only the tool result and the new turn were read
+
+
+def test_llama_vscode_infill_shape(qwen_url):
+    """llama.vscode's /infill body (input_extra, n_indent, samplers, t_max_*), and its n_predict 0
+    warm-up, on a model with FIM tokens."""
+    import httpx
+
+    from test_editor_replays import load
+
+    body = load("llama_vscode_infill", QWEN)
+    r = httpx.post(qwen_url + "/infill", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["content"], str)
+    warm = httpx.post(qwen_url + "/infill", json=dict(body, n_predict=0), timeout=120)
+    assert warm.status_code == 200, warm.text

@@ -264,8 +264,9 @@ class ChatApp(App):
                     await item.stream.write(value)
                     self.query_one("#log", VerticalScroll).scroll_end(animate=False)
             elif kind == "notice":
-                self.notify(f"context full: rolled {value.get('dropped')} tokens ({value.get('strategy')})",
-                            title="auto-roll", timeout=8)
+                text = value.get("message") or f"context full: rolled {value.get('dropped')} tokens"
+                self.notify(text, title="tool results pruned" if value.get("kind") == "prune" else "auto-roll",
+                            timeout=8)
             elif kind == "error":
                 self.notify(str(value), title="error", severity="error")
             elif kind == "done":

@@ -66,6 +66,15 @@ def _strategy(engine, name: str, args: dict) -> dict:
     return {"strategy": strategy}
 
 
+def _policy(engine, name: str, args: dict) -> dict:
+    if "prune_tools" not in args:
+        raise InvalidRequest("'prune_tools' is required (a count of tool results to keep, or null for off)",
+                             param="prune_tools")
+    keep = _int(args, "prune_tools", None, lo=0)
+    engine.set_prune_tools(name, keep)
+    return {"prune_tools": keep}
+
+
 EDITS: dict[str, Callable[[Any, str, dict], Any]] = {
     "roll": lambda e, n, a: e.roll(n, _int(a, "drop", lo=0), _int(a, "keep", None, lo=0), _str(a, "strategy", None),
                                    _bool(a, "boundary")),
@@ -77,6 +86,7 @@ EDITS: dict[str, Callable[[Any, str, dict], Any]] = {
     "fork": lambda e, n, a: {"session": e.fork(n, _str(a, "name", None))},
     "save": _save,
     "strategy": _strategy,
+    "policy": _policy,
     "attach": lambda e, n, a: e.attach(n, _str(a, "document"), _int(a, "recompute", 0, lo=-1),
                                        _str(a, "strategy", None)),
 }

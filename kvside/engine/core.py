@@ -53,6 +53,9 @@ class EngineConfig:
     n_threads: int | None = None
     n_gpu_layers: int | None = None  # None: every layer on a GPU backend, none on CPU
     default_system: str | None = None
+    # agents: when the window fills, mask the cells of old tool results (keeping the last N)
+    # before any whole turn is rolled away; None leaves tool results to rolling like any turn
+    prune_tools: int | None = None
     sessions_dir: str | None = None  # where idle sessions go (default: $KVSIDE_HOME/sessions)
     persist: bool = False  # save resident sessions on close, know saved ones on start
     flash_attn: bool | None = None  # None: llama.cpp decides; False for bit-exact references and restores
@@ -238,7 +241,7 @@ class Core:
         if name in self.sessions or name in self.evicted:
             raise InvalidRequest(f"session {name!r} already exists")
         seq = self.take_seq(keep)
-        session = Session(name=name, seq=seq)
+        session = Session(name=name, seq=seq, prune_tools=self.config.prune_tools)
         system = system if system is not None else self.config.default_system
         try:
             if system:

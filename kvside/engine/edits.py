@@ -286,6 +286,40 @@ def auto_roll(core, s: Session, need: int, protect: set[int]) -> dict | None:
         report = close_gaps(core, s)
         report["auto"] = True
         return report
+    pruned = _prune_for_room(core, s, need, protect) if s.prune_tools is not None else None
+    if pruned is not None and led.next_pos + need < core.n_ctx:
+        return pruned
+    rolled = _roll_for_room(core, s, need, protect)
+    if pruned is not None and rolled is not None:
+        rolled["pruned"] = pruned
+    return rolled or pruned
+
+
+def _prune_for_room(core, s: Session, need: int, protect: set[int]) -> dict | None:
+    """The agent policy: mask the oldest tool results (all but the last s.prune_tools) until the
+    window has room, and close the hole so their positions come back. The turns around them
+    (the calls, the answers) keep their cells: an agent's later steps lean on those, while an
+    old tool output has usually been read and acted on already."""
+    led = s.ledger
+    results = [m for m in s.messages if m.kind == "tool" and not m.pinned and m.id not in protect
+               and led.positions_of({m.id})]
+    old = results[: max(len(results) - s.prune_tools, 0)]
+    chosen, cells = [], len(led)
+    for m in old:
+        chosen.append(m.id)
+        cells -= len(led.positions_of({m.id}))
+        if cells + need < core.n_ctx:
+            break
+    if not chosen:
+        return None
+    report = mask(core, s, messages=chosen, close_gap=core.mem.can_shift(), reason="pruned (window full)",
+                  state=MSG_PRUNED)
+    report.update(auto=True, strategy="prune_tools", pruned_messages=chosen)
+    return report
+
+
+def _roll_for_room(core, s: Session, need: int, protect: set[int]) -> dict | None:
+    led = s.ledger
     keep = head_size(s)
     pinned = {m.id for m in s.messages if m.pinned} | protect
     end = keep

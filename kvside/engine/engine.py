@@ -296,6 +296,12 @@ class Engine:
             s.roll_strategy = str(edits.Strategy.parse(strategy))
         self._edit(name, apply)
 
+    def set_prune_tools(self, name: str, keep_last: int | None) -> None:
+        """The session's tool-result policy: keep the last `keep_last` when the window fills (None: off)."""
+        def apply(core, s):
+            s.prune_tools = keep_last
+        self._edit(name, apply)
+
     def edit_log(self, name: str) -> list[dict]:
         return self._edit(name, lambda core, s: list(s.edit_log))
 

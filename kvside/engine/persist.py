@@ -39,6 +39,7 @@ def header_for(core, s: Session) -> dict:
         "defaults": vars(s.defaults),
         "roll_strategy": s.roll_strategy,
         "tools": s.tools,
+        "prune_tools": s.prune_tools,
         "edit_log": s.edit_log,
         "created": s.created,
         "last_used": s.last_used,
@@ -129,6 +130,10 @@ def session_from_header(header: dict, name: str, label: str) -> Session:
         s.defaults = SamplingParams(**header.get("defaults", {})).validate()
         s.edit_log = [dict(e) for e in header.get("edit_log", [])]
         s.tools = [dict(t) for t in header.get("tools", [])]
+        keep = header.get("prune_tools")
+        if keep is not None and (type(keep) is not int or keep < 0):
+            raise TypeError("prune_tools must be a count")
+        s.prune_tools = keep
         s.created = float(header.get("created", time.time()))
         strategy = header.get("roll_strategy", "shift")
         if not isinstance(strategy, str):

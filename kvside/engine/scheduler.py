@@ -290,11 +290,15 @@ class Scheduler:
         return {"logprobs": out}
 
     def _notice(self, stream: Stream, report: dict) -> dict:
-        notice = {"kind": "roll", **report}
+        notice = {"kind": "prune" if report.get("strategy") == "prune_tools" else "roll", **report}
         if report.get("strategy") == "close_gaps":
             text = f"context full: closed {report['gaps_closed']} holes left by masks"
+        elif report.get("strategy") == "prune_tools":
+            text = (f"context full: masked {len(report['pruned_messages'])} old tool results "
+                    f"({report['masked']} tokens); later turns kept their cache")
         else:
             text = f"context full: rolled {report['dropped']} tokens ({report['strategy']})"
+        notice["message"] = text
         stream.put(Event("notice", text=text, data=notice))
         return notice
 

@@ -94,6 +94,7 @@ class Session:
     # The tool definitions the session's prompt was rendered with: templates put them in the
     # system turn, so they are part of the cached prefix and every later turn renders with them.
     tools: list[dict] = field(default_factory=list)
+    prune_tools: int | None = None  # the tool-result policy: keep the last N when the window fills
 
     def next_message_id(self) -> int:
         return max((m.id for m in self.messages), default=-1) + 1
@@ -122,6 +123,7 @@ class Session:
             "n_messages": len(self.messages),
             "busy": self.busy,
             "roll_strategy": self.roll_strategy,
+            "prune_tools": self.prune_tools,
             "created": self.created,
             "last_used": self.last_used,
             "edits": len(self.edit_log),

@@ -261,6 +261,17 @@ def usage_chunk(cid: str, model: str, usage: dict, obj: str = "chat.completion.c
     return {"id": cid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage}
 
 
+def usage_of(done) -> dict:
+    """OpenAI's usage, with what kvside did to the cache to make room (rolled turns, pruned tool
+    results) under a `kvside` key that clients which do not know it ignore."""
+    usage = done.usage.to_dict()
+    if done.notices:
+        usage["kvside"] = {"edits": [{k: v for k, v in n.items() if k in ("kind", "strategy", "message", "dropped",
+                                                                        "masked", "pruned_messages")}
+                                     for n in done.notices]}
+    return usage
+
+
 def chat_response(cid: str, model: str, done, extra: dict) -> dict:
     message = {"role": "assistant", "content": done.text if done.text or not done.tool_calls else None}
     if done.reasoning:
@@ -271,7 +282,7 @@ def chat_response(cid: str, model: str, done, extra: dict) -> dict:
             "choices": [{"index": 0, "message": message,
                          "logprobs": {"content": done.logprobs} if done.logprobs is not None else None,
                          "finish_reason": finish_reason(done.finish_reason)}],
-            "usage": done.usage.to_dict(), **extra}
+            "usage": usage_of(done), **extra}
 
 
 def completion_chunk(cid: str, model: str, text: str, finish: str | None, logprobs: list | None = None) -> dict:

@@ -1,0 +1,71 @@
+"""Request bodies in the shapes editors send (tests/data/editors, each naming the source file it
+follows), replayed against kvside; the answers are read the way those clients read them. A
+second request in the same conversation must be served from the cache the first one left."""
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+DATA = Path(__file__).parent / "data" / "editors"
+CHAT_SHAPES = ["zed", "continue", "cline", "copilot", "llama_vscode_chat"]
+FINISH = {"stop", "length", "tool_calls"}
+
+
+def load(name: str, model: str) -> dict:
+    recorded = json.loads((DATA / f"{name}.json").read_text())
+    return {**recorded["body"], "model": model}
+
+
+def read_answer(response: httpx.Response, stream: bool) -> dict:
+    """What a client keeps of an answer: the message (content, tool calls accumulated by index,
+    reasoning), the finish reason and the usage."""
+    assert response.status_code == 200, response.text
+    if not stream:
+        body = response.json()
+        choice = body["choices"][0]
+        assert choice["finish_reason"] in FINISH
+        return {"message": choice["message"], "finish": choice["finish_reason"], "usage": body["usage"]}
+    content, reasoning, calls, finish, usage = "", "", {}, None, None
+    lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    for raw in lines[:-1]:
+        chunk = json.loads(raw)
+        assert chunk["object"] == "chat.completion.chunk"
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk["choices"]:
+            delta = choice["delta"]
+            assert isinstance(delta, dict)
+            content += delta.get("content") or ""
+            reasoning += delta.get("reasoning_content") or ""
+            for tc in delta.get("tool_calls") or []:
+                entry = calls.setdefault(tc["index"], {"id": None, "name": "", "arguments": ""})
+                entry["id"] = tc.get("id") or entry["id"]
+                fn = tc.get("function") or {}
+                entry["name"] += fn.get("name") or ""
+                entry["arguments"] += fn.get("arguments") or ""
+            finish = choice["finish_reason"] or finish
+    assert finish in FINISH
+    message = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                 for _, c in sorted(calls.items())]
+        for c in message["tool_calls"]:
+            assert c["id"] and c["function"]["name"]
+            json.loads(c["function"]["arguments"])
+    return {"message": message, "finish": finish, "usage": usage}
+
+
+@pytest.mark.parametrize("name", CHAT_SHAPES)
+def test_editor_chat_shapes_are_answered_and_the_next_turn_is_a_cache_hit(daemon_url, name):
+    body = load(name, "smollm2-135m")
+    first = httpx.post(daemon_url + "/v1/chat/completions", json=body, timeout=120)
+    answer = read_answer(first, body.get("stream", False))
+    assert answer["usage"]["completion_tokens"] > 0  # every shape here asks for usage (or is not streamed)
+    follow = dict(body, messages=body["messages"] + [answer["message"], {"role": "user", "content": "Thanks."}])
+    second = read_answer(httpx.post(daemon_url + "/v1/chat/completions", json=follow, timeout=120),
+                         body.get("stream", False))
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= answer["usage"]["prompt_tokens"]

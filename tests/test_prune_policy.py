@@ -1,0 +1,75 @@
+"""The agent policy: when the window fills, old tool results lose their cells (the last N stay)
+before any whole turn is rolled away; the system prompt and the calls around the results keep
+their cache, and the reply says what was done."""
+
+import pytest
+
+from conftest import GREEDY
+from kvside.engine.session import MSG_LIVE, MSG_PRUNED
+
+TOOL_OUTPUT = " ".join(f"line {i}: value={i * 7} status=ok;" for i in range(14))  # about 110 tokens
+
+
+def agent_loop(engine, name: str, rounds: int) -> list:
+    history = [{"role": "system", "content": "You are a coding agent."},
+               {"role": "user", "content": "Inspect the build logs and report."}]
+    completions = []
+    for i in range(rounds):
+        c = engine.bind_chat(history, session=name, max_tokens=4, **GREEDY).wait()
+        completions.append(c)
+        history += [{"role": "assistant", "content": c.text or "Reading."},
+                    {"role": "tool", "content": f"log {i}: {TOOL_OUTPUT}"}]
+    return completions
+
+
+def messages_of(engine, name):
+    return engine.call(lambda core: [(m.role, m.kind, m.state, bool(core.sessions[name].ledger.positions_of({m.id})))
+                                     for m in core.sessions[name].messages])
+
+
+def test_prune_policy_masks_old_tool_results_instead_of_rolling_turns(engine):
+    name = engine.new_session("agent-prune")
+    engine.set_prune_tools(name, 1)
+    try:
+        completions = agent_loop(engine, name, 7)
+        notices = [n for c in completions for n in c.notices]
+        assert notices and all(n["kind"] == "prune" for n in notices), notices
+        assert "tool results" in notices[0]["message"]
+        msgs = messages_of(engine, name)
+        tools = [m for m in msgs if m[1] == "tool"]
+        assert tools[-1][2] == MSG_LIVE and tools[-1][3], "the last tool result keeps its cells"
+        assert any(state == MSG_PRUNED and not cells for _, _, state, cells in tools)
+        # nothing but tool results lost its cells: the system prompt, the task and every reply stay
+        assert all(state == MSG_LIVE and cells for role, kind, state, cells in msgs if kind != "tool")
+    finally:
+        engine.delete_session(name)
+
+
+def test_without_the_policy_whole_turns_roll(engine):
+    name = engine.new_session("agent-roll")
+    try:
+        completions = agent_loop(engine, name, 7)
+        notices = [n for c in completions for n in c.notices]
+        assert notices and all(n["kind"] == "roll" for n in notices)
+        msgs = messages_of(engine, name)
+        assert any(kind == "chat" and role in ("user", "assistant") and not cells for role, kind, _, cells in msgs)
+    finally:
+        engine.delete_session(name)
+
+
+def test_policy_is_set_per_session_through_the_edit_table(engine):
+    from kvside.engine import commands
+    from kvside.errors import InvalidRequest
+
+    name = engine.new_session()
+    try:
+        assert commands.apply(engine, name, "policy", {"prune_tools": 2}) == {"prune_tools": 2}
+        assert engine.call(lambda core: core.sessions[name].prune_tools) == 2
+        commands.apply(engine, name, "policy", {"prune_tools": None})
+        assert engine.call(lambda core: core.sessions[name].prune_tools) is None
+        with pytest.raises(InvalidRequest):
+            commands.apply(engine, name, "policy", {"prune_tools": -1})
+        with pytest.raises(InvalidRequest):
+            commands.apply(engine, name, "policy", {})
+    finally:
+        engine.delete_session(name)

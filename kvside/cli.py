@@ -275,6 +275,16 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         result = interference.run(ns.model, ns.doc_kb, ns.reprefill_tokens, ns.n_ctx, ns.threads)
         print(json.dumps(result, indent=2) if ns.json else interference.table(result))
         return 0
+    if ns.what == "agent":
+        from kvside.bench import agent
+
+        if ns.rounds < 1 or ns.tool_tokens < 16 or ns.keep_tools < 0 or ns.recall_last < 1:
+            raise KvsideError_usage("--rounds and --recall-last must be >= 1, --tool-tokens >= 16, --keep-tools >= 0")
+        if ns.tool_tokens * 2 >= ns.n_ctx:
+            raise KvsideError_usage("--tool-tokens must be under half of --n-ctx")
+        result = agent.run(ns.model, ns.rounds, ns.tool_tokens, ns.n_ctx, ns.keep_tools, ns.recall_last, ns.threads)
+        print(json.dumps(result, indent=2) if ns.json else agent.table(result))
+        return 0
     if ns.what == "roll":
         from kvside.bench import roll
 
@@ -603,7 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
-    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference"])
+    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference", "agent"])
+    p.add_argument("--rounds", type=int, default=12, help="agent: tool rounds")
+    p.add_argument("--tool-tokens", type=int, default=300, help="agent: tokens per tool result")
+    p.add_argument("--keep-tools", type=int, default=2, help="agent: tool results the prune policy keeps")
+    p.add_argument("--recall-last", type=int, default=3, help="agent: recent tool results whose facts are asked for")
     p.add_argument("--doc-kb", type=int, default=100, help="interference: size of the document compiled")
     p.add_argument("--reprefill-tokens", type=int, default=2048, help="interference: tokens re-prefilled")
     p.add_argument("--recompute", type=int, action="append", default=None,

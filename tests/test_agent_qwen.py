@@ -96,4 +96,6 @@ def test_llama_vscode_infill_shape(qwen_url):
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["content"], str)
     warm = httpx.post(qwen_url + "/infill", json=dict(body, n_predict=0), timeout=120)
-    assert warm.status_code == 200, warm.text
+    assert warm.status_code == 200 and warm.json()["content"] == "", warm.text
+    bad = httpx.post(qwen_url + "/infill", json=dict(body, input_extra=[{"filename": "a.py"}]), timeout=30)
+    assert bad.status_code == 400 and "input_extra" in bad.json()["error"]["message"]

@@ -73,3 +73,18 @@ def test_policy_is_set_per_session_through_the_edit_table(engine):
             commands.apply(engine, name, "policy", {})
     finally:
         engine.delete_session(name)
+
+
+def test_bench_agent_runs_the_three_ways_side_by_side():
+    """`kvside bench agent` at toy size: the prune run edits by pruning, the roll run by rolling,
+    the re-prefill run reuses nothing; recall is measured for each."""
+    from kvside.bench import agent
+
+    result = agent.run(None, rounds=5, tool_tokens=64, n_ctx=256, keep=0, recall_last=1, threads=2, max_tokens=4)
+    kinds = {mode: {k for t in result[mode]["turns"] for k in t["edits"]} for mode in ("prune", "roll", "reprefill")}
+    assert "prune" in kinds["prune"]  # at this toy size some turns roll too, when pruning is not enough
+    assert kinds["roll"] == {"roll"} and kinds["reprefill"] == set()
+    assert all(t["cached_tokens"] == 0 for t in result["reprefill"]["turns"])
+    assert result["prune"]["late_cached_median"] > 0
+    assert all(0.0 <= result[m]["recall"] <= 1.0 and len(result[m]["recall_hits"]) == 1 for m in kinds)
+    assert "prune" in agent.table(result)

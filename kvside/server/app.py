@@ -429,20 +429,28 @@ class Daemon:
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
         prefix, suffix = body.get("input_prefix", ""), body.get("input_suffix", "")
-        if not isinstance(prefix, str) or not isinstance(suffix, str):
-            raise InvalidRequest("'input_prefix' and 'input_suffix' must be strings")
-        extra = body.get("prompt", "")
-        translated = dict(body, prompt=prefix + (extra if isinstance(extra, str) else ""), suffix=suffix)
+        middle = body.get("prompt", "")
+        if not all(isinstance(v, str) for v in (prefix, suffix, middle)):
+            raise InvalidRequest("'input_prefix', 'input_suffix' and 'prompt' must be strings")
+        extra = infill_extra(body)
+        translated = dict(body, prompt=prefix, suffix=suffix)
         if "n_predict" in body and "max_tokens" not in body:
-            translated["max_tokens"] = body["n_predict"]
+            if body["n_predict"] == 0:  # llama.vscode warms the cache with n_predict 0: read, answer nothing
+                translated["max_tokens"] = 1
+            else:
+                translated["max_tokens"] = body["n_predict"]
+        translated.pop("logprobs", None)
         req = oa.parse_completion(translated)
-        return await self._text_request(request, req, "infill")
+        warm_up = body.get("n_predict") == 0
+        return await self._text_request(request, req, "infill", middle=middle, extra=extra, warm_up=warm_up)
 
-    async def _text_request(self, request: HTTPRequest, req: oa.Request, shape: str):
+    async def _text_request(self, request: HTTPRequest, req: oa.Request, shape: str, middle: str = "",
+                            extra: list[dict] = (), warm_up: bool = False):
         explicit = self._explicit(request, req)
         if req.suffix is None and not req.prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        tokens = (lambda core: fim_tokens(core, req.prompt, req.suffix)) if req.suffix is not None else None
+        tokens = ((lambda core: fim_tokens(core, req.prompt, req.suffix, middle, extra))
+                  if req.suffix is not None else None)
         stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_text(
             text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply, **req.params))
         cid = oa.new_id("cmpl")
@@ -453,7 +461,7 @@ class Daemon:
         finally:
             self._done()
         if shape == "infill":
-            return JSONResponse({"content": done.text, "stop": True, "stop_type": done.finish_reason,
+            return JSONResponse({"content": "" if warm_up else done.text, "stop": True, "stop_type": done.finish_reason,
                                  "tokens_predicted": done.usage.completion_tokens,
                                  "tokens_evaluated": done.usage.prompt_tokens})
         body = oa.completion_chunk(cid, self.model_name, done.text, oa.finish_reason(done.finish_reason), done.logprobs)
@@ -591,8 +599,11 @@ def _data(obj: dict) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(obj, ensure_ascii=False))
 
 
-def fim_tokens(core, prefix: str, suffix: str) -> list[int]:
-    """prefix/suffix/middle special tokens around the two texts; models without FIM tokens say so."""
+def fim_tokens(core, prefix: str, suffix: str, middle: str = "", extra: list[dict] = ()) -> list[int]:
+    """prefix/suffix/middle special tokens around the texts, as llama-server's /infill lays them
+    out: context chunks from other files first (each after the model's file-separator token, when it
+    has one), then prefix, suffix, and the start of the middle (text already typed on the line).
+    Models without FIM tokens say so."""
     from kvside._llama import lib
 
     vocab = core.model.vocab
@@ -601,6 +612,27 @@ def fim_tokens(core, prefix: str, suffix: str) -> list[int]:
         raise InvalidRequest(f"{core.model_name} has no fill-in-the-middle tokens; 'suffix' is not supported",
                              param="suffix")
     pre, suf, mid = ids
+    rep, sep = lib.llama_vocab_fim_rep(vocab), lib.llama_vocab_fim_sep(vocab)
     text = lambda t: core.model.tokenize(t, add_special=False, parse_special=False)  # noqa: E731
     head = [core.model.bos] if core.model.add_bos else []
-    return head + [pre] + text(prefix) + [suf] + text(suffix) + [mid]
+    context: list[int] = []
+    if extra:
+        if rep >= 0:
+            context += [rep] + text("myproject\n")
+        for chunk in extra:
+            if sep >= 0:
+                context += [sep] + text(chunk["filename"] + "\n")
+            else:
+                context += text(f"--- {chunk['filename']} ---\n")
+            context += text(chunk["text"])
+    return head + context + [pre] + text(prefix) + [suf] + text(suffix) + [mid] + (text(middle) if middle else [])
+
+
+def infill_extra(body: dict) -> list[dict]:
+    """/infill's input_extra: [{"filename": str, "text": str}, ...]."""
+    extra = body.get("input_extra") or []
+    if not isinstance(extra, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("filename", ""), str) and isinstance(c.get("text"), str)
+            for c in extra):
+        raise InvalidRequest("'input_extra' must be a list of {'filename': str, 'text': str}", param="input_extra")
+    return [{"filename": c.get("filename", ""), "text": c["text"]} for c in extra]

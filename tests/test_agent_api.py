@@ -189,3 +189,23 @@ def test_instructor_structured_output(client, mode):
         model=MODEL, response_model=City, max_retries=0, temperature=0, max_tokens=80,
         messages=[{"role": "user", "content": "Paris has 2 million people. Extract the city."}])
     assert isinstance(city, City) and city.name and isinstance(city.population, int)
+
+
+def test_dropping_the_turn_that_carries_the_tools_is_a_new_session_not_an_error(client):
+    """Without a system prompt the first user turn carries the tool definitions (the template puts
+    them there) and is pinned; a client that trims it from the front gets a fresh prefill, not a
+    refused edit."""
+    history = [{"role": "user", "content": "Weather in Oslo for 2 days?"}]
+    first = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], tool_choice="required",
+                                           parallel_tool_calls=False, temperature=0, max_tokens=60)
+    call = first.choices[0].message.tool_calls[0]
+    history += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": "rain"}]
+    second = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], temperature=0,
+                                            max_tokens=8)
+    history += [{"role": "assistant", "content": second.choices[0].message.content or "ok"},
+                {"role": "user", "content": "Thanks."}]
+    trimmed = client.chat.completions.create(model=MODEL, messages=history[1:], tools=[WEATHER], temperature=0,
+                                             max_tokens=4)
+    assert trimmed.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert trimmed.usage.prompt_tokens_details.cached_tokens == 0

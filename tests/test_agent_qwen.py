@@ -66,9 +66,13 @@ def test_langchain_bind_tools(qwen_url):
 def test_ollama_chat_with_tools_sends_each_call_whole(qwen_url):
     """Ollama's shape: the call in one chunk, arguments as an object; the round trip with a tool
     result (Ollama's history carries no call ids) is answered on the same cache."""
+    import httpx
     import ollama
 
     client = ollama.Client(host=qwen_url)
+    assert {"tools", "insert"} <= set(client.show(QWEN).capabilities)
+    caps = httpx.get(qwen_url + "/props").json()["chat_template_caps"]
+    assert caps["supports_tools"] and caps["supports_tool_calls"]
     chunks = list(client.chat(model=QWEN, messages=ASK, tools=[WEATHER], stream=True,
                               options={"temperature": 0, "num_predict": 60}))
     calls = [c for chunk in chunks for c in (chunk.message.tool_calls or [])]

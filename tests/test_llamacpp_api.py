@@ -21,7 +21,7 @@ def test_props_and_models_give_the_window_and_the_template(url):
     assert props["default_generation_settings"]["n_ctx"] == 512
     assert props["total_slots"] == 2
     assert "im_start" in props["chat_template"]
-    assert props["chat_template_caps"]["supports_tool_calls"] is False  # no tool parsing yet: say so
+    assert props["chat_template_caps"]["supports_tool_calls"] is False  # SmolLM2's template knows no tools
     assert props["chat_template_caps"]["supports_system_role"] is True
     assert "/" not in props["model_path"]
     meta = httpx.get(url + "/v1/models").json()["data"][0]["meta"]

@@ -60,6 +60,8 @@ def best_match(sessions: dict[str, list[dict]], incoming: list[dict]) -> Match |
                 if a + n == len(want):
                     break  # the client sends exactly what this session holds: nothing new to answer
                 gone = [m["id"] for m in held[a:b] if m.get("state", "live") == "live"]
+                if any(m.get("pinned") for m in held[a:b] if m.get("state", "live") == "live"):
+                    break  # the system prompt or the turn with the tool definitions: never dropped
                 # Dropping more than is kept is not a client trimming its history but another
                 # conversation that shares a head (the same system prompt): taking this session
                 # would destroy that conversation's cache to save a few tokens. llama-server's

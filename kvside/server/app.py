@@ -371,9 +371,9 @@ class Daemon:
         return JSONResponse({"content": text})
 
     async def apply_template(self, request: HTTPRequest) -> JSONResponse:
-        messages = llamacpp.apply_template_args(await self._json(request))
+        messages, tools = llamacpp.apply_template_args(await self._json(request))
         return JSONResponse(await asyncio.to_thread(self.engine.call,
-                                                    lambda core: llamacpp.apply_template(core, messages)))
+                                                    lambda core: llamacpp.apply_template(core, messages, tools)))
 
     async def chat_completions(self, request: HTTPRequest):
         req = oa.parse_chat(await self._json(request))

@@ -22,7 +22,8 @@ def model_meta(info: dict) -> dict:
 
 def props(info: dict, template: dict, defaults: dict) -> dict:
     """GET /props: the window per session, the sampling defaults, the chat template and what it can
-    do. kvside does not parse tool calls yet, so supports_tool_calls is false, as it must be."""
+    do. kvside reads tool calls on every model, but only a template that knows tools makes a model
+    that chooses them well: the caps say what the template knows, as llama-server's do."""
     return {
         "default_generation_settings": {"n_ctx": info["n_ctx"], "params": defaults},
         "total_slots": info["max_sessions"],
@@ -30,15 +31,16 @@ def props(info: dict, template: dict, defaults: dict) -> dict:
         "model_path": info["model"]["path"].rsplit("/", 1)[-1],  # the file's name, not where it lives
         "modalities": {"vision": False, "audio": False, "video": False},
         "chat_template": template["source"],
-        "chat_template_caps": {"supports_tools": False, "supports_tool_calls": False,
-                               "supports_parallel_tool_calls": False, "supports_tool_call_id": False,
+        "chat_template_caps": {"supports_tools": template["tools"], "supports_tool_calls": template["tools"],
+                               "supports_parallel_tool_calls": template["tools"],
+                               "supports_tool_call_id": "tool_call_id" in template["source"],
                                "supports_system_role": template["system_role"]},
         "bos_token": template["bos_token"],
         "eos_token": template["eos_token"],
         "build_info": f"kvside {__version__}",
         "endpoint_props": True,
         "endpoint_slots": False,
-        "endpoint_metrics": False,
+        "endpoint_metrics": True,
     }
 
 
@@ -85,15 +87,17 @@ def detokenize_args(body: Any, n_vocab: int) -> list[int]:
     return tokens
 
 
-def apply_template_args(body: Any) -> list[dict]:
-    """POST /apply-template: the messages of a chat completion request, checked as /v1 checks them."""
-    return oa.parse_chat(body).messages
+def apply_template_args(body: Any) -> tuple[list[dict], list[dict]]:
+    """POST /apply-template: the messages (and tools) of a chat completion request, checked as /v1
+    checks them."""
+    req = oa.parse_chat(body)
+    return req.messages, req.reply.tools
 
 
-def apply_template(core, messages: list[dict]) -> dict:
-    """The prompt the chat template makes of `messages`, with the reply's generation prompt:
-    tokenized with add_special it is what a fresh session reads for that request."""
-    return {"prompt": core.template.render(messages, add_generation_prompt=True)}
+def apply_template(core, messages: list[dict], tools: list[dict] = ()) -> dict:
+    """The prompt the chat template makes of `messages` (with `tools`), with the reply's generation
+    prompt: tokenized with add_special it is what a fresh session reads for that request."""
+    return {"prompt": core.template.render(messages, add_generation_prompt=True, tools=list(tools) or None)}
 
 
 def template_facts(core) -> dict:
@@ -104,6 +108,6 @@ def template_facts(core) -> dict:
     except Exception:  # a template that raises on a system message does not have the role
         system_role = False
     model = core.model
-    return {"source": model.chat_template or "", "system_role": system_role,
+    return {"source": model.chat_template or "", "system_role": system_role, "tools": core.template.supports_tools,
             "bos_token": model.token_text(model.bos) if model.bos >= 0 else "",
             "eos_token": model.token_text(model.eos) if model.eos >= 0 else ""}

@@ -198,7 +198,8 @@ def chat_app(ns: argparse.Namespace):
     if ns.connect:  # the daemon has its own model, window and folders: these flags would do nothing
         local_only = [flag for flag, given in (
             ("--model", ns.model), ("--docs", ns.docs), ("--sessions-dir", ns.sessions_dir), ("--exact", ns.exact),
-            ("--threads", ns.threads), ("--n-gpu-layers", ns.n_gpu_layers), ("--n-ctx", ns.n_ctx != CHAT_N_CTX)) if given]
+            ("--threads", ns.threads), ("--n-gpu-layers", ns.n_gpu_layers), ("--n-ctx", ns.n_ctx != CHAT_N_CTX),
+            ("--prune-tools", ns.prune_tools is not None)) if given]
         if local_only:
             raise KvsideError_usage(f"{', '.join(local_only)} set up the in-process engine; with --connect the "
                                     "daemon's own settings apply (give them to `kvside serve`)")

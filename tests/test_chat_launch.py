@@ -168,7 +168,7 @@ async def test_session_flag_opens_that_saved_session(tmp_path):
 
 
 @pytest.mark.parametrize("flag", [["--model", "x.gguf"], ["--docs", "."], ["--exact"], ["--n-ctx", "512"],
-                                  ["--threads", "1"], ["--sessions-dir", "."]])
+                                  ["--threads", "1"], ["--sessions-dir", "."], ["--prune-tools", "keep_last=2"]])
 def test_engine_flags_with_connect_are_refused_not_ignored(flag, capsys):
     from kvside.cli import main
 

@@ -88,3 +88,33 @@ def test_bench_agent_runs_the_three_ways_side_by_side():
     assert result["prune"]["late_cached_median"] > 0
     assert all(0.0 <= result[m]["recall"] <= 1.0 and len(result[m]["recall_hits"]) == 1 for m in kinds)
     assert "prune" in agent.table(result)
+
+
+def test_tools_calls_and_policy_survive_save_and_restore(engine, tmp_path):
+    """A session file keeps the tool definitions, the calls and results, and the policy; the
+    restored session answers the next turn from its cache."""
+    from kvside.engine.reply import ReplySpec
+
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]}}}]
+    name = engine.new_session("tools-saved")
+    engine.set_prune_tools(name, 3)
+    history = [{"role": "user", "content": "Look up the key alpha."}]
+    c = engine.bind_chat(history, session=name, reply=ReplySpec(tools=tools, tool_choice="required", parallel=False),
+                         max_tokens=60, **GREEDY).wait()
+    assert c.finish_reason == "tool_calls"
+    path = tmp_path / "tools.kvs"
+    engine.save(name, str(path))
+    engine.delete_session(name)
+    restored = engine.restore(str(path), "tools-restored")
+    try:
+        facts = engine.call(lambda core: (core.sessions[restored].tools, core.sessions[restored].prune_tools,
+                                          core.sessions[restored].messages[-1].tool_calls))
+        assert facts == (tools, 3, c.tool_calls)
+        history += [{"role": "assistant", "content": None, "tool_calls": c.tool_calls},
+                    {"role": "tool", "tool_call_id": c.tool_calls[0]["id"], "content": "alpha=42"}]
+        after = engine.bind_chat(history, session=restored, reply=ReplySpec(tools=tools), max_tokens=4,
+                                 **GREEDY).wait()
+        assert after.usage.cached_tokens >= c.usage.prompt_tokens
+    finally:
+        engine.delete_session(restored)

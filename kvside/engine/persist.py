@@ -13,6 +13,7 @@ from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
 from kvside.engine.session import Message, Session, check_name
 from kvside.engine.state import StateRejected, set_seq_state
+from kvside.engine.toolcalls import check_tools
 from kvside.errors import InvalidRequest, KvsideError, NoIdleSession, SessionBusy
 from kvside.sessionfile import SessionFileError
 
@@ -116,20 +117,29 @@ def _check_free(core, name: str, path: Path) -> None:
         raise InvalidRequest(f"session {name!r} already exists")
 
 
+def _calls_ok(calls) -> bool:
+    if calls is None:
+        return True
+    return isinstance(calls, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments"), str) for c in calls)
+
+
 def session_from_header(header: dict, name: str, label: str) -> Session:
     """The session a file describes (no cells yet), every record checked for type."""
     try:
         s = Session(name=name, seq=-1, ledger=Ledger.from_dict(header["ledger"]),
                     messages=[Message(**m) for m in header["messages"]])
         if not all(type(m.id) is int and all(isinstance(v, str) for v in (m.role, m.content, m.state, m.kind))
-                   for m in s.messages):
+                   and isinstance(m.reasoning, str) and (m.tool_call_id is None or isinstance(m.tool_call_id, str))
+                   and _calls_ok(m.tool_calls) for m in s.messages):
             raise TypeError("a message has fields of the wrong type")
         s.pending = [int(t) for t in header.get("pending", [])]
         s.pending_msg = int(header.get("pending_msg", -1))
         s.closing = str(header.get("closing", ""))
         s.defaults = SamplingParams(**header.get("defaults", {})).validate()
         s.edit_log = [dict(e) for e in header.get("edit_log", [])]
-        s.tools = [dict(t) for t in header.get("tools", [])]
+        s.tools = check_tools(header.get("tools", [])) if header.get("tools") else []
         keep = header.get("prune_tools")
         if keep is not None and (type(keep) is not int or keep < 0):
             raise TypeError("prune_tools must be a count")

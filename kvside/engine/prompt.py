@@ -4,8 +4,10 @@ kvside renders the difference (ChatTemplate.delta), so an earlier turn is never 
 
 from __future__ import annotations
 
+from kvside._llama import lib
 from kvside.engine.session import Message, Session
 from kvside.engine.template import TemplateError
+from kvside.errors import InvalidRequest
 
 
 def chat_pieces(
@@ -75,3 +77,36 @@ def closing(core, history: list[dict], reply: Message, pending: list[int], *, ra
         if closing.startswith(eog_text):
             return closing[len(eog_text) :], True
     return closing, False
+
+
+# -- fill-in-the-middle ------------------------------------------------------------------------------
+def has_fim(core) -> bool:
+    vocab = core.model.vocab
+    return min(lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab)) >= 0
+
+
+def fim_tokens(core, prefix: str, suffix: str, middle: str = "", extra: list[dict] = ()) -> list[int]:
+    """prefix/suffix/middle special tokens around the texts, as llama-server's /infill lays them
+    out: context chunks from other files first (each after the model's file-separator token, when it
+    has one), then prefix, suffix, and the start of the middle (text already typed on the line).
+    Models without FIM tokens say so."""
+    vocab = core.model.vocab
+    ids = [lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab)]
+    if min(ids) < 0:
+        raise InvalidRequest(f"{core.model_name} has no fill-in-the-middle tokens; 'suffix' is not supported",
+                             param="suffix")
+    pre, suf, mid = ids
+    rep, sep = lib.llama_vocab_fim_rep(vocab), lib.llama_vocab_fim_sep(vocab)
+    text = lambda t: core.model.tokenize(t, add_special=False, parse_special=False)  # noqa: E731
+    head = [core.model.bos] if core.model.add_bos else []
+    context: list[int] = []
+    if extra:
+        if rep >= 0:
+            context += [rep] + text("myproject\n")
+        for chunk in extra:
+            if sep >= 0:
+                context += [sep] + text(chunk["filename"] + "\n")
+            else:
+                context += text(f"--- {chunk['filename']} ---\n")
+            context += text(chunk["text"])
+    return head + context + [pre] + text(prefix) + [suf] + text(suffix) + [mid] + (text(middle) if middle else [])

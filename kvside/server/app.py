@@ -1,5 +1,6 @@
-"""The HTTP daemon: OpenAI-compatible endpoints, llama.cpp's /infill and /health, and kvside's own
-session and edit endpoints. Every request passes the Guard first (Host, Origin, API key, body
+"""The HTTP daemon: OpenAI-compatible endpoints, /health and /metrics, and kvside's own session and
+edit endpoints; Ollama's front (ollama_api.py) and llama-server's (llamacpp_api.py) add their routes
+and use the same plumbing. Every request passes the Guard first (Host, Origin, API key, body
 type). Handlers never let an exception through: every failure becomes an OpenAI-shaped error with
 a fitting status, and the daemon keeps serving.
 
@@ -14,7 +15,6 @@ import asyncio
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -23,13 +23,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from kvside.engine import Engine, commands, persist
+from kvside.engine import Engine, commands, persist, prompt
 from kvside.engine.session import check_name
 from kvside.errors import InvalidRequest, KvsideError, ModelNotFound
-from kvside.engine.sampling import SamplingParams
 from kvside.server import llamacpp_api as llamacpp
 from kvside.server import ollama_api as ollama
 from kvside.server import openai_api as oa
@@ -80,19 +79,10 @@ class Daemon:
             Route("/metrics", self.metrics_text, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/models", self.models, methods=["GET"]),
-            Route("/props", self.props, methods=["GET"]),
-            Route("/tokenize", self.tokenize, methods=["POST"]),
-            Route("/detokenize", self.detokenize, methods=["POST"]),
-            Route("/apply-template", self.apply_template, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/infill", self.infill, methods=["POST"]),
-            Route("/api/version", self.ollama_version, methods=["GET"]),
-            Route("/api/tags", self.ollama_tags, methods=["GET"]),
-            Route("/api/ps", self.ollama_ps, methods=["GET"]),
-            Route("/api/show", self.ollama_show, methods=["POST"]),
-            Route("/api/chat", self.ollama_chat, methods=["POST"]),
-            Route("/api/generate", self.ollama_generate, methods=["POST"]),
+            *llamacpp.LlamaServerFront(self).routes(),
+            *ollama.OllamaFront(self).routes(),
             Route("/kvside/sessions", self.list_sessions, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.show_session, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.delete_session, methods=["DELETE"]),
@@ -247,134 +237,6 @@ class Daemon:
             {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvside",
              "meta": llamacpp.model_meta(self.info)}]})
 
-    # -- Ollama's API (ollama_api.py) -------------------------------------------------------------
-    def _ollama_model(self, body) -> str:
-        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
-        if name is not None and not isinstance(name, str):
-            raise InvalidRequest("'model' must be a string", param="model")
-        if name is not None:
-            self._check_model(name[: -len(":latest")] if name.endswith(":latest") else name)
-        return name or self.model_name
-
-    async def ollama_version(self, request: HTTPRequest) -> JSONResponse:
-        return JSONResponse(ollama.version())
-
-    async def ollama_tags(self, request: HTTPRequest) -> JSONResponse:
-        return JSONResponse(ollama.tags(self.info, [f"{self.model_name}:latest"]))
-
-    async def ollama_ps(self, request: HTTPRequest) -> JSONResponse:
-        return JSONResponse(ollama.ps(self.info, f"{self.model_name}:latest"))
-
-    async def ollama_show(self, request: HTTPRequest) -> JSONResponse:
-        self._ollama_model(await self._json(request))
-        fim = await asyncio.to_thread(self.engine.call, lambda core: _has_fim(core))
-        return JSONResponse(ollama.show(self.info, self.template["source"], fim))
-
-    async def ollama_chat(self, request: HTTPRequest):
-        body = await self._json(request)
-        model = self._ollama_model(body)
-        messages, params, streaming, spec = ollama.chat_request(body, self.info["n_ctx"])
-        explicit = request.headers.get("x-kvside-session")
-        t0 = time.perf_counter()
-        stream, queue, note, first = await self._start(request, streaming, lambda on_event: self.engine.bind_chat(
-            messages, session=check_name(explicit) if explicit else None, reuse=self.reuse, on_event=on_event,
-            reply=spec, **params))
-
-        def shape(text: str, thinking: str = "", calls: list | None = None) -> dict:
-            message = {"role": "assistant", "content": text}
-            if thinking:
-                message["thinking"] = thinking
-            if calls:
-                message["tool_calls"] = ollama.tool_calls(calls)
-            return {"message": message}
-
-        return await self._ollama_answer(request, stream, queue, first, model, shape, streaming, t0, note)
-
-    async def ollama_generate(self, request: HTTPRequest):
-        body = await self._json(request)
-        model = self._ollama_model(body)
-        prompt, suffix, params, streaming, raw = ollama.generate_request(body, self.info["n_ctx"])
-        spec = ollama.reply_spec(body)
-        if not prompt and suffix is None:  # Ollama answers an empty prompt by loading the model
-            return JSONResponse({"model": model, "created_at": ollama.now(), "response": "", "done": True,
-                                 "done_reason": "load"})
-        explicit = request.headers.get("x-kvside-session")
-        session = check_name(explicit) if explicit else None
-        t0 = time.perf_counter()
-        if suffix is not None or raw:
-            tokens = (lambda core: fim_tokens(core, prompt, suffix)) if suffix is not None else None
-            if spec.response_format is not None:
-                raise InvalidRequest("'format' needs a chat prompt (not raw or suffix)", param="format")
-            post = lambda on_event: self.engine.bind_text(text=prompt, tokens=tokens, session=session,  # noqa: E731
-                                                          on_event=on_event, **params)
-        else:
-            system = body.get("system")
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            post = lambda on_event: self.engine.bind_chat(messages, session=session, reuse=self.reuse,  # noqa: E731
-                                                          on_event=on_event, reply=spec, **params)
-        stream, queue, note, first = await self._start(request, streaming, post)
-
-        def shape(text: str, thinking: str = "", calls: list | None = None) -> dict:
-            return {"response": text, **({"thinking": thinking} if thinking else {})}
-
-        return await self._ollama_answer(request, stream, queue, first, model, shape, streaming, t0, note)
-
-    async def _ollama_answer(self, request, stream, queue, first, model: str, shape, streaming: bool, t0: float,
-                             note: dict):
-        headers = {"X-Kvside-Session": note["session"]}
-        if not streaming:
-            try:
-                done = await self._collect(request, stream, queue, note)
-            finally:
-                self._done()
-            return JSONResponse({"model": model, "created_at": ollama.now(),
-                                 **shape(done.text, done.reasoning, done.tool_calls),
-                                 **ollama.final_fields(done, t0)}, headers=headers)
-
-        async def lines():
-            try:
-                async for event in self._events(queue, first):
-                    if event.kind == "text":
-                        yield _line({"model": model, "created_at": ollama.now(), **shape(event.text), "done": False})
-                    elif event.kind == "reasoning":
-                        yield _line({"model": model, "created_at": ollama.now(), **shape("", event.text),
-                                     "done": False})
-                    elif event.kind == "error":
-                        yield _line({"error": event.data["error"].message})
-                        break
-                    elif event.kind == "done":
-                        done = stream.completion
-                        self.metrics.reply(done, note)
-                        if done.tool_calls:  # Ollama sends each call whole, in one chunk
-                            yield _line({"model": model, "created_at": ollama.now(),
-                                         **shape("", "", done.tool_calls), "done": False})
-                        yield _line({"model": model, "created_at": ollama.now(), **shape(""),
-                                     **ollama.final_fields(done, t0)})
-            finally:
-                if not stream.done:
-                    stream.cancel()  # the client went away
-                self._done()
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
-
-    # -- llama-server's helpers (llamacpp_api.py) -------------------------------------------------
-    async def props(self, request: HTTPRequest) -> JSONResponse:
-        return JSONResponse(llamacpp.props(self.info, self.template, vars(SamplingParams())))
-
-    async def tokenize(self, request: HTTPRequest) -> JSONResponse:
-        args = llamacpp.tokenize_args(await self._json(request))
-        return JSONResponse(await asyncio.to_thread(self.engine.call, lambda core: llamacpp.tokenize(core, *args)))
-
-    async def detokenize(self, request: HTTPRequest) -> JSONResponse:
-        tokens = llamacpp.detokenize_args(await self._json(request), self.info["model"]["n_vocab"])
-        text = await asyncio.to_thread(self.engine.call, lambda core: core.model.detokenize(tokens, special=True))
-        return JSONResponse({"content": text})
-
-    async def apply_template(self, request: HTTPRequest) -> JSONResponse:
-        messages, tools = llamacpp.apply_template_args(await self._json(request))
-        return JSONResponse(await asyncio.to_thread(self.engine.call,
-                                                    lambda core: llamacpp.apply_template(core, messages, tools)))
-
     async def chat_completions(self, request: HTTPRequest):
         req = oa.parse_chat(await self._json(request))
         self._check_model(req.model)
@@ -424,32 +286,12 @@ class Daemon:
         self._check_model(req.model)
         return await self._text_request(request, req, "text_completion")
 
-    async def infill(self, request: HTTPRequest):
-        body = await self._json(request)
-        if not isinstance(body, dict):
-            raise InvalidRequest("the request body must be a JSON object")
-        prefix, suffix = body.get("input_prefix", ""), body.get("input_suffix", "")
-        middle = body.get("prompt", "")
-        if not all(isinstance(v, str) for v in (prefix, suffix, middle)):
-            raise InvalidRequest("'input_prefix', 'input_suffix' and 'prompt' must be strings")
-        extra = infill_extra(body)
-        translated = dict(body, prompt=prefix, suffix=suffix)
-        if "n_predict" in body and "max_tokens" not in body:
-            if body["n_predict"] == 0:  # llama.vscode warms the cache with n_predict 0: read, answer nothing
-                translated["max_tokens"] = 1
-            else:
-                translated["max_tokens"] = body["n_predict"]
-        translated.pop("logprobs", None)
-        req = oa.parse_completion(translated)
-        warm_up = body.get("n_predict") == 0
-        return await self._text_request(request, req, "infill", middle=middle, extra=extra, warm_up=warm_up)
-
     async def _text_request(self, request: HTTPRequest, req: oa.Request, shape: str, middle: str = "",
                             extra: list[dict] = (), warm_up: bool = False):
         explicit = self._explicit(request, req)
         if req.suffix is None and not req.prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        tokens = ((lambda core: fim_tokens(core, req.prompt, req.suffix, middle, extra))
+        tokens = ((lambda core: prompt.fim_tokens(core, req.prompt, req.suffix, middle, extra))
                   if req.suffix is not None else None)
         stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_text(
             text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply, **req.params))
@@ -584,55 +426,5 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _line(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=False) + "\n"
-
-
-def _has_fim(core) -> bool:
-    from kvside._llama import lib
-
-    vocab = core.model.vocab
-    return min(lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab)) >= 0
-
-
 def _data(obj: dict) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(obj, ensure_ascii=False))
-
-
-def fim_tokens(core, prefix: str, suffix: str, middle: str = "", extra: list[dict] = ()) -> list[int]:
-    """prefix/suffix/middle special tokens around the texts, as llama-server's /infill lays them
-    out: context chunks from other files first (each after the model's file-separator token, when it
-    has one), then prefix, suffix, and the start of the middle (text already typed on the line).
-    Models without FIM tokens say so."""
-    from kvside._llama import lib
-
-    vocab = core.model.vocab
-    ids = [lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab)]
-    if min(ids) < 0:
-        raise InvalidRequest(f"{core.model_name} has no fill-in-the-middle tokens; 'suffix' is not supported",
-                             param="suffix")
-    pre, suf, mid = ids
-    rep, sep = lib.llama_vocab_fim_rep(vocab), lib.llama_vocab_fim_sep(vocab)
-    text = lambda t: core.model.tokenize(t, add_special=False, parse_special=False)  # noqa: E731
-    head = [core.model.bos] if core.model.add_bos else []
-    context: list[int] = []
-    if extra:
-        if rep >= 0:
-            context += [rep] + text("myproject\n")
-        for chunk in extra:
-            if sep >= 0:
-                context += [sep] + text(chunk["filename"] + "\n")
-            else:
-                context += text(f"--- {chunk['filename']} ---\n")
-            context += text(chunk["text"])
-    return head + context + [pre] + text(prefix) + [suf] + text(suffix) + [mid] + (text(middle) if middle else [])
-
-
-def infill_extra(body: dict) -> list[dict]:
-    """/infill's input_extra: [{"filename": str, "text": str}, ...]."""
-    extra = body.get("input_extra") or []
-    if not isinstance(extra, list) or not all(
-            isinstance(c, dict) and isinstance(c.get("filename", ""), str) and isinstance(c.get("text"), str)
-            for c in extra):
-        raise InvalidRequest("'input_extra' must be a list of {'filename': str, 'text': str}", param="input_extra")
-    return [{"filename": c.get("filename", ""), "text": c["text"]} for c in extra]

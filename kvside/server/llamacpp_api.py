@@ -1,13 +1,19 @@
-"""llama-server's own helper endpoints, in its shapes (tools/server/server-context.cpp): `/props`,
-`/tokenize`, `/detokenize`, `/apply-template`, and the `meta` block of `/v1/models`. Zed's llama.cpp
+"""llama-server's own endpoints, in its shapes (tools/server/server-context.cpp): `/props`,
+`/tokenize`, `/detokenize`, `/apply-template`, `/infill`, and the `meta` block of `/v1/models`. Zed's llama.cpp
 provider reads `/props` for the window and the template's capabilities; llama.vscode counts tokens
 exactly with `/apply-template` + `/tokenize`. Vocabulary: llama-server's words here."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from kvside import __version__
+from kvside.engine.sampling import SamplingParams
 from kvside.errors import InvalidRequest
 from kvside.server import openai_api as oa
 
@@ -111,3 +117,67 @@ def template_facts(core) -> dict:
     return {"source": model.chat_template or "", "system_role": system_role, "tools": core.template.supports_tools,
             "bos_token": model.token_text(model.bos) if model.bos >= 0 else "",
             "eos_token": model.token_text(model.eos) if model.eos >= 0 else ""}
+
+
+def infill_extra(body: dict) -> list[dict]:
+    """/infill's input_extra: [{"filename": str, "text": str}, ...]."""
+    extra = body.get("input_extra") or []
+    if not isinstance(extra, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("filename", ""), str) and isinstance(c.get("text"), str)
+            for c in extra):
+        raise InvalidRequest("'input_extra' must be a list of {'filename': str, 'text': str}", param="input_extra")
+    return [{"filename": c.get("filename", ""), "text": c["text"]} for c in extra]
+
+
+class LlamaServerFront:
+    """The handlers of llama-server's own endpoints, over the daemon's plumbing; /infill shares
+    /v1/completions' text path."""
+
+    def __init__(self, daemon):
+        self.d = daemon
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/props", self.props, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/apply-template", self.apply_template, methods=["POST"]),
+            Route("/infill", self.infill, methods=["POST"]),
+        ]
+
+    async def props(self, request: HTTPRequest) -> JSONResponse:
+        return JSONResponse(props(self.d.info, self.d.template, vars(SamplingParams())))
+
+    async def tokenize(self, request: HTTPRequest) -> JSONResponse:
+        args = tokenize_args(await self.d._json(request))
+        return JSONResponse(await asyncio.to_thread(self.d.engine.call, lambda core: tokenize(core, *args)))
+
+    async def detokenize(self, request: HTTPRequest) -> JSONResponse:
+        tokens = detokenize_args(await self.d._json(request), self.d.info["model"]["n_vocab"])
+        text = await asyncio.to_thread(self.d.engine.call, lambda core: core.model.detokenize(tokens, special=True))
+        return JSONResponse({"content": text})
+
+    async def apply_template(self, request: HTTPRequest) -> JSONResponse:
+        messages, tools = apply_template_args(await self.d._json(request))
+        return JSONResponse(await asyncio.to_thread(self.d.engine.call,
+                                                    lambda core: apply_template(core, messages, tools)))
+
+    async def infill(self, request: HTTPRequest):
+        body = await self.d._json(request)
+        if not isinstance(body, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        prefix, suffix = body.get("input_prefix", ""), body.get("input_suffix", "")
+        middle = body.get("prompt", "")
+        if not all(isinstance(v, str) for v in (prefix, suffix, middle)):
+            raise InvalidRequest("'input_prefix', 'input_suffix' and 'prompt' must be strings")
+        extra = infill_extra(body)
+        translated = dict(body, prompt=prefix, suffix=suffix)
+        if "n_predict" in body and "max_tokens" not in body:
+            if body["n_predict"] == 0:  # llama.vscode warms the cache with n_predict 0: read, answer nothing
+                translated["max_tokens"] = 1
+            else:
+                translated["max_tokens"] = body["n_predict"]
+        translated.pop("logprobs", None)
+        req = oa.parse_completion(translated)
+        warm_up = body.get("n_predict") == 0
+        return await self.d._text_request(request, req, "infill", middle=middle, extra=extra, warm_up=warm_up)

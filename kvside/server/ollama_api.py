@@ -5,12 +5,19 @@ edits), and the answers are Ollama's: newline-delimited JSON, durations in nanos
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import datetime, timezone
 
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
 from kvside import __version__
+from kvside.engine import prompt
 from kvside.engine.reply import ReplySpec
+from kvside.engine.session import check_name
 from kvside.engine.toolcalls import check_tools
 from kvside.errors import InvalidRequest
 from kvside.server import openai_api as oa
@@ -198,3 +205,133 @@ def ps(info: dict, name: str) -> dict:
 
 def version() -> dict:
     return {"version": API_VERSION, "kvside": __version__}
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+class OllamaFront:
+    """The handlers of Ollama's endpoints, over the daemon's admission, binding and streaming."""
+
+    def __init__(self, daemon):
+        self.d = daemon
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/version", self.version, methods=["GET"]),
+            Route("/api/tags", self.tags, methods=["GET"]),
+            Route("/api/ps", self.ps, methods=["GET"]),
+            Route("/api/show", self.show, methods=["POST"]),
+            Route("/api/chat", self.chat, methods=["POST"]),
+            Route("/api/generate", self.generate, methods=["POST"]),
+        ]
+
+    def model(self, body) -> str:
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest("'model' must be a string", param="model")
+        if name is not None:
+            self.d._check_model(name[: -len(":latest")] if name.endswith(":latest") else name)
+        return name or self.d.model_name
+
+    async def version(self, request: HTTPRequest) -> JSONResponse:
+        return JSONResponse(version())
+
+    async def tags(self, request: HTTPRequest) -> JSONResponse:
+        return JSONResponse(tags(self.d.info, [f"{self.d.model_name}:latest"]))
+
+    async def ps(self, request: HTTPRequest) -> JSONResponse:
+        return JSONResponse(ps(self.d.info, f"{self.d.model_name}:latest"))
+
+    async def show(self, request: HTTPRequest) -> JSONResponse:
+        self.model(await self.d._json(request))
+        fim = await asyncio.to_thread(self.d.engine.call, prompt.has_fim)
+        return JSONResponse(show(self.d.info, self.d.template["source"], fim))
+
+    async def chat(self, request: HTTPRequest):
+        body = await self.d._json(request)
+        model = self.model(body)
+        messages, params, streaming, spec = chat_request(body, self.d.info["n_ctx"])
+        explicit = request.headers.get("x-kvside-session")
+        t0 = time.perf_counter()
+        stream, queue, note, first = await self.d._start(request, streaming, lambda on_event: self.d.engine.bind_chat(
+            messages, session=check_name(explicit) if explicit else None, reuse=self.d.reuse, on_event=on_event,
+            reply=spec, **params))
+
+        def shape(text: str, thinking: str = "", calls: list | None = None) -> dict:
+            message = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = tool_calls(calls)
+            return {"message": message}
+
+        return await self._answer(request, stream, queue, first, model, shape, streaming, t0, note)
+
+    async def generate(self, request: HTTPRequest):
+        body = await self.d._json(request)
+        model = self.model(body)
+        text, suffix, params, streaming, raw = generate_request(body, self.d.info["n_ctx"])
+        spec = reply_spec(body)
+        if not text and suffix is None:  # Ollama answers an empty prompt by loading the model
+            return JSONResponse({"model": model, "created_at": now(), "response": "", "done": True,
+                                 "done_reason": "load"})
+        explicit = request.headers.get("x-kvside-session")
+        session = check_name(explicit) if explicit else None
+        t0 = time.perf_counter()
+        if suffix is not None or raw:
+            tokens = (lambda core: prompt.fim_tokens(core, text, suffix)) if suffix is not None else None
+            if spec.response_format is not None:
+                raise InvalidRequest("'format' needs a chat prompt (not raw or suffix)", param="format")
+            post = lambda on_event: self.d.engine.bind_text(text=text, tokens=tokens, session=session,  # noqa: E731
+                                                          on_event=on_event, **params)
+        else:
+            system = body.get("system")
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            post = lambda on_event: self.d.engine.bind_chat(messages, session=session, reuse=self.d.reuse,  # noqa: E731
+                                                          on_event=on_event, reply=spec, **params)
+        stream, queue, note, first = await self.d._start(request, streaming, post)
+
+        def shape(text: str, thinking: str = "", calls: list | None = None) -> dict:
+            return {"response": text, **({"thinking": thinking} if thinking else {})}
+
+        return await self._answer(request, stream, queue, first, model, shape, streaming, t0, note)
+
+    async def _answer(self, request, stream, queue, first, model: str, shape, streaming: bool, t0: float,
+                             note: dict):
+        headers = {"X-Kvside-Session": note["session"]}
+        if not streaming:
+            try:
+                done = await self.d._collect(request, stream, queue, note)
+            finally:
+                self.d._done()
+            return JSONResponse({"model": model, "created_at": now(),
+                                 **shape(done.text, done.reasoning, done.tool_calls),
+                                 **final_fields(done, t0)}, headers=headers)
+
+        async def lines():
+            try:
+                async for event in self.d._events(queue, first):
+                    if event.kind == "text":
+                        yield _line({"model": model, "created_at": now(), **shape(event.text), "done": False})
+                    elif event.kind == "reasoning":
+                        yield _line({"model": model, "created_at": now(), **shape("", event.text),
+                                     "done": False})
+                    elif event.kind == "error":
+                        yield _line({"error": event.data["error"].message})
+                        break
+                    elif event.kind == "done":
+                        done = stream.completion
+                        self.d.metrics.reply(done, note)
+                        if done.tool_calls:  # Ollama sends each call whole, in one chunk
+                            yield _line({"model": model, "created_at": now(),
+                                         **shape("", "", done.tool_calls), "done": False})
+                        yield _line({"model": model, "created_at": now(), **shape(""),
+                                     **final_fields(done, t0)})
+            finally:
+                if not stream.done:
+                    stream.cancel()  # the client went away
+                self.d._done()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)

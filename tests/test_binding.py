@@ -34,12 +34,28 @@ def test_best_match_appends_to_an_exact_prefix():
 
 def test_best_match_turns_a_dropped_front_after_the_system_prompt_into_dropped_ids():
     m = best_match({"s": held(SYS, U1, A1, U2, A2)}, msgs(SYS, U2, A2, U3))
-    assert m.keep_head == 1 and m.dropped == [1, 2] and m.reused == 3 and m.new == msgs(U3)
+    assert m.dropped == [1, 2] and m.reused == 3 and m.new == msgs(U3) and m.replaced == []
 
 
 def test_best_match_without_a_system_prompt_drops_from_the_very_front():
     m = best_match({"s": held(U1, A1, U2, A2)}, msgs(U2, A2, U3))
-    assert m.keep_head == 0 and m.dropped == [0, 1] and m.new == msgs(U3)
+    assert m.dropped == [0, 1] and m.new == msgs(U3)
+
+
+def test_best_match_drops_in_the_middle_as_agents_do():
+    """Cline keeps its first task message and drops the oldest exchange after it."""
+    m = best_match({"s": held(SYS, U1, A1, U2, A2, U3, ("assistant", "a3"))},
+                   msgs(SYS, U1, U2, A2, U3, ("assistant", "a3"), ("user", "q4")))
+    assert m.dropped == [2] and m.reused == 6 and m.new == msgs(("user", "q4"))
+
+
+def test_best_match_pairs_changed_messages_for_an_edit_in_place():
+    """A clock in the system prompt, a tool output replaced by a placeholder: same role, other text."""
+    m = best_match({"s": held(SYS, U1, A1, U2)}, msgs(("system", "be brief. 12:02"), U1, A1, U2, U3))
+    assert m.replaced == [(0, {"role": "system", "content": "be brief. 12:02"})] and m.new == msgs(U3)
+    m = best_match({"s": held(SYS, U1, ("tool", "long output"), A1, U2)},
+                   msgs(SYS, U1, ("tool", "[elided]"), A1, U2, U3))
+    assert [i for i, _ in m.replaced] == [2] and m.dropped == [] and m.reused == 5
 
 
 def test_best_match_prefers_the_longest_reuse_across_sessions():
@@ -52,9 +68,16 @@ def test_best_match_needs_something_new_to_answer():
     assert best_match({"s": held(SYS, U1, A1)}, msgs(SYS, U1, A1)) is None
 
 
-def test_best_match_refuses_a_changed_middle_and_a_changed_head():
-    assert best_match({"s": held(SYS, U1, A1, U2)}, msgs(SYS, ("user", "other"), A1, U2, U3)) is None
-    assert best_match({"s": held(SYS, U1, A1)}, msgs(("system", "new rules"), U1, A1, U2)) is None
+def test_best_match_cuts_at_an_insertion_in_the_middle():
+    """A message inserted between held ones: the cells before it are reused, the rest is read anew."""
+    m = best_match({"s": held(SYS, U1, A1, U2, A2)}, msgs(SYS, U1, ("user", "aside"), A1, U2, A2, U3))
+    assert m.reused == 2 and m.dropped == [2, 3, 4] and m.new[0] == {"role": "user", "content": "aside"}
+
+
+def test_best_match_never_drops_a_pinned_message():
+    pinned = held(SYS, U1, A1, U2, A2)
+    pinned[0]["pinned"] = True
+    assert best_match({"s": pinned}, msgs(U1, A1, U2, A2, U3)) is None
 
 
 def test_best_match_does_not_report_cells_already_gone_as_dropped():
@@ -64,7 +87,8 @@ def test_best_match_does_not_report_cells_already_gone_as_dropped():
 
 def test_best_match_compares_whitespace_trimmed_content_and_roles():
     assert best_match({"s": held(SYS, U1)}, msgs(("system", " be brief \n"), U1, U2)).reused == 2
-    assert best_match({"s": held(SYS, U1)}, msgs(SYS, ("assistant", "q1"), U2)) is None  # same text, other role
+    other_role = best_match({"s": held(SYS, U1)}, msgs(SYS, ("assistant", "q1"), U2))  # same text, other role
+    assert other_role.reused == 1 and other_role.dropped == [1]
 
 
 def test_best_match_does_not_take_another_conversation_that_shares_only_the_head():

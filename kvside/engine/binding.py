@@ -1,13 +1,23 @@
-"""Automatic session binding: editors send the whole message array on every request, and drop the
-oldest turns from the front when their window fills. Match the array against what resident
-sessions hold, reuse the longest match, and turn a dropped front into a suffix-cache edit (the
-dropped messages' cells go, the later cells move down) instead of a re-prefill."""
+"""Automatic session binding: editors send the whole message array on every request and edit it
+as they go: they drop the oldest turns (from the very front, or after a first task message), replace
+old tool outputs by placeholders, rewrite the system prompt (a clock, a refreshed repository map),
+strip earlier reasoning. Match the array against what each session holds with a diff, and turn
+every difference into a cache edit instead of a re-prefill of everything after it:
+- a message the client no longer sends loses its cells (a mask); the later cells keep their KV;
+- a message the client changed (same role, most of its tokens unchanged) is edited token by token
+  in place: only the changed tokens are decoded, into the hole the old ones leave;
+- a change the diff cannot pair (a message inserted in the middle, a rewrite of most of a message)
+  cuts the match there: the cells before it are reused, those after it go, and the rest is read.
+"""
 
 from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+
+from kvside.engine.session import MSG_MASKED
 
 
 def _key(m: dict) -> tuple:
@@ -35,46 +45,103 @@ def tools_key(tools: list[dict]) -> str:
 @dataclass
 class Match:
     session: str
-    keep_head: int  # leading messages kept (the system prompt)
-    dropped: list[int]  # message ids the client no longer sends
-    reused: int  # messages reused
+    reused: int  # held messages reused: as they are, or edited in place
+    dropped: list[int]  # live message ids the client no longer sends (their cells go)
     new: list[dict]  # messages to append
+    replaced: list[tuple[int, dict]] = field(default_factory=list)  # (held id, the client's version)
+
+
+def _live(m: dict) -> bool:
+    return m.get("state", "live") == "live"
+
+
+def diff(held: list[dict], incoming: list[dict]) -> Match | None:
+    """How `incoming` follows from `held` (a session's chat messages in order, rolled ones
+    included: the client may still send what the cache already let go), or None when it does
+    not: nothing new to answer, nothing reused, a pinned message would go, or more would be
+    dropped than kept (another conversation that shares a head, not this one trimmed)."""
+    have, want = [_key(m) for m in held], [_key(m) for m in incoming]
+    kept, dropped, replaced = 0, [], []
+    cut_held, cut_want = len(held), len(want)
+    for tag, i1, i2, j1, j2 in SequenceMatcher(None, have, want, autojunk=False).get_opcodes():
+        if tag == "equal":
+            kept += i2 - i1
+        elif tag == "delete":
+            dropped += [m["id"] for m in held[i1:i2] if _live(m)]
+        elif (tag == "replace" and i2 - i1 == j2 - j1 and j2 < len(want) and i2 < len(held)
+              and all(have[i][0] == want[j][0] for i, j in zip(range(i1, i2), range(j1, j2)))):
+            replaced += [(held[i]["id"], incoming[j]) for i, j in zip(range(i1, i2), range(j1, j2))]
+        else:  # an insertion, or a change running to the end: everything from here is read anew
+            cut_held, cut_want = i1, j1
+            break
+    new = incoming[cut_want:]
+    resent = set(want[cut_want:])
+    gone = list(dropped)  # what the client no longer sends
+    for m, key in zip(held[cut_held:], have[cut_held:]):
+        if _live(m):
+            dropped.append(m["id"])
+            if key not in resent:
+                gone.append(m["id"])
+    if not new or kept + len(replaced) == 0:
+        return None
+    pinned = {m["id"] for m in held if m.get("pinned")}
+    if pinned & set(dropped):
+        return None  # the system prompt or the turn with the tool definitions: never dropped
+    # Dropping more than is kept is not a client trimming its history but another conversation
+    # that shares a head (the same system prompt): taking this session would destroy that
+    # conversation's cache to save a few tokens. llama-server's slot choice asks the same.
+    # (Messages cut off but sent again after the cut are read again, not dropped by the client.)
+    if len(gone) > kept:
+        return None
+    return Match("", kept + len(replaced), dropped, new, replaced)
 
 
 def best_match(sessions: dict[str, list[dict]], incoming: list[dict]) -> Match | None:
-    """sessions: name -> the session's chat messages (id, role, content, state) in order, rolled
-    ones included (the client may still send what the cache already let go).
-    The incoming array must be held[:a] + held[b:] + new, with a in {0, 1} (the system prompt)."""
-    want = [_key(m) for m in incoming]
+    """The session whose diff against `incoming` reuses the most messages (fewest dropped and
+    edited on a tie)."""
     best: Match | None = None
     for name, held in sessions.items():
-        have = [_key(m) for m in held]
-        for a in (1, 0):
-            if a > len(have) or want[:a] != have[:a]:
-                continue
-            for b in range(a, len(have) + 1):
-                tail = have[b:]
-                n = len(tail)
-                if a + n > len(want) or want[a : a + n] != tail:
-                    continue
-                if a + n == len(want):
-                    break  # the client sends exactly what this session holds: nothing new to answer
-                gone = [m["id"] for m in held[a:b] if m.get("state", "live") == "live"]
-                if any(m.get("pinned") for m in held[a:b] if m.get("state", "live") == "live"):
-                    break  # the system prompt or the turn with the tool definitions: never dropped
-                # Dropping more than is kept is not a client trimming its history but another
-                # conversation that shares a head (the same system prompt): taking this session
-                # would destroy that conversation's cache to save a few tokens. llama-server's
-                # slot choice asks for the same kind of similarity.
-                if len(gone) > n:
-                    break
-                reused = a + n
-                if best is None or reused > best.reused:
-                    best = Match(name, a, gone, reused, incoming[a + n :])
-                break  # the smallest b (fewest drops) is best for this head
-    if best is not None and best.reused == 0:
-        return None
+        m = diff(held, incoming)
+        if m is None:
+            continue
+        m.session = name
+        rank = (m.reused - len(m.replaced), -len(m.dropped))
+        if best is None or rank > (best.reused - len(best.replaced), -len(best.dropped)):
+            best = m
     return best
+
+
+def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> list[dict]:
+    """Edit session s as the diff says; returns the messages still to append. A replacement not
+    worth editing (see edits.replace_message) cuts the match there."""
+    from kvside.engine import edits
+
+    dropped = list(match.dropped)
+    new = match.new
+    edited = []
+    for held_id, version in match.replaced:
+        report = edits.replace_message(core, s, held_id, version)
+        if report is None:
+            order = [m.id for m in s.messages if m.kind in CHAT_KINDS]
+            later = order[order.index(held_id):]
+            dropped = sorted(set(dropped) | {i for i in later if s.message(i).state == "live"})
+            new = messages[next(j for j, m in enumerate(messages) if m is version):]
+            break
+        edited.append(report)
+    if dropped:
+        # the client no longer sends these: their cells go, the later KV stays; a hole stays
+        # until positions run out (see edits.close_gaps)
+        if s.pending_msg in dropped:
+            s.pending, s.pending_msg, s.closing = [], -1, ""
+        report = edits.mask(core, s, messages=dropped, close_gap=False)
+        note["dropped_messages"] = dropped
+        note["dropped_tokens"] = report["masked"]
+    if edited:
+        note["edited_messages"] = [r["replaced"] for r in edited]
+        note["inserted_tokens"] = sum(r.get("inserted", 0) for r in edited)
+        note["removed_tokens"] = sum(r.get("removed", 0) for r in edited)
+    note["reused_messages"] = match.reused - (len(match.replaced) - len(edited))
+    return new
 
 
 # -- binding a request to a session and starting its reply: one task on the engine thread ------------
@@ -83,8 +150,11 @@ CHAT_KINDS = ("chat", "tool")
 
 
 def chat_history(s) -> list[dict]:
-    """What a client could resend of a session: its chat and tool messages, rolled ones included."""
-    return [m.to_dict() for m in s.messages if m.kind in CHAT_KINDS]
+    """What a client could resend of a session: its chat and tool messages, including those
+    kvside let go itself (rolled, pruned, summarized: the client still sends them), not those
+    masked because a client stopped sending them (leaving them in would let a diff pair the
+    client's messages with stale copies: agents' replies often repeat word for word)."""
+    return [m.to_dict() for m in s.messages if m.kind in CHAT_KINDS and m.state != MSG_MASKED]
 
 
 def bind_and_start(core, messages: list[dict], params: dict, stream, *, session: str | None = None,
@@ -97,7 +167,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
     current work). Without it, the best match among idle sessions that binding created is reused,
     or a new one is made. Returns what was reused and edited; on any failure the chosen session
     is as it was before this call (a session created here is removed again)."""
-    from kvside.engine import compose, edits
+    from kvside.engine import compose
     from kvside.engine.stream import Event
     from kvside.engine.txn import atomic
 
@@ -123,18 +193,12 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
             s.temporary = not reuse
     note: dict = {"session": s.name}
     new = messages if match is None else match.new
-    several_steps = bool(documents) or (match is not None and bool(match.dropped))
+    several_steps = bool(documents) or (match is not None and bool(match.dropped or match.replaced))
     try:
         sampling = s.defaults.replace(**params)
         with atomic(core, s) if several_steps else nullcontext():
             if match is not None:
-                note["reused_messages"] = match.reused
-                if match.dropped:
-                    # the client dropped messages from the front: their cells go, the later KV
-                    # stays; the hole stays until positions run out (see edits.close_gaps)
-                    report = edits.mask(core, s, messages=match.dropped, close_gap=False)
-                    note["dropped_messages"] = match.dropped
-                    note["dropped_tokens"] = report["masked"]
+                new = _edit_to_match(core, s, match, messages, note)
             if documents:
                 held = {e.get("document") for e in s.edit_log if e.get("edit") == "attach"}
                 attached = []
@@ -146,6 +210,8 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
             stream.session = s.name
             stream.put(Event("bound", data=note))
             core.start_chat(s.name, new, sampling, stream, reply)
+            # cells decoded by the edits were computed for this request: not cached
+            core.scheduler.discount_cached(s, note.get("inserted_tokens", 0))
     except BaseException:
         if created:
             core.delete_session(s.name)

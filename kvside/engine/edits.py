@@ -441,6 +441,122 @@ def prune(core, s: Session, kind: str = "tool", keep_last: int = 1, close_gap: b
     return mask(core, s, messages=old, close_gap=close_gap, reason="pruned", state=MSG_PRUNED)
 
 
+# -- replace: a message the client changed, edited token by token -------------------------------------
+
+def message_tokens(core, s: Session, msg_id: int, new: dict) -> list[int]:
+    """The tokens the client's version `new` of message msg_id renders to, in its place: after
+    the messages before it and with the one after it (templates that group turns move closings)."""
+    order = [m for m in s.messages if m.kind != "text"]
+    i = next(k for k, m in enumerate(order) if m.id == msg_id)
+    after = [order[i + 1].as_template()] if i + 1 < len(order) else []
+    segs = core.template.segments([m.as_template() for m in order[:i]], [new] + after,
+                                  add_generation_prompt=False, tools=s.tools)
+    if segs is None:
+        raise EditError("the chat template rewrites earlier turns for this change")
+    tokens = core.model.tokenize(segs[0], add_special=False, parse_special=True)
+    first_cell = s.ledger.msg[0] if len(s.ledger) else None
+    if first_cell == msg_id and core.model.add_bos and s.ledger.tok[0] == core.model.bos:
+        tokens.insert(0, core.model.bos)
+    return tokens
+
+
+def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
+    """Make message msg_id the client's version `new`: the tokens that did not change keep their
+    cells, the removed ones leave, and the new ones are decoded into the hole at their place,
+    attending to everything before them (the stock recipe: the prefix is shared into the scratch
+    sequence, the tokens decoded there, the cells handed over). When the hole is too small the
+    later cells move up. The later cells keep the KV they were computed with; the session's
+    strategy decides what is repaired. Returns None, changing nothing, when the edit would decode
+    as many tokens as reading everything from this message on again (both run at the prefill
+    rate, so the token counts are the costs)."""
+    from difflib import SequenceMatcher
+
+    t0 = time.perf_counter()
+    m = s.message(msg_id)
+    led = s.ledger
+    idx = [i for i, mm in enumerate(led.msg) if mm == msg_id]
+    if not idx:  # no cells (rolled or masked): only the history changes
+        _update_message(m, new)
+        return {"replaced": msg_id, "cells": False}
+    if s.pending and s.pending_msg == msg_id:
+        return None  # its last token is not in the cache yet: read it anew
+    old = [led.tok[i] for i in idx]
+    tokens = message_tokens(core, s, msg_id, new)
+    ops = SequenceMatcher(None, old, tokens, autojunk=False).get_opcodes()
+    kept = sum(i2 - i1 for tag, i1, i2, _, _ in ops if tag == "equal")
+    to_decode = sum(j2 - j1 for tag, _, _, j1, j2 in ops if tag != "equal")
+    if to_decode >= len(led) - idx[0]:
+        return None
+    positions = [led.pos[i] for i in idx]
+    removed = inserted = shifted = 0
+    first_changed = None
+    for tag, i1, i2, j1, j2 in reversed(ops):  # from the end: earlier positions stay put
+        if tag == "equal":
+            continue
+        if i1 < i2:
+            p0, p1 = positions[i1], positions[i2 - 1] + 1
+            core.mem.rm(s.seq, p0, p1)
+            removed += led.remove(p0, p1, "replaced")
+        # the slot: after the cell before it, up to the cell after it
+        anchor_pos = positions[i1] if i1 < len(positions) else positions[-1] + 1
+        k = led.index(anchor_pos)
+        start = led.pos[k - 1] + 1 if k else 0
+        if j2 > j1:
+            need = j2 - j1
+            limit = led.pos[k] if k < len(led) else None
+            if limit is not None and start + need > limit:
+                grow = start + need - limit
+                if led.next_pos + grow > core.n_ctx or not core.mem.can_shift():
+                    raise EditError("no room to write the changed tokens in place")
+                core.mem.add(s.seq, limit, -1, grow)
+                led.shift(limit, -1, grow)
+                shifted += grow
+            _decode_into_hole(core, s, tokens[j1:j2], start)
+            led.insert(start, tokens[j1:j2], msg_id)
+            inserted += need
+        first_changed = start
+    _update_message(m, new)
+    strat = Strategy.parse(s.roll_strategy)
+    recomputed = 0
+    if strat.name == "reprefill":
+        reprefill(core, s)
+        recomputed = len(led)
+    elif first_changed is not None:
+        first = led.index(first_changed)
+        try:
+            recomputed = repair(core, s, first, len(led), strat)
+        except EditError:
+            reprefill(core, s)  # the strategy cannot run across this layout: the exact fallback
+            recomputed = len(s.ledger)
+    report = {"replaced": msg_id, "kept_tokens": kept, "removed": removed, "inserted": inserted,
+              "shifted": shifted, "strategy": str(strat), "recomputed": recomputed,
+              "t_edit_s": time.perf_counter() - t0}
+    s.log("replace", **report)
+    return report
+
+
+def _decode_into_hole(core, s: Session, tokens: list[int], start: int) -> None:
+    """Decode `tokens` at positions start.. of the session, where no cells are, attending to the
+    cells before `start` only: stock llama.cpp decodes a sequence only after its last position,
+    so the prefix is shared into the scratch sequence, decoded after there, and handed back."""
+    scratch = core.scratch_seq
+    core.mem.clear_seq(scratch)
+    try:
+        if start:
+            core.mem.cp(s.seq, scratch, 0, start)
+        core.decode_now(scratch, tokens, start, logits="none")
+        core.mem.cp(scratch, s.seq, start, start + len(tokens))
+    finally:
+        core.mem.clear_seq(scratch)
+
+
+def _update_message(m: Message, new: dict) -> None:
+    m.content = new.get("content") or ""
+    m.tool_calls = new.get("tool_calls") or None
+    m.tool_call_id = new.get("tool_call_id")
+    m.reasoning = new.get("reasoning_content") or ""
+
+
 # -- append-only notes ------------------------------------------------------------------------------
 def append_note(core, s: Session, role: str, content: str, kind: str, state: str) -> tuple[Message, dict]:
     """Append a message to the cache now (no generation) with its cells in `state`."""

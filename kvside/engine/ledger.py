@@ -77,6 +77,17 @@ class Ledger:
             del column[i0:i1]
         return i1 - i0
 
+    def insert(self, p0: int, tokens: list[int], msg: int, state: str = LIVE) -> None:
+        """Record tokens decoded into a hole at positions p0.. (before cells that stay)."""
+        i = self.index(p0)
+        end = self.pos[i] if i < len(self.pos) else None
+        if end is not None and p0 + len(tokens) > end:
+            raise ValueError("inserted cells overlap the cells after the hole")
+        self.pos[i:i] = range(p0, p0 + len(tokens))
+        self.tok[i:i] = tokens
+        self.msg[i:i] = [msg] * len(tokens)
+        self.state[i:i] = [state] * len(tokens)
+
     def truncate(self, p0: int) -> None:
         """Drop cells at p0 and later without recording them (undo of a failed append)."""
         i0 = self.index(p0)

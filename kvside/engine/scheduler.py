@@ -154,6 +154,13 @@ class Scheduler:
         s.last_used = time.time()
         self.gens.append(gen)
 
+    def discount_cached(self, s: Session, n: int) -> None:
+        """Count n of s's cells as computed for the reply just started, not reused (an edit
+        decoded them into the cache for this request)."""
+        for g in self.gens:
+            if g.session is s:
+                g.usage.cached_tokens = max(g.usage.cached_tokens - n, 0)
+
     def step(self) -> None:
         """One llama_decode over every active generation."""
         for g in list(self.gens):

@@ -1,0 +1,191 @@
+"""Client edits to the history as cache edits: a message changed in place keeps its unchanged
+tokens' cells and decodes only the changed ones into the hole, attending to exactly what precedes
+them; with reprefill as the strategy the result equals a fresh prefill; the daemon turns the edits
+clients make (a clock in the system prompt, a dropped middle exchange, tool outputs replaced by a
+placeholder) into edits and says so."""
+
+import numpy as np
+import pytest
+
+from conftest import GREEDY
+from kvside.bench import corpus
+from kvside.engine import Engine, edits, prompt
+from kvside.engine.session import Message
+
+PROBE = [198, 504, 260, 1115]
+SYSTEM = "Current time: 12:01. You are a terse assistant; answer in a few words."
+
+
+@pytest.fixture(scope="module")
+def exact():
+    with Engine(n_ctx=640, max_sessions=3, n_threads=2, exact=True) as e:
+        yield e
+
+
+def chat_session(engine, messages: list[dict]) -> str:
+    """A session whose cache holds `messages` as the template renders them (no reply)."""
+    name = engine.new_session()
+
+    def fill(core):
+        s = core.get(name)
+        new = [Message(i, m["role"], m["content"], kind="tool" if m["role"] == "tool" else "chat")
+               for i, m in enumerate(messages)]
+        core.prefill(s, prompt.chat_pieces(core, s, new, generation=False))
+        s.messages.extend(new)
+
+    engine.call(fill)
+    return name
+
+
+def test_tokens_decoded_into_a_hole_attend_to_exactly_what_precedes_them(exact):
+    """Cells written into a hole match cells appended right after the same prefix. Not bit for
+    bit: the attention sums run over the cache's cells in their physical order, which differs
+    (measured: splitting one prefill into two batches moves these logits by up to 0.57); a token
+    that also saw the 80 cells after the hole would move them by far more (checked below)."""
+    tokens = exact.call(lambda core: corpus.tokens(core.model, 200))
+    inserted = exact.call(lambda core: core.model.tokenize(" a different middle part"))
+    hole, ref = exact.new_session(), exact.new_session()
+    try:
+        def edit(core):
+            s = core.get(hole)
+            core.prefill(s, [(0, tokens)])
+            core.mem.rm(s.seq, 80, 120)  # a hole of 40 positions, cells after it stay
+            s.ledger.remove(80, 120, "test")
+            edits._decode_into_hole(core, s, inserted, 80)
+            s.ledger.insert(80, inserted, 0)
+            core.mem.rm(s.seq, 80 + len(inserted), -1)  # now drop the tail to compare what is left
+            s.ledger.truncate(80 + len(inserted))
+            r = core.get(ref)
+            core.prefill(r, [(0, tokens)])
+            core.mem.rm(r.seq, 80, -1)
+            r.ledger.truncate(80)
+            core.prefill(r, [(0, inserted)])  # appended right after the prefix
+
+        exact.call(edit)
+        exact.check(hole)
+        assert exact.ledger(hole).tok == exact.ledger(ref).tok
+        got, want = exact.next_logits(hole, PROBE, all_logits=True), exact.next_logits(ref, PROBE, all_logits=True)
+        close_logits(got, want)
+        # what a token that also attended to the old middle and tail would give: far off
+        wrong = exact.new_session()
+        try:
+            exact.call(lambda core: core.prefill(core.get(wrong), [(0, tokens[:120] + inserted)]))
+            far = exact.next_logits(wrong, PROBE, all_logits=True)
+            assert np.abs(far - want).max() > 2 * np.abs(got - want).max()
+        finally:
+            exact.delete_session(wrong)
+    finally:
+        exact.delete_session(hole)
+        exact.delete_session(ref)
+
+
+def close_logits(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to the layout noise of the attention sums (see the hole test): same top token on
+    every row, and near in value."""
+    assert (got.argmax(1) == want.argmax(1)).all()
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.995 and np.abs(got - want).max() < 1.5
+
+
+@pytest.mark.parametrize("change", ["clock", "placeholder"])
+def test_replace_in_place_keeps_unchanged_cells_and_gives_the_client_prompt(exact, change):
+    """The edited cache holds exactly the tokens a fresh session would for the client's new
+    history; the unchanged tokens kept their cells; with reprefill as the strategy the result is
+    a fresh prefill of those tokens."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Run the tests."},
+               {"role": "tool", "content": "collected 40 items\n" + "test_x.py::test_ok PASSED\n" * 30},
+               {"role": "assistant", "content": "All 40 tests passed."},
+               {"role": "user", "content": "Good. Anything else?"}]
+    target, version = ((0, {"role": "system", "content": SYSTEM.replace("12:01", "12:02")}) if change == "clock"
+                       else (2, {"role": "tool", "content": "[output elided]"}))
+    client = [dict(m) for m in history]
+    client[target] = version
+    name, ref = chat_session(exact, history), chat_session(exact, client)
+    try:
+        before = exact.ledger(name)
+        exact.set_roll_strategy(name, "reprefill")
+        report = exact.call(lambda core: edits.replace_message(core, core.get(name), target, version))
+        exact.check(name)
+        after = exact.ledger(name)
+        assert after.tok == exact.ledger(ref).tok  # exactly the client's prompt
+        others = [t for t, m in zip(before.tok, before.msg) if m != target]
+        assert [t for t, m in zip(after.tok, after.msg) if m != target] == others
+        assert report["kept_tokens"] > 0 and report["recomputed"] == len(after)
+        if change == "clock":  # the clock's token, not the whole system prompt
+            assert report["inserted"] <= 3 and report["removed"] <= 3
+        else:
+            assert report["removed"] > 5 * report["inserted"]
+        close_logits(exact.next_logits(name, PROBE, all_logits=True), exact.next_logits(ref, PROBE, all_logits=True))
+    finally:
+        exact.delete_session(name)
+        exact.delete_session(ref)
+
+
+def test_replace_with_shift_keeps_later_cells_as_they_were(exact):
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a colour."}]
+    name = chat_session(exact, history)
+    try:
+        before = exact.ledger(name)
+        version = {"role": "system", "content": SYSTEM.replace("12:01", "12:02")}
+        report = exact.call(lambda core: edits.replace_message(core, core.get(name), 0, version))
+        after = exact.ledger(name)
+        exact.check(name)
+        assert report["strategy"] == "shift" and report["recomputed"] == 0
+        assert len(after) == len(before) and after.pos == before.pos  # same width: in place, nothing moved
+        assert sum(a != b for a, b in zip(after.tok, before.tok)) <= 2
+    finally:
+        exact.delete_session(name)
+
+
+def test_a_longer_replacement_moves_the_later_cells_up(exact):
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a colour."},
+               {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another."}]
+    name = chat_session(exact, history)
+    try:
+        version = {"role": "user", "content": "Name a colour that is not red, green or any shade of grey."}
+        report = exact.call(lambda core: edits.replace_message(core, core.get(name), 1, version))
+        exact.check(name)
+        assert report["shifted"] > 0
+        after = exact.ledger(name)
+        assert after.pos == sorted(set(after.pos))
+        assert exact.call(lambda core: core.get(name).message(1).content) == version["content"]
+    finally:
+        exact.delete_session(name)
+
+
+def test_daemon_binding_turns_client_edits_into_cache_edits(exact):
+    """Through bind_chat, as the daemon does: the clock changes, then the client drops the oldest
+    exchange after its first task message, then it elides an old tool output."""
+    sys_at = lambda t: {"role": "system", "content": SYSTEM.replace("12:01", t)}  # noqa: E731
+    history = [sys_at("12:01"), {"role": "user", "content": "Check the logs, one by one."}]
+    for i in range(3):
+        c = exact.bind_chat(history, max_tokens=6, **GREEDY).wait()
+        history += [{"role": "assistant", "content": c.text or "ok"},
+                    {"role": "tool", "content": f"log {i}: " + "line ok; " * 40}]
+    # 1. the clock moved: the system prompt is edited in place, everything else is reused
+    history[0] = sys_at("12:02")
+    events = []
+    c = exact.bind_chat(history, max_tokens=4, on_event=events.append, **GREEDY).wait()
+    note = next(e.data for e in events if e.kind == "bound")
+    assert note.get("edited_messages") == [0] and note["inserted_tokens"] <= 3, note
+    new_tokens = c.usage.prompt_tokens - c.usage.cached_tokens
+    assert new_tokens < 200, (c.usage, note)  # the last tool output and the clock, not the whole history
+    history += [{"role": "assistant", "content": c.text or "ok"}, {"role": "user", "content": "Next."}]
+    # 2. Cline-style: keep the task message, drop the oldest exchange after it
+    trimmed = history[:2] + history[4:]
+    events = []
+    c = exact.bind_chat(trimmed, max_tokens=4, on_event=events.append, **GREEDY).wait()
+    note = next(e.data for e in events if e.kind == "bound")
+    assert note["session"] == c.session and len(note["dropped_messages"]) == 2
+    assert c.usage.prompt_tokens - c.usage.cached_tokens < 40
+    trimmed += [{"role": "assistant", "content": c.text or "ok"}, {"role": "user", "content": "Done?"}]
+    # 3. micro-compaction: an old tool output becomes a placeholder
+    compacted = [dict(m) for m in trimmed]
+    k = next(i for i, m in enumerate(compacted) if m["role"] == "tool")
+    compacted[k]["content"] = "[log elided]"
+    events = []
+    c = exact.bind_chat(compacted, max_tokens=4, on_event=events.append, **GREEDY).wait()
+    note = next(e.data for e in events if e.kind == "bound")
+    assert len(note.get("edited_messages", [])) == 1 and note["removed_tokens"] > note["inserted_tokens"], note
+    assert c.usage.prompt_tokens - c.usage.cached_tokens < 40
+    exact.check(c.session)

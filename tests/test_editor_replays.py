@@ -69,3 +69,21 @@ def test_editor_chat_shapes_are_answered_and_the_next_turn_is_a_cache_hit(daemon
     second = read_answer(httpx.post(daemon_url + "/v1/chat/completions", json=follow, timeout=120),
                          body.get("stream", False))
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= answer["usage"]["prompt_tokens"]
+
+
+def test_usage_says_what_binding_edited(daemon_url):
+    """A client that changes its system prompt (a clock) between turns: the reply's usage carries
+    kvside's account of the edit (streamed and not)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=daemon_url + "/v1", api_key="unused", max_retries=0)
+    history = [{"role": "system", "content": "Time 10:01. Be brief."}, {"role": "user", "content": "Hi."}]
+    first = client.chat.completions.create(model="smollm2-135m", messages=history, max_tokens=4, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Again."}]
+    history[0] = {"role": "system", "content": "Time 10:02. Be brief."}
+    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=history, max_tokens=4, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage.model_extra["kvside"]
+    assert usage["edited_messages"] == [0] and 0 < usage["inserted_tokens"] <= 3
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 3

@@ -126,6 +126,51 @@ def chat_run(base: str, turns: int, budget_chars: int, max_tokens: int, explicit
     return rows
 
 
+# What agents and editors do to their history, as `--client` modes (the chat is an agent's: a task,
+# then each turn a tool result of about 90 words and the model's answer):
+CLIENTS = {
+    "front": "drops the oldest exchange after the system prompt when over budget (editors)",
+    "cline": "keeps the first task message, drops the oldest exchange after it when over budget",
+    "placeholder": "replaces tool outputs older than the last two by a short placeholder (micro-compaction)",
+    "clock": "a clock in the system prompt changes every turn; drops the oldest exchange when over budget",
+}
+TOOL_WORDS = ("build step finished in 0.{k} s; module {m} compiled with 0 warnings; cache hit for {n} "
+              "objects; linked target lib{m}.so; tests collected {n} passed {n} skipped 0; ")
+
+
+def _tool_output(i: int) -> str:
+    return " ".join(TOOL_WORDS.format(k=(i * 7 + j) % 10, m=f"m{i}_{j}", n=10 + i + j) for j in range(3))
+
+
+def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client: str, explicit: bool) -> list[dict]:
+    """An agent chat under one client behaviour (CLIENTS). With `explicit`, the session is named
+    and only the new turn is sent: the cost of reading the new turn alone, the floor."""
+    task = {"role": "user", "content": "Build the project step by step and report problems."}
+    history: list[dict] = [task]
+    rows = []
+    headers = {"X-Kvside-Session": "bench-explicit"} if explicit else None
+    for i in range(turns):
+        system = SYSTEM if client != "clock" else f"{SYSTEM} Current time: 10:{i:02d}."
+        tool = {"role": "tool", "content": _tool_output(i)}
+        history.append(tool)
+        if client == "placeholder":
+            tools = [k for k, m in enumerate(history) if m["role"] == "tool"]
+            for k in tools[:-2]:
+                history[k] = {"role": "tool", "content": "[output elided]"}
+        dropped = 0
+        while client != "placeholder" and sum(len(m["content"]) for m in history) > budget_chars and len(history) > 3:
+            first = 1 if client == "cline" else 0  # cline keeps its task message
+            del history[first : first + 2]
+            dropped += 1
+        messages = [{"role": "system", "content": system}] + history
+        sent = messages if not explicit or i == 0 else [tool]
+        r = _stream(base, {"messages": sent, "max_tokens": max_tokens, "temperature": 0}, headers)
+        history.append({"role": "assistant", "content": r["text"] or "ok"})
+        rows.append({"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
+                     "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped})
+    return rows
+
+
 def _load_request(base: str, body: dict, cut_after: int | None) -> dict:
     """One streamed request of the load run; with cut_after, the client goes away after that many
     content chunks. What came back: status, time to first token, whether the reply was complete."""
@@ -214,11 +259,14 @@ def load_run(base: str, clients: int, requests: int, max_tokens: int, leak_check
 
 
 def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens: int, threads: int,
-        late_from: int, load_clients: int, load_requests: int) -> dict:
+        late_from: int, load_clients: int, load_requests: int, client: str | None = None) -> dict:
     path = resolve(model).path
     configs = ["kvside", "kvside-noreuse", "kvside-explicit"] + (["llama-server"] if PEER.exists() else [])
     result: dict = {"model": str(path.name), "n_ctx": n_ctx, "turns": turns, "budget_chars": budget_chars,
                     "max_tokens": max_tokens, "threads": threads, "late_from": late_from, "runs": {}}
+    if client is not None:
+        result["client"] = client
+        result["client_behaviour"] = CLIENTS[client]
     if not PEER.exists():
         result["notice"] = "llama-server not built (make peer): skipped"
     for kind in configs if turns else []:  # --turns 0: the load run alone
@@ -226,9 +274,15 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
         proc, base = _start("llama-server" if kind == "llama-server" else
                             ("kvside-noreuse" if kind == "kvside-noreuse" else "kvside"), path, n_ctx, threads, home)
         try:
-            rows = chat_run(base, turns, budget_chars, max_tokens, explicit=(kind == "kvside-explicit"))
+            if client is None:
+                rows = chat_run(base, turns, budget_chars, max_tokens, explicit=(kind == "kvside-explicit"))
+            else:
+                rows = agent_run(base, turns, budget_chars, max_tokens, client, explicit=(kind == "kvside-explicit"))
             late = [r["ttft_s"] for r in rows if r["turn"] >= late_from]
-            result["runs"][kind] = {"turns": rows, "late_ttft_median_s": statistics.median(late)}
+            late_rows = [r for r in rows if r["turn"] >= late_from]
+            result["runs"][kind] = {"turns": rows, "late_ttft_median_s": statistics.median(late),
+                                    "late_cached_median": statistics.median(r["cached_tokens"] for r in late_rows),
+                                    "late_prompt_median": statistics.median(r["prompt_tokens"] for r in late_rows)}
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -249,13 +303,16 @@ def table(result: dict) -> str:
     kinds = list(runs)
     lines = [f"serve: {result['turns']} turns, model {result['model']}, n_ctx {result['n_ctx']}; "
              f"TTFT s / cached tokens per turn"]
+    if "client" in result:
+        lines[0] += f"; client {result['client']}: {result['client_behaviour']}"
     lines.append("turn | " + " | ".join(kinds))
     for i in range(result["turns"]):
         cells = [f"{runs[k]['turns'][i]['ttft_s']:.3f} / {runs[k]['turns'][i]['cached_tokens']}" for k in kinds]
         lines.append(f"{i} | " + " | ".join(cells))
     if kinds:
         lines.append(f"late median (turn >= {result['late_from']}) | " +
-                     " | ".join(f"{runs[k]['late_ttft_median_s']:.3f}" for k in kinds))
+                     " | ".join(f"{runs[k]['late_ttft_median_s']:.3f} / {runs[k]['late_cached_median']:.0f} of "
+                                f"{runs[k]['late_prompt_median']:.0f}" for k in kinds))
     for kind, load in result.get("load", {}).items():
         lines.append(f"load, {kind}: " + json.dumps({k: v for k, v in load.items() if k != "error_samples"}))
     if "notice" in result:

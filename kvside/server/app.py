@@ -274,7 +274,7 @@ class Daemon:
                     self.metrics.reply(done, note)
                     yield _data(oa.chat_chunk(cid, model, {}, oa.finish_reason(done.finish_reason)))
                     if req.include_usage:
-                        yield _data(oa.usage_chunk(cid, model, oa.usage_of(done)))
+                        yield _data(oa.usage_chunk(cid, model, oa.usage_of(done, note)))
             yield ServerSentEvent(data="[DONE]")
         finally:
             if not stream.done:

@@ -261,14 +261,21 @@ def usage_chunk(cid: str, model: str, usage: dict, obj: str = "chat.completion.c
     return {"id": cid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage}
 
 
-def usage_of(done) -> dict:
-    """OpenAI's usage, with what kvside did to the cache to make room (rolled turns, pruned tool
-    results) under a `kvside` key that clients which do not know it ignore."""
+# what binding did to the cache for a request, as the `bound` note says it
+_BINDING_FACTS = ("reused_messages", "dropped_tokens", "edited_messages", "inserted_tokens", "removed_tokens")
+
+
+def usage_of(done, note: dict | None = None) -> dict:
+    """OpenAI's usage, with what kvside did to the cache (the edits binding made to match the
+    client's history; rolled turns and pruned tool results) under a `kvside` key that clients
+    which do not know it ignore."""
     usage = done.usage.to_dict()
+    extra = {k: note[k] for k in _BINDING_FACTS if note and k in note}
     if done.notices:
-        usage["kvside"] = {"edits": [{k: v for k, v in n.items() if k in ("kind", "strategy", "message", "dropped",
-                                                                        "masked", "pruned_messages")}
-                                     for n in done.notices]}
+        extra["edits"] = [{k: v for k, v in n.items() if k in ("kind", "strategy", "message", "dropped", "masked",
+                                                               "pruned_messages")} for n in done.notices]
+    if extra:
+        usage["kvside"] = extra
     return usage
 
 
@@ -282,7 +289,7 @@ def chat_response(cid: str, model: str, done, extra: dict) -> dict:
             "choices": [{"index": 0, "message": message,
                          "logprobs": {"content": done.logprobs} if done.logprobs is not None else None,
                          "finish_reason": finish_reason(done.finish_reason)}],
-            "usage": usage_of(done), **extra}
+            "usage": usage_of(done, extra.get("kvside")), **extra}
 
 
 def completion_chunk(cid: str, model: str, text: str, finish: str | None, logprobs: list | None = None) -> dict:

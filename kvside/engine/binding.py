@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
-from kvside.engine.session import MSG_MASKED
+from kvside.engine.session import MSG_DROPPED
 
 
 def _key(m: dict) -> tuple:
@@ -133,7 +133,8 @@ def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> l
         # until positions run out (see edits.close_gaps)
         if s.pending_msg in dropped:
             s.pending, s.pending_msg, s.closing = [], -1, ""
-        report = edits.mask(core, s, messages=dropped, close_gap=False)
+        report = edits.mask(core, s, messages=dropped, close_gap=False, reason="dropped by the client",
+                            state=MSG_DROPPED)
         note["dropped_messages"] = dropped
         note["dropped_tokens"] = report["masked"]
     if edited:
@@ -151,10 +152,10 @@ CHAT_KINDS = ("chat", "tool")
 
 def chat_history(s) -> list[dict]:
     """What a client could resend of a session: its chat and tool messages, including those
-    kvside let go itself (rolled, pruned, summarized: the client still sends them), not those
-    masked because a client stopped sending them (leaving them in would let a diff pair the
-    client's messages with stale copies: agents' replies often repeat word for word)."""
-    return [m.to_dict() for m in s.messages if m.kind in CHAT_KINDS and m.state != MSG_MASKED]
+    kvside or its user let go (rolled, masked, pruned, summarized: the client still sends them),
+    not those dropped because a client stopped sending them (leaving them in would let a diff pair
+    the client's messages with stale copies: agents' replies often repeat word for word)."""
+    return [m.to_dict() for m in s.messages if m.kind in CHAT_KINDS and m.state != MSG_DROPPED]
 
 
 def bind_and_start(core, messages: list[dict], params: dict, stream, *, session: str | None = None,

@@ -20,6 +20,7 @@ MSG_MASKED = "masked"
 MSG_ROLLED = "rolled"
 MSG_PRUNED = "pruned"
 MSG_SUMMARIZED = "summarized"
+MSG_DROPPED = "dropped"  # masked because the client stopped sending it
 
 
 def check_name(name: str) -> str:

@@ -151,3 +151,30 @@ async def test_failed_command_is_a_notification_not_a_crash(tui_engine):
         assert [(title, severity) for title, severity, _ in notes] == [
             ("/roll", "error"), ("/mask", "error"), (None, "error")]
         assert "cannot drop" in notes[0][2] and "usage" in notes[1][2] and "unknown command /frobnicate" in notes[2][2]
+
+
+async def test_prune_tools_command_sets_the_session_policy(tui_engine):
+    app = app_for(tui_engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        name = app.current
+        notes = []
+        app.notify = lambda message, **kw: notes.append((kw.get("title"), message))
+        await type_and_send(pilot, "/prune-tools 2")
+        for _ in range(100):
+            if tui_engine.call(lambda core: core.get(name).prune_tools) == 2:
+                break
+            await pilot.pause(0.05)
+        assert tui_engine.call(lambda core: core.get(name).prune_tools) == 2
+        await type_and_send(pilot, "/prune-tools off")
+        for _ in range(100):
+            if tui_engine.call(lambda core: core.get(name).prune_tools) is None:
+                break
+            await pilot.pause(0.05)
+        assert tui_engine.call(lambda core: core.get(name).prune_tools) is None
+        await type_and_send(pilot, "/prune-tools lots")
+        for _ in range(100):
+            if any("usage" in str(m) for _, m in notes):
+                break
+            await pilot.pause(0.05)
+        assert any("usage: /prune-tools" in str(m) for _, m in notes), notes

@@ -24,7 +24,8 @@ from kvside.tui.cachemap import CacheMap
 
 HELP = """/new [NAME]  /rename NAME  /delete  /roll N [STRATEGY]  /compact [UP_TO]  /mask ID [close] [STRATEGY]
 /fork [NAME]  /save [FILE]  /restore FILE [NAME]  /attach DOC [K|STRATEGY]  /help
-/strategy shift|recompute:R|reprefill, and with the native patch values:R|values:all|select:F"""
+/strategy shift|recompute:R|reprefill, and with the native patch values:R|values:all|select:F
+/prune-tools N|off  (when the window fills, mask old tool results, keeping the last N, before rolling turns)"""
 
 
 @dataclass
@@ -326,7 +327,8 @@ class ChatApp(App):
             self.notify(HELP, title="commands", timeout=15)
         elif cmd == "new":
             await self.new_chat(args[0] if args else None)
-        elif cmd in ("roll", "compact", "mask", "fork", "save", "strategy", "delete", "rename", "attach") and \
+        elif cmd in ("roll", "compact", "mask", "fork", "save", "strategy", "delete", "rename", "attach",
+                     "prune-tools") and \
                 self.chats[name].reply is not None:
             self.notify("wait for the reply to finish (Esc stops it)", severity="warning")
         elif cmd == "roll":
@@ -366,6 +368,14 @@ class ChatApp(App):
         elif cmd == "strategy":
             await b.edit(name, "strategy", strategy=args[0])
             self.notify(f"roll strategy: {args[0]}", title="strategy")
+        elif cmd == "prune-tools":
+            keep = None if args and args[0] == "off" else int(args[0]) if args and args[0].isdigit() else -1
+            if keep == -1:
+                self.notify("usage: /prune-tools N|off", severity="warning")
+            else:
+                await b.edit(name, "policy", prune_tools=keep)
+                self.notify("tool results roll with their turns" if keep is None else
+                            f"a full window masks old tool results, keeping the last {keep}", title="policy")
         elif cmd == "delete":
             await b.delete_session(name)
             del self.chats[name]

@@ -87,8 +87,7 @@ def test_best_match_does_not_report_cells_already_gone_as_dropped():
 
 def test_best_match_compares_whitespace_trimmed_content_and_roles():
     assert best_match({"s": held(SYS, U1)}, msgs(("system", " be brief \n"), U1, U2)).reused == 2
-    other_role = best_match({"s": held(SYS, U1)}, msgs(SYS, ("assistant", "q1"), U2))  # same text, other role
-    assert other_role.reused == 1 and other_role.dropped == [1]
+    assert best_match({"s": held(SYS, U1)}, msgs(SYS, ("assistant", "q1"), U2)) is None  # same text, other role
 
 
 def test_best_match_does_not_take_another_conversation_that_shares_only_the_head():
@@ -184,3 +183,10 @@ def test_a_conversation_whose_session_went_to_disk_is_brought_back_not_prefilled
         assert again.completion.usage.cached_tokens > 0
         contents = [m["content"] for m in engine.messages(first.session)]
         assert contents == [SYS[1], U1[1], first.completion.text, U2[1], again.completion.text]
+
+
+def test_best_match_does_not_take_a_one_turn_conversation_that_shares_the_system_prompt():
+    """Two users, one question each after the same system prompt: the second gets its own session
+    instead of destroying the first one's."""
+    assert best_match({"s": held(SYS, U1)}, msgs(SYS, ("user", "something else"))) is None
+    assert best_match({"s": held(SYS, U1, A1)}, msgs(SYS, ("user", "something else"))) is None

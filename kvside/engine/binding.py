@@ -90,8 +90,10 @@ def diff(held: list[dict], incoming: list[dict]) -> Match | None:
     # Dropping more than is kept is not a client trimming its history but another conversation
     # that shares a head (the same system prompt): taking this session would destroy that
     # conversation's cache to save a few tokens. llama-server's slot choice asks the same.
-    # (Messages cut off but sent again after the cut are read again, not dropped by the client.)
-    if len(gone) > kept:
+    # A kept system prompt does not count (it is what other conversations share). Messages cut
+    # off but sent again after the cut are read again, not dropped by the client.
+    head = 1 if have and want and have[0] == want[0] and have[0][0] == "system" else 0
+    if gone and len(gone) > kept - head:
         return None
     return Match("", kept + len(replaced), dropped, new, replaced)
 

@@ -190,3 +190,15 @@ def test_best_match_does_not_take_a_one_turn_conversation_that_shares_the_system
     instead of destroying the first one's."""
     assert best_match({"s": held(SYS, U1)}, msgs(SYS, ("user", "something else"))) is None
     assert best_match({"s": held(SYS, U1, A1)}, msgs(SYS, ("user", "something else"))) is None
+
+
+def test_best_match_pairs_an_edited_system_prompt_when_the_front_is_also_dropped():
+    """A clock in the system prompt and an editor dropping the oldest exchange, in the same turn:
+    the system prompt is edited, the exchange dropped, the rest reused."""
+    m = best_match({"s": held(SYS, U1, A1, U2, A2)}, msgs(("system", "be brief. 10:06"), U2, A2, U3))
+    assert [i for i, _ in m.replaced] == [0] and m.dropped == [1, 2] and m.new == msgs(U3) and m.reused == 3
+
+
+def test_best_match_keeps_the_new_turn_new_after_a_changed_block():
+    m = best_match({"s": held(SYS, U1, A1)}, msgs(SYS, ("user", "q1, edited"), A1, U2))
+    assert [i for i, _ in m.replaced] == [1] and m.new == msgs(U2)

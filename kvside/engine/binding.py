@@ -68,9 +68,13 @@ def diff(held: list[dict], incoming: list[dict]) -> Match | None:
             kept += i2 - i1
         elif tag == "delete":
             dropped += [m["id"] for m in held[i1:i2] if _live(m)]
-        elif (tag == "replace" and i2 - i1 == j2 - j1 and j2 < len(want) and i2 < len(held)
-              and all(have[i][0] == want[j][0] for i, j in zip(range(i1, i2), range(j1, j2)))):
-            replaced += [(held[i]["id"], incoming[j]) for i, j in zip(range(i1, i2), range(j1, j2))]
+        elif tag == "replace" and (pairs := _pair(held, incoming, i1, i2, j1, j2)) is not None:
+            paired, tail = pairs
+            replaced += [(held[i]["id"], incoming[j]) for i, j in paired]
+            dropped += [held[i]["id"] for i in range(i1, i2) if i not in {i for i, _ in paired} and _live(held[i])]
+            if tail is not None:  # the client's new messages follow the changed ones
+                cut_held, cut_want = i2, tail
+                break
         else:  # an insertion, or a change running to the end: everything from here is read anew
             cut_held, cut_want = i1, j1
             break
@@ -96,6 +100,31 @@ def diff(held: list[dict], incoming: list[dict]) -> Match | None:
     if gone and len(gone) > kept - head:
         return None
     return Match("", kept + len(replaced), dropped, new, replaced)
+
+
+def _pair(held: list[dict], incoming: list[dict], i1: int, i2: int, j1: int, j2: int):
+    """Pair the client's changed messages incoming[j1:j2] with held[i1:i2] (the diff saw them as
+    one replaced block): in order, each with the most similar held message of its role; held
+    ones left over were dropped. Returns (pairs, tail), tail being the index of the client's new
+    messages when they follow the changed ones at the end; None when a message in the middle has
+    no partner (an insertion: the match is cut there)."""
+    pairs, i = [], i1
+    for j in range(j1, j2):
+        role = incoming[j].get("role")
+        options = [k for k in range(i, i2) if held[k].get("role") == role]
+        if not options:
+            if j2 == len(incoming):
+                return (pairs, j) if pairs else None  # the rest is the client's new turn
+            return None
+        text = incoming[j].get("content") or ""
+        best = max(options, key=lambda k: SequenceMatcher(None, held[k].get("content") or "", text).quick_ratio())
+        pairs.append((best, j))
+        i = best + 1
+    if j2 == len(incoming):
+        # the last changed message is the client's new turn, not an edit of an old one
+        pairs.pop()
+        return (pairs, j2 - 1) if pairs else None
+    return pairs, None
 
 
 def best_match(sessions: dict[str, list[dict]], incoming: list[dict]) -> Match | None:

@@ -87,3 +87,17 @@ def test_usage_says_what_binding_edited(daemon_url):
     usage = chunks[-1].usage.model_extra["kvside"]
     assert usage["edited_messages"] == [0] and 0 < usage["inserted_tokens"] <= 3
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 3
+
+
+@pytest.mark.parametrize("client", ["cline", "placeholder"])
+def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, client):
+    """`kvside bench serve --client` at toy size against this daemon: once the client drops (cline) or
+    elides (placeholder), the next turns still come from the cache."""
+    from kvside.bench.serve import agent_run
+
+    rows = agent_run(daemon_url, turns=5, budget_chars=1500, max_tokens=4, client=client, explicit=False)
+    assert len(rows) == 5 and rows[0]["cached_tokens"] == 0
+    late = rows[-1]
+    assert late["cached_tokens"] > 0.5 * late["prompt_tokens"], rows
+    if client == "cline":
+        assert any(r["dropped_exchanges"] for r in rows)

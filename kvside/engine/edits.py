@@ -487,6 +487,10 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
     to_decode = sum(j2 - j1 for tag, _, _, j1, j2 in ops if tag != "equal")
     if to_decode >= len(led) - idx[0]:
         return None
+    # room for what grows, checked before anything changes (an edit must not stop half-way)
+    growth = sum(max(0, (j2 - j1) - (i2 - i1)) for tag, i1, i2, j1, j2 in ops if tag != "equal")
+    if growth and (led.next_pos + growth >= core.n_ctx or not core.mem.can_shift()):
+        return None
     positions = [led.pos[i] for i in idx]
     removed = inserted = shifted = 0
     first_changed = None

@@ -156,7 +156,6 @@ class Format:
     name = "hermes"
     start = "<tool_call>"
     end = "</tool_call>"
-    needs_prompt = False  # whether kvside must describe the tools itself (template has no tools)
 
     # parsing
     def parse(self, text: str, partial: bool) -> Parsed:
@@ -216,7 +215,6 @@ class Generic(Format):
     and asks for Hermes-style markup, the syntax most small models have seen."""
 
     name = "generic"
-    needs_prompt = True
 
     def prompt(self, tools: list[dict]) -> str:
         lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
 from kvside.engine.session import MSG_DROPPED
+from kvside.errors import InvalidRequest
 
 
 def _key(m: dict) -> tuple:
@@ -177,6 +178,7 @@ def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> l
 
 
 # -- binding a request to a session and starting its reply: one task on the engine thread ------------
+TEXT_PREFIX = "text-"  # text caches (fill-in-the-middle and completions without a session)
 AUTO_PREFIX = "auto-"
 CHAT_KINDS = ("chat", "tool")
 
@@ -252,28 +254,80 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
 
 
 def bind_text(core, params: dict, stream, *, text: str | None = None, tokens=None,
-              session: str | None = None, reply=None) -> dict:
-    """The same for a text completion: an explicit session (created if unknown), or a temporary
-    one removed when the reply ends. `tokens`: a function of the core giving the prompt's tokens
-    (fill-in-the-middle prompts carry special tokens); else `text` is the prompt."""
+              session: str | None = None, reply=None, reuse: bool = True) -> dict:
+    """The same for a text completion. An explicit session (created if unknown) continues with the
+    prompt appended. Without one, the prompt is bound to the idle text cache that shares most of
+    it (textreuse: the common prefix, and runs found again after a change) or to a new one; text
+    caches stay resident for the next request and are dropped, not saved, when room is needed.
+    `tokens`: a function of the core giving the prompt's tokens (fill-in-the-middle prompts carry
+    special tokens); else `text` is the prompt."""
+    from kvside.engine import textreuse
     from kvside.engine.stream import Event
 
-    created = False
-    if session is not None and (session in core.sessions or session in core.evicted):
-        s = core.get(session)
-    else:
-        s, created = core.new_session(session), True
-        s.temporary = session is None
+    if session is not None:
+        created = False
+        if session in core.sessions or session in core.evicted:
+            s = core.get(session)
+        else:
+            s, created = core.new_session(session, system=""), True
+        try:
+            sampling = s.defaults.replace(**params)
+            stream.session = s.name
+            stream.put(Event("bound", data={"session": s.name}))
+            if tokens is not None:
+                core.start_tokens(s.name, tokens(core), sampling, stream, reply)
+            else:
+                core.start_text(s.name, text or "", sampling, stream, reply)
+        except BaseException:
+            if created:
+                core.delete_session(s.name)
+            raise
+        return {"session": s.name}
+
+    prompt = tokens(core) if tokens is not None else core.model.tokenize(text or "", add_special=True)
+    if not prompt or (tokens is None and not text):
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if len(prompt) >= core.n_ctx:
+        raise InvalidRequest(f"the prompt has {len(prompt)} tokens and the window {core.n_ctx}", param="prompt")
+    min_chunk = core.config.reuse_chunk
+    s, plan = None, textreuse.Plan()
+    if reuse:
+        for c in core.sessions.values():
+            if c.text_cache and not c.busy:
+                held = c.ledger.tok
+                p = textreuse.plan(held, prompt, min_chunk if textreuse.contiguous(c) else 0)
+                if s is None or p.reused > plan.reused:
+                    s, plan = c, p
+        if s is not None and plan.reused < max(min_chunk, 1) and core.free_seqs:
+            s = None  # nothing worth keeping: a fresh cache, and the other one stays for its client
+    created = s is None
+    if created:
+        s = core.new_session(core.free_name(TEXT_PREFIX), system="")
+        s.text_cache, s.temporary = reuse, not reuse
+        plan = textreuse.Plan()
     try:
         sampling = s.defaults.replace(**params)
+        core.clear_pending(s)
+        if len(plan.runs) and plan.runs[-1][1] + plan.runs[-1][2] >= len(prompt):
+            # all of it is cached: the last token is read again for its logits
+            i, j, n = plan.runs[-1]
+            plan.runs[-1] = (i, j, n - 1)
+            plan.prefix = min(plan.prefix, len(prompt) - 1)
+            if plan.runs[-1][2] == 0:
+                plan.runs.pop()
+        msg_id = s.next_message_id()
+        report = textreuse.apply(core, s, prompt, plan, msg_id)
+        tail = report.pop("tail")
+        kept = set(s.ledger.msg)
+        s.messages = [m for m in s.messages if m.id in kept]
+        if report["moved_runs"] or report["inserted_tokens"]:
+            s.log("text-reuse", **report)
+        note = {"session": s.name, **report}
         stream.session = s.name
-        stream.put(Event("bound", data={"session": s.name}))
-        if tokens is not None:
-            core.start_tokens(s.name, tokens(core), sampling, stream, reply)
-        else:
-            core.start_text(s.name, text or "", sampling, stream, reply)
+        stream.put(Event("bound", data=note))
+        core.start_tokens(s.name, tail, sampling, stream, reply)
+        core.scheduler.discount_cached(s, report["inserted_tokens"])
     except BaseException:
-        if created:
-            core.delete_session(s.name)
+        core.delete_session(s.name)  # a cache half-edited is worth nothing: the next prompt starts anew
         raise
-    return {"session": s.name}
+    return note

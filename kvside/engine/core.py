@@ -56,6 +56,10 @@ class EngineConfig:
     # agents: when the window fills, mask the cells of old tool results (keeping the last N)
     # before any whole turn is rolled away; None leaves tool results to rolling like any turn
     prune_tools: int | None = None
+    # text prompts (autocomplete, /completion): after the first change, runs of at least this many
+    # tokens that the cache also holds are moved into place instead of read again (0: the common
+    # prefix only)
+    reuse_chunk: int = 64
     sessions_dir: str | None = None  # where idle sessions go (default: $KVSIDE_HOME/sessions)
     persist: bool = False  # save resident sessions on close, know saved ones on start
     flash_attn: bool | None = None  # None: llama.cpp decides; False for bit-exact references and restores
@@ -179,7 +183,7 @@ class Core:
         failures = []
         if self.config.persist and self.ctx:
             for s in list(self.sessions.values()):
-                if s.temporary or not any(m.role != "system" for m in s.messages):
+                if s.temporary or s.text_cache or not any(m.role != "system" for m in s.messages):
                     continue  # nothing was said in it: nothing to keep
                 try:
                     persist.save(self, s, persist.session_path(self, s.name))

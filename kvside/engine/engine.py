@@ -234,7 +234,7 @@ class Engine:
 
     def evict(self, name: str) -> str:
         """Send a session to disk now; it comes back on its next use."""
-        return str(self._edit(name, lambda core, s: persist.evict(core, s)))
+        return str(self._edit(name, lambda core, s: persist.evict(core, s) or ""))
 
     def ledger(self, name: str) -> Ledger:
         return self.call(lambda core: core.get(name).ledger.copy(), session=name)
@@ -345,10 +345,12 @@ class Engine:
             session, on_event)
 
     def bind_text(self, *, text: str | None = None, tokens=None, session: str | None = None,
-                  on_event=None, reply=None, **params: Any) -> Stream:
-        """A text completion in `session` (created if unknown) or in a temporary session."""
+                  on_event=None, reply=None, reuse: bool = True, **params: Any) -> Stream:
+        """A text completion in `session` (created if unknown, the prompt appended), or bound to
+        the text cache that shares most of the prompt (binding.bind_text)."""
         return self._bind(lambda core, stream: binding.bind_text(core, params, stream, text=text, tokens=tokens,
-                                                                 session=session, reply=reply), session, on_event)
+                                                                 session=session, reply=reply, reuse=reuse),
+                          session, on_event)
 
     def _bind(self, start, session: str | None, on_event, refuse_cancelled: bool = True) -> Stream:
         """Post start(core, stream) as one task (after `session`'s current work, if named). With

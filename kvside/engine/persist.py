@@ -184,7 +184,10 @@ def session_path(core, name: str) -> Path:
 MAX_SAVED_AUTO = 8  # sessions made by request binding kept on disk, per resident session
 
 
-def evict(core, s: Session) -> Path:
+def evict(core, s: Session) -> Path | None:
+    if s.text_cache:  # a cache of a text prompt the client holds: nothing to keep
+        core.delete_session(s.name)
+        return None
     path = session_path(core, s.name)
     save(core, s, path)
     core.delete_session(s.name)

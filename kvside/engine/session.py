@@ -92,6 +92,9 @@ class Session:
     backlog: list = field(default_factory=list)
     auto_bound: bool = False  # created by request binding, which may reuse it for a later request
     temporary: bool = False  # removed when its reply ends (a daemon run with --no-reuse)
+    # a text prompt's cells kept for the next text request to reuse (binding.bind_text): dropped,
+    # never saved, when room is needed or the daemon stops
+    text_cache: bool = False
     # The tool definitions the session's prompt was rendered with: templates put them in the
     # system turn, so they are part of the cached prefix and every later turn renders with them.
     tools: list[dict] = field(default_factory=list)

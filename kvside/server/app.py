@@ -294,7 +294,8 @@ class Daemon:
         tokens = ((lambda core: prompt.fim_tokens(core, req.prompt, req.suffix, middle, extra))
                   if req.suffix is not None else None)
         stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_text(
-            text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply, **req.params))
+            text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply, reuse=self.reuse,
+            **req.params))
         cid = oa.new_id("cmpl")
         if req.stream:
             return self._sse(self._sse_text(stream, queue, first, cid, req, shape), {"X-Kvside-Session": note["session"]})

@@ -103,3 +103,29 @@ def test_llama_vscode_infill_shape(qwen_url):
     assert warm.status_code == 200 and warm.json()["content"] == "", warm.text
     bad = httpx.post(qwen_url + "/infill", json=dict(body, input_extra=[{"filename": "a.py"}]), timeout=30)
     assert bad.status_code == 400 and "input_extra" in bad.json()["error"]["message"]
+
+
+def test_infill_keeps_the_context_chunks_when_they_rotate(qwen_url):
+    """llama.vscode's ring of context chunks: the oldest leaves, a new one comes after the others.
+    The chunks still sent are not read again (moved into place), only the new chunk and the cursor's
+    surroundings are."""
+    import httpx
+
+    files = {f"mod{i}.py": "".join(f"def helper_{i}_{k}(value):\n    return value * {k} + {i}\n\n" for k in range(12))
+             for i in range(5)}
+    names = list(files)
+
+    def body(ring, line):
+        return {"input_extra": [{"filename": n, "text": files[n]} for n in ring],
+                "input_prefix": "import os\n\n\ndef main():\n", "input_suffix": "\n    return 0\n",
+                "prompt": line, "n_predict": 4, "temperature": 0}
+
+    first = httpx.post(qwen_url + "/infill", json=body(names[0:3], "    x = "), timeout=120).json()
+    assert first["timings"]["cache_n"] == 0 or first["kvside"]["prefix_tokens"] == first["timings"]["cache_n"]
+    rotated = httpx.post(qwen_url + "/infill", json=body(names[1:4], "    x = "), timeout=120).json()
+    facts = rotated["kvside"]
+    chunk = rotated["tokens_evaluated"] // 4  # about one chunk's worth
+    assert facts["moved_runs"] >= 1 and facts["moved_tokens"] >= chunk
+    assert rotated["timings"]["cache_n"] == facts["prefix_tokens"] + facts["moved_tokens"]
+    assert rotated["timings"]["prompt_n"] < rotated["tokens_evaluated"] // 2
+    assert isinstance(rotated["content"], str)

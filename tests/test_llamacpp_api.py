@@ -63,3 +63,71 @@ def test_apply_template_plus_tokenize_counts_what_a_chat_request_reads(url):
 def test_bad_helper_requests_are_400s(url, path, body):
     r = post(url, path, body)
     assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+STORY = ("Once upon a time, in a quiet village by the sea, there lived an old clockmaker who repaired every "
+         "clock in town. Each morning he opened his shop, wound the great clock on the wall, and waited. ")
+
+
+def test_completion_answers_in_llama_servers_shape_and_reuses_the_prompt(url):
+    first = post(url, "/completion", {"prompt": STORY, "n_predict": 8, "temperature": 0})
+    assert first.status_code == 200
+    body = first.json()
+    assert body["stop"] is True and body["stop_type"] in ("eos", "limit") and isinstance(body["content"], str)
+    assert body["tokens_predicted"] == 8 and body["stop_type"] == "limit"
+    assert body["tokens_evaluated"] == body["timings"]["prompt_n"] + body["timings"]["cache_n"]
+    assert body["tokens_cached"] == body["tokens_evaluated"] + body["tokens_predicted"]
+    assert set(body["timings"]) >= {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "predicted_per_second"}
+    # the next keystroke: the same text and a little more; its prefix is not read again
+    again = post(url, "/completion", {"prompt": STORY + "One day", "n_predict": 4, "temperature": 0}).json()
+    assert again["timings"]["cache_n"] >= body["tokens_evaluated"] - 1
+    assert again["kvside"]["prefix_tokens"] == again["timings"]["cache_n"]
+    # cache_prompt false: read whole
+    cold = post(url, "/completion", {"prompt": STORY + "One day", "n_predict": 4, "temperature": 0,
+                                     "cache_prompt": False}).json()
+    assert cold["timings"]["cache_n"] == 0 and cold["content"] == again["content"]
+
+
+def test_completion_takes_token_ids_and_mixed_prompts(url):
+    ids = post(url, "/tokenize", {"content": STORY, "add_special": True}).json()["tokens"]
+    by_text = post(url, "/completion", {"prompt": STORY, "n_predict": 6, "temperature": 0}).json()
+    by_ids = post(url, "/completion", {"prompt": ids, "n_predict": 6, "temperature": 0}).json()
+    assert by_ids["content"] == by_text["content"] and by_ids["tokens_evaluated"] == len(ids)
+    half = len(STORY) // 2
+    head = post(url, "/tokenize", {"content": STORY[:half], "add_special": True}).json()["tokens"]
+    mixed = post(url, "/completion", {"prompt": head + [STORY[half:]], "n_predict": 6, "temperature": 0}).json()
+    assert mixed["stop"] is True and mixed["tokens_evaluated"] >= len(head)
+
+
+def test_completion_streams_content_then_one_final_event(url):
+    events = []
+    with httpx.stream("POST", url + "/completion", json={"prompt": STORY, "n_predict": 6, "temperature": 0,
+                                                          "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert "[DONE]" not in events  # llama-server's own stream ends with the stop event
+    import json as _json
+    parsed = [_json.loads(e) for e in events]
+    assert all(e["stop"] is False for e in parsed[:-1]) and parsed[-1]["stop"] is True
+    assert parsed[-1]["content"] == "" and "timings" in parsed[-1]
+    whole = post(url, "/completion", {"prompt": STORY, "n_predict": 6, "temperature": 0}).json()
+    assert "".join(e["content"] for e in parsed[:-1]) == whole["content"]
+
+
+def test_completion_warm_up_reads_the_prompt_and_answers_nothing(url):
+    warm = post(url, "/completion", {"prompt": STORY + "The end?", "n_predict": 0}).json()
+    assert warm["content"] == "" and warm["tokens_predicted"] == 0
+    after = post(url, "/completion", {"prompt": STORY + "The end?", "n_predict": 3, "temperature": 0}).json()
+    assert after["timings"]["cache_n"] == after["tokens_evaluated"] - 1
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": 5}, {"prompt": []}, {"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": [[1, 2], [3]]},
+    {"prompt": [10 ** 9]}, {"prompt": "x", "n_predict": -5}, {"prompt": "x", "n_predict": "8"},
+    {"prompt": "x", "cache_prompt": "yes"}, {"prompt": "x", "model": "gpt-9"}, {"prompt": "x", "temperature": "hot"},
+])
+def test_bad_completion_requests_are_clear_errors(url, body):
+    r = post(url, "/completion", body)
+    assert r.status_code in (400, 404) and r.json()["error"]["message"]

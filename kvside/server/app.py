@@ -286,51 +286,58 @@ class Daemon:
         self._check_model(req.model)
         return await self._text_request(request, req, "text_completion")
 
-    async def _text_request(self, request: HTTPRequest, req: oa.Request, shape: str, middle: str = "",
-                            extra: list[dict] = (), warm_up: bool = False):
+    async def _text_request(self, request: HTTPRequest, req: oa.Request, shape: str, tokens=None,
+                            warm_up: bool = False, reuse: bool = True):
+        """A text completion, answered in OpenAI's legacy shape (`shape` "text_completion") or
+        llama-server's ("llama": /completion and /infill). `tokens`: the prompt's tokens as a
+        function of the core, when the prompt is not req.prompt's text."""
         explicit = self._explicit(request, req)
-        if req.suffix is None and not req.prompt:
+        if tokens is None and req.suffix is not None:
+            tokens = lambda core: prompt.fim_tokens(core, req.prompt, req.suffix)  # noqa: E731
+        if tokens is None and not req.prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        tokens = ((lambda core: prompt.fim_tokens(core, req.prompt, req.suffix, middle, extra))
-                  if req.suffix is not None else None)
         stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_text(
-            text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply, reuse=self.reuse,
-            **req.params))
+            text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply,
+            reuse=self.reuse and reuse, **req.params))
+        headers = {"X-Kvside-Session": note["session"]}
         cid = oa.new_id("cmpl")
         if req.stream:
-            return self._sse(self._sse_text(stream, queue, first, cid, req, shape), {"X-Kvside-Session": note["session"]})
+            return self._sse(self._sse_text(stream, queue, first, cid, req, shape, note, warm_up), headers)
         try:
-            done = await self._collect(request, stream, queue)
+            done = await self._collect(request, stream, queue, note)
         finally:
             self._done()
-        if shape == "infill":
-            return JSONResponse({"content": "" if warm_up else done.text, "stop": True, "stop_type": done.finish_reason,
-                                 "tokens_predicted": done.usage.completion_tokens,
-                                 "tokens_evaluated": done.usage.prompt_tokens})
+        if shape == "llama":
+            return JSONResponse(llamacpp.completion_response(done, self.model_name, warm_up, oa.binding_facts(note)),
+                                headers=headers)
         body = oa.completion_chunk(cid, self.model_name, done.text, oa.finish_reason(done.finish_reason), done.logprobs)
-        body["usage"] = done.usage.to_dict()
-        return JSONResponse(body)
+        body["usage"] = oa.usage_of(done, note)
+        return JSONResponse(body, headers=headers)
 
-    async def _sse_text(self, stream, queue, first, cid, req, shape):
+    async def _sse_text(self, stream, queue, first, cid, req, shape, note: dict, warm_up: bool):
         model = self.model_name
         try:
             async for event in self._events(queue, first):
                 if event.kind == "text":
-                    yield _data({"content": event.text, "stop": False} if shape == "infill" else
-                                oa.completion_chunk(cid, model, event.text, None, event.data.get("logprobs")))
+                    if shape == "llama":
+                        if not warm_up:
+                            yield _data({"index": 0, "content": event.text, "tokens": [], "stop": False, "id_slot": -1})
+                    else:
+                        yield _data(oa.completion_chunk(cid, model, event.text, None, event.data.get("logprobs")))
                 elif event.kind == "error":
                     yield _data(event.data["error"].to_openai())
                     break
                 elif event.kind == "done":
                     done = stream.completion
-                    self.metrics.reply(done)
-                    if shape == "infill":
-                        yield _data({"content": "", "stop": True, "stop_type": done.finish_reason})
+                    self.metrics.reply(done, note)
+                    if shape == "llama":  # the last event: the whole response with empty content
+                        final = llamacpp.completion_response(done, model, warm_up, oa.binding_facts(note))
+                        yield _data(dict(final, content=""))
                     else:
                         yield _data(oa.completion_chunk(cid, model, "", oa.finish_reason(done.finish_reason)))
                         if req.include_usage:
-                            yield _data(oa.usage_chunk(cid, model, done.usage.to_dict(), "text_completion"))
-            if shape != "infill":
+                            yield _data(oa.usage_chunk(cid, model, oa.usage_of(done, note), "text_completion"))
+            if shape != "llama":
                 yield ServerSentEvent(data="[DONE]")
         finally:
             if not stream.done:

@@ -1,5 +1,6 @@
 """llama-server's own endpoints, in its shapes (tools/server/server-context.cpp): `/props`,
-`/tokenize`, `/detokenize`, `/apply-template`, `/infill`, and the `meta` block of `/v1/models`. Zed's llama.cpp
+`/tokenize`, `/detokenize`, `/apply-template`, `/completion`, `/infill`, and the `meta` block of
+`/v1/models`. Zed's llama.cpp
 provider reads `/props` for the window and the template's capabilities; llama.vscode counts tokens
 exactly with `/apply-template` + `/tokenize`. Vocabulary: llama-server's words here."""
 
@@ -13,6 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from kvside import __version__
+from kvside.engine import prompt
 from kvside.engine.sampling import SamplingParams
 from kvside.errors import InvalidRequest
 from kvside.server import openai_api as oa
@@ -129,6 +131,88 @@ def infill_extra(body: dict) -> list[dict]:
     return [{"filename": c.get("filename", ""), "text": c["text"]} for c in extra]
 
 
+def completion_args(body: Any) -> tuple[dict, Any, bool]:
+    """POST /completion: `prompt` as text, token ids, or both mixed; `n_predict` (-1: the default
+    limit), `cache_prompt`. Returns the request in /v1/completions' terms (checked there), the
+    prompt's tokens as a function of the core, and whether the cache may be reused."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # one prompt in a list
+    if isinstance(prompt, str):
+        parts = [prompt]
+    elif isinstance(prompt, list) and any(type(p) is int for p in prompt) and \
+            all(type(p) is int or isinstance(p, str) for p in prompt):  # (only strings: several prompts)
+        parts = prompt
+    else:
+        raise InvalidRequest("'prompt' must be a string, a list of token ids, or a list mixing both "
+                             "(one prompt per request)", param="prompt")
+    if not any(parts):
+        raise InvalidRequest("the prompt is empty", param="prompt")
+
+    def tokens(core) -> list[int]:
+        # as llama-server: special tokens written in the text are read as such, BOS first
+        out: list[int] = []
+        for part in parts:
+            if isinstance(part, str):
+                out += core.model.tokenize(part, add_special=not out, parse_special=True)
+            elif 0 <= part < core.model.n_vocab:
+                out.append(part)
+            else:
+                raise InvalidRequest(f"token id {part} is not one of the model's", param="prompt")
+        return out
+
+    translated = {k: v for k, v in body.items() if k not in ("prompt", "n_predict", "logprobs", "suffix")}
+    translated["prompt"] = "-"  # the tokens above are the prompt
+    n_predict = body.get("n_predict", -1)
+    if type(n_predict) is not int or n_predict < -1:
+        raise InvalidRequest("'n_predict' must be an integer, -1 for no limit of the request's own", param="n_predict")
+    if n_predict > 0:
+        translated.setdefault("max_tokens", n_predict)
+    elif n_predict == 0:  # a warm-up: read the prompt, answer nothing
+        translated["max_tokens"] = 1
+    cache_prompt = body.get("cache_prompt", True)
+    if not isinstance(cache_prompt, bool):
+        raise InvalidRequest("'cache_prompt' must be true or false", param="cache_prompt")
+    return translated, tokens, cache_prompt
+
+
+def stop_type(done) -> str:
+    return {"stop": "eos", "length": "limit", "tool_calls": "eos"}.get(done.finish_reason, "none")
+
+
+def timings(done) -> dict:
+    """llama-server's timings: what was read (cache_n reused, prompt_n computed) and generated."""
+    usage = done.usage
+    prompt_n = max(usage.prompt_tokens - usage.cached_tokens, 0)
+    prompt_ms = done.t_prefill_s * 1000
+    predicted_n = usage.completion_tokens
+    predicted_ms = max(done.t_total_s - done.t_prefill_s, 0.0) * 1000
+    return {"cache_n": usage.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": prompt_n / prompt_ms * 1000 if prompt_ms else 0.0,
+            "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+            "predicted_per_second": predicted_n / predicted_ms * 1000 if predicted_ms else 0.0}
+
+
+def completion_response(done, model: str, warm_up: bool = False, kvside: dict | None = None) -> dict:
+    """The final /completion (and /infill) object; `content` is empty in a stream's last event
+    and for a warm-up (n_predict 0)."""
+    text = "" if warm_up else done.text
+    usage = done.usage
+    out = {"index": 0, "content": text, "tokens": [], "id_slot": -1, "stop": True, "model": model,
+           "tokens_predicted": 0 if warm_up else usage.completion_tokens, "tokens_evaluated": usage.prompt_tokens,
+           "generation_settings": done.params, "has_new_line": "\n" in text, "truncated": False,
+           "stop_type": "limit" if warm_up else stop_type(done), "stopping_word": "",
+           "tokens_cached": usage.prompt_tokens + (0 if warm_up else usage.completion_tokens),
+           "timings": timings(done)}
+    if kvside:
+        out["kvside"] = kvside
+    return out
+
+
 class LlamaServerFront:
     """The handlers of llama-server's own endpoints, over the daemon's plumbing; /infill shares
     /v1/completions' text path."""
@@ -142,6 +226,8 @@ class LlamaServerFront:
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/apply-template", self.apply_template, methods=["POST"]),
+            Route("/completion", self.completion, methods=["POST"]),
+            Route("/completions", self.completion, methods=["POST"]),
             Route("/infill", self.infill, methods=["POST"]),
         ]
 
@@ -162,6 +248,14 @@ class LlamaServerFront:
         return JSONResponse(await asyncio.to_thread(self.d.engine.call,
                                                     lambda core: apply_template(core, messages, tools)))
 
+    async def completion(self, request: HTTPRequest):
+        body = await self.d._json(request)
+        translated, tokens, cache_prompt = completion_args(body)
+        req = oa.parse_completion(translated)
+        self.d._check_model(req.model)
+        return await self.d._text_request(request, req, "llama", tokens=tokens, reuse=cache_prompt,
+                                          warm_up=body.get("n_predict") == 0)
+
     async def infill(self, request: HTTPRequest):
         body = await self.d._json(request)
         if not isinstance(body, dict):
@@ -179,5 +273,7 @@ class LlamaServerFront:
                 translated["max_tokens"] = body["n_predict"]
         translated.pop("logprobs", None)
         req = oa.parse_completion(translated)
+        self.d._check_model(req.model)
         warm_up = body.get("n_predict") == 0
-        return await self.d._text_request(request, req, "infill", middle=middle, extra=extra, warm_up=warm_up)
+        return await self.d._text_request(request, req, "llama", tokens=lambda core: prompt.fim_tokens(
+            core, prefix, suffix, middle, extra), warm_up=warm_up, reuse=body.get("cache_prompt", True) is not False)

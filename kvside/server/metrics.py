@@ -7,7 +7,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-ROUTES = {"/health", "/v1/models", "/models", "/v1/chat/completions", "/v1/completions", "/infill", "/props",
+ROUTES = {"/health", "/v1/models", "/models", "/v1/chat/completions", "/v1/completions", "/infill", "/completion", "/completions",
+          "/v1/embeddings", "/api/embed", "/api/embeddings", "/props",
           "/tokenize", "/detokenize", "/apply-template", "/api/version", "/api/tags", "/api/ps", "/api/show",
           "/api/chat", "/api/generate", "/kvside/sessions", "/kvside/restore", "/metrics"}
 
@@ -78,6 +79,8 @@ class Metrics:
             self.edits.labels("auto-" + notice.get("kind", "roll"), str(notice.get("strategy", ""))).inc()
         if note and note.get("dropped_messages"):
             self.edits.labels("mask", "shift").inc()  # the client dropped messages: a suffix-cache edit
+        if note and note.get("moved_runs"):
+            self.edits.labels("text-move", "shift").inc()  # runs of a text prompt moved into place
 
     def edit(self, kind: str, report) -> None:
         strategy = report.get("strategy", "") if isinstance(report, dict) else ""

@@ -285,7 +285,7 @@ class OllamaFront:
             if spec.response_format is not None:
                 raise InvalidRequest("'format' needs a chat prompt (not raw or suffix)", param="format")
             post = lambda on_event: self.d.engine.bind_text(text=text, tokens=tokens, session=session,  # noqa: E731
-                                                          on_event=on_event, **params)
+                                                          on_event=on_event, reuse=self.d.reuse, **params)
         else:
             system = body.get("system")
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]

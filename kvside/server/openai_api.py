@@ -261,8 +261,14 @@ def usage_chunk(cid: str, model: str, usage: dict, obj: str = "chat.completion.c
     return {"id": cid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage}
 
 
-# what binding did to the cache for a request, as the `bound` note says it
-_BINDING_FACTS = ("reused_messages", "dropped_tokens", "edited_messages", "inserted_tokens", "removed_tokens")
+# what binding did to the cache for a request, as the `bound` note says it: chat (messages reused,
+# dropped, edited in place) and text prompts (prefix kept, runs moved, tokens decoded into holes)
+_BINDING_FACTS = ("reused_messages", "dropped_tokens", "edited_messages", "inserted_tokens", "removed_tokens",
+                  "prefix_tokens", "moved_tokens", "moved_runs")
+
+
+def binding_facts(note: dict | None) -> dict:
+    return {k: note[k] for k in _BINDING_FACTS if note and k in note}
 
 
 def usage_of(done, note: dict | None = None) -> dict:
@@ -270,7 +276,7 @@ def usage_of(done, note: dict | None = None) -> dict:
     client's history; rolled turns and pruned tool results) under a `kvside` key that clients
     which do not know it ignore."""
     usage = done.usage.to_dict()
-    extra = {k: note[k] for k in _BINDING_FACTS if note and k in note}
+    extra = binding_facts(note)
     if done.notices:
         extra["edits"] = [{k: v for k, v in n.items() if k in ("kind", "strategy", "message", "dropped", "masked",
                                                                "pruned_messages")} for n in done.notices]

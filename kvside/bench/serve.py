@@ -55,7 +55,8 @@ def _wait(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise RuntimeError("server did not become healthy")
 
 
-def _start(kind: str, model: Path, n_ctx: int, threads: int, home: str, sessions: int = 1) -> tuple[subprocess.Popen, str]:
+def _start(kind: str, model: Path, n_ctx: int, threads: int, home: str, sessions: int = 1,
+           extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     port = _port()
     if kind == "llama-server":
         # -c is shared by the slots: n_ctx for each of them, as each kvside session has
@@ -66,6 +67,7 @@ def _start(kind: str, model: Path, n_ctx: int, threads: int, home: str, sessions
                "--port", str(port), "--threads", str(threads), "--max-sessions", str(sessions)]
         if kind == "kvside-noreuse":
             cmd.append("--no-reuse")
+    cmd += list(extra)
     env = dict(os.environ, KVSIDE_HOME=home)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"

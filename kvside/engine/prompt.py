@@ -85,11 +85,20 @@ def has_fim(core) -> bool:
     return min(lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab)) >= 0
 
 
-def fim_tokens(core, prefix: str, suffix: str, middle: str = "", extra: list[dict] = ()) -> list[int]:
-    """prefix/suffix/middle special tokens around the texts, as llama-server's /infill lays them
-    out: context chunks from other files first (each after the model's file-separator token, when it
-    has one), then prefix, suffix, and the start of the middle (text already typed on the line).
-    Models without FIM tokens say so."""
+FIM_BATCH = 2048  # llama-server's default n_batch, which sizes its /infill prompt
+
+
+def fim_tokens(core, prefix: str, suffix: str, middle: str = "", extra: list[dict] = (), n_predict: int = 0) -> list[int]:
+    """A fill-in-the-middle prompt laid out as llama-server's /infill lays it out (tools/server,
+    format_prompt_infill: the repository-level pattern), so an editor gets the same prompt from
+    either server: context chunks from other files first (each after the file-separator token and
+    its name), then prefix and the text already typed on the line, suffix, and the middle token:
+
+        [REP]myproject\n [SEP]name\n chunk ... [SEP]filename\n [PRE]prefix+typed [SUF]suffix [MID]
+
+    Cut as llama-server cuts it: the last 3/4 of a batch of the prefix, the first quarter (less the
+    typed text) of the suffix, the last of the chunks that fit beside them. Models without FIM
+    tokens say so."""
     vocab = core.model.vocab
     ids = [lib.llama_vocab_fim_pre(vocab), lib.llama_vocab_fim_suf(vocab), lib.llama_vocab_fim_mid(vocab)]
     if min(ids) < 0:
@@ -98,15 +107,20 @@ def fim_tokens(core, prefix: str, suffix: str, middle: str = "", extra: list[dic
     pre, suf, mid = ids
     rep, sep = lib.llama_vocab_fim_rep(vocab), lib.llama_vocab_fim_sep(vocab)
     text = lambda t: core.model.tokenize(t, add_special=False, parse_special=False)  # noqa: E731
-    head = [core.model.bos] if core.model.add_bos else []
+    typed = core.model.tokenize(middle, add_special=False, parse_special=True) if middle else []
     context: list[int] = []
     if extra:
         if rep >= 0:
             context += [rep] + text("myproject\n")
         for chunk in extra:
-            if sep >= 0:
-                context += [sep] + text(chunk["filename"] + "\n")
-            else:
-                context += text(f"--- {chunk['filename']} ---\n")
+            context += [sep] + text((chunk["filename"] or "tmp") + "\n") if sep >= 0 else text("\n\n--- snippet ---\n\n")
             context += text(chunk["text"])
-    return head + context + [pre] + text(prefix) + [suf] + text(suffix) + [mid] + (text(middle) if middle else [])
+        if sep >= 0:
+            context += [sep] + text("filename\n")
+    batch = min(FIM_BATCH, core.n_ctx // 2)
+    head = text(prefix)
+    head = head[max(0, len(head) - 3 * (batch // 4)):]
+    tail = text(suffix)[:max(0, batch // 4 - (2 + len(typed)))]
+    context = context[max(0, len(context) - max(0, core.n_ctx - batch - 2 * n_predict)):]
+    bos = [core.model.bos] if core.model.add_bos else []
+    return context + bos + [pre] + head + typed + [suf] + tail + [mid]

@@ -275,5 +275,7 @@ class LlamaServerFront:
         req = oa.parse_completion(translated)
         self.d._check_model(req.model)
         warm_up = body.get("n_predict") == 0
+        n_predict = req.params.get("max_tokens", 0)
         return await self.d._text_request(request, req, "llama", tokens=lambda core: prompt.fim_tokens(
-            core, prefix, suffix, middle, extra), warm_up=warm_up, reuse=body.get("cache_prompt", True) is not False)
+            core, prefix, suffix, middle, extra, n_predict), warm_up=warm_up,
+            reuse=body.get("cache_prompt", True) is not False)

@@ -73,7 +73,7 @@ def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False
         model=ns.model, n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads,
         n_gpu_layers=ns.n_gpu_layers, persist=persist, sessions_dir=getattr(ns, "sessions_dir", None),
         exact=bool(getattr(ns, "exact", False)), prune_tools=getattr(ns, "prune_tools", None),
-        reuse_chunk=getattr(ns, "reuse_chunk", 64),
+        reuse_chunk=getattr(ns, "reuse_chunk", 64), reuse_repair=getattr(ns, "reuse_repair", 0), embedding_model=getattr(ns, "embedding_model", None),
     ).start()
 
 
@@ -318,8 +318,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         print("kvside: warning: listening beyond loopback without --api-key (see docs/security.md)", file=sys.stderr)
     if ns.max_upload < 1:
         raise KvsideError_usage("--max-upload must be at least 1 MB")
-    if ns.reuse_chunk < 0:
-        raise KvsideError_usage("--reuse-chunk must be 0 or more tokens")
+    if ns.reuse_chunk < 0 or ns.reuse_repair < 0:
+        raise KvsideError_usage("--reuse-chunk and --reuse-repair must be 0 or more tokens")
     engine = _engine(ns, max_sessions=ns.max_sessions, persist=True)
     watcher = None
     try:
@@ -568,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", dest="sessions_dir", default=None, help="folder for saved sessions")
     p.add_argument("--max-sessions", type=int, default=4, help="sessions resident in the cache")
     p.add_argument("--no-reuse", action="store_true", help="a fresh session per request (for comparison)")
+    p.add_argument("--embedding-model", default=None, metavar="GGUF",
+                   help="an embedding model (name or path) for /v1/embeddings and /api/embed; without it the chat "
+                        "model's hidden states are mean-pooled")
+    p.add_argument("--reuse-repair", type=int, default=0, metavar="R",
+                   help="text prompts: the first R tokens of each moved run are computed again after their new "
+                        "context (fidelity for R tokens per run)")
     p.add_argument("--reuse-chunk", type=int, default=64, metavar="N",
                    help="text prompts (autocomplete, /completion): runs of at least N tokens found again after a "
                         "change are moved into place instead of read again; 0 keeps the common prefix only")

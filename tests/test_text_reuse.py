@@ -172,3 +172,21 @@ def test_a_prompt_over_the_window_is_refused_before_any_cache_changes(engine):
     with pytest.raises(InvalidRequest, match="window"):
         complete(engine, [bos] + c[1] * 11)
     assert engine.ledger(note["session"]).tok == held
+
+
+def test_repair_computes_each_moved_runs_first_tokens_again(engine):
+    bos, c = chunks(engine)
+    engine.call(lambda core: setattr(core.config, "reuse_repair", 8))
+    try:
+        note, _ = complete(engine, [bos] + c[2] + c[3] + c[5] + c[0][:20])
+        second = [bos] + c[2] + c[1][:30] + c[5] + c[0][:20]
+        note, done = complete(engine, second)
+        assert note["moved_runs"] == 1 and note["recomputed_tokens"] == 8
+        assert done.usage.cached_tokens == note["prefix_tokens"] + note["moved_tokens"] - 8
+        engine.check(note["session"])
+        ledger = engine.ledger(note["session"])
+        assert ledger.tok == second
+        start = 1 + 100 + 30
+        assert ledger.state[start:start + 8] == ["recomputed"] * 8 and ledger.state[start + 8] == "live"
+    finally:
+        engine.call(lambda core: setattr(core.config, "reuse_repair", 0))

@@ -316,7 +316,7 @@ def bind_text(core, params: dict, stream, *, text: str | None = None, tokens=Non
             if plan.runs[-1][2] == 0:
                 plan.runs.pop()
         msg_id = s.next_message_id()
-        report = textreuse.apply(core, s, prompt, plan, msg_id)
+        report = textreuse.apply(core, s, prompt, plan, msg_id, repair=core.config.reuse_repair)
         tail = report.pop("tail")
         kept = set(s.ledger.msg)
         s.messages = [m for m in s.messages if m.id in kept]
@@ -326,7 +326,7 @@ def bind_text(core, params: dict, stream, *, text: str | None = None, tokens=Non
         stream.session = s.name
         stream.put(Event("bound", data=note))
         core.start_tokens(s.name, tail, sampling, stream, reply)
-        core.scheduler.discount_cached(s, report["inserted_tokens"])
+        core.scheduler.discount_cached(s, report["inserted_tokens"] + report["recomputed_tokens"])
     except BaseException:
         core.delete_session(s.name)  # a cache half-edited is worth nothing: the next prompt starts anew
         raise

@@ -21,6 +21,7 @@ from kvside._llama import backend, lib, recent_log
 from kvside.engine import native, persist, prompt
 from kvside.engine.batch import Batch
 from kvside.engine.decode import decode_error
+from kvside.engine.embed import Embedder, normalized
 from kvside.engine.jobs import JOB_CHUNK, JobRunner
 from kvside.engine.memory import Memory
 from kvside.engine.model import Model
@@ -60,6 +61,10 @@ class EngineConfig:
     # tokens that the cache also holds are moved into place instead of read again (0: the common
     # prefix only)
     reuse_chunk: int = 64
+    reuse_repair: int = 0  # of each moved run, the first tokens computed again after its new context
+    # embeddings: an embedding GGUF (name or path) run in its own context; None: the chat model's
+    # hidden states, mean-pooled (a context made on the first request)
+    embedding_model: str | None = None
     sessions_dir: str | None = None  # where idle sessions go (default: $KVSIDE_HOME/sessions)
     persist: bool = False  # save resident sessions on close, know saved ones on start
     flash_attn: bool | None = None  # None: llama.cpp decides; False for bit-exact references and restores
@@ -126,6 +131,16 @@ class Core:
         self.jobs = JobRunner(self)
         self._spent = {"gens": 0.0, "jobs": 0.0}  # engine time each side used while both had work
         self._counter = 0
+        self._embedder: Embedder | None = None
+        if config.embedding_model:  # loaded now: a bad file is an error at start, not at the first request
+            try:
+                self._embedder = Embedder(self.model, resolve(config.embedding_model).path, self.n_ctx,
+                                          self.n_threads, n_gpu_layers)
+            except BaseException:
+                self.batch.close()
+                lib.llama_free(self.ctx)
+                self.model.close()
+                raise
         if config.persist:
             persist.scan(self)
 
@@ -191,6 +206,9 @@ class Core:
                     failures.append(f"session {s.name} was not saved: {exc.message}")
                     log.error("session %s was not saved: %s", s.name, exc.message)
         self.close_failures = failures
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         self.batch.close()
         if self.ctx:
             lib.llama_free(self.ctx)
@@ -300,6 +318,21 @@ class Core:
 
     def clear_pending(self, s: Session) -> None:
         s.pending, s.pending_msg, s.closing = [], -1, ""
+
+    # -- embeddings -----------------------------------------------------------------------------
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder(self.model, None, self.n_ctx, self.n_threads)
+        return self._embedder
+
+    def embed(self, inputs: list, truncate: bool = True, normalize: bool = True) -> tuple[list[np.ndarray], int]:
+        """Vectors of texts or token lists, and the tokens read. Every input is checked before
+        any is run."""
+        e = self.embedder
+        token_lists = [e.fit(e.tokenize(x) if isinstance(x, str) else list(x), truncate) for x in inputs]
+        vectors = [e.embed(t) for t in token_lists]
+        return [normalized(v) if normalize else v for v in vectors], sum(len(t) for t in token_lists)
 
     # -- synchronous decoding (edits, probes, system prompts) -----------------------------------
     def decode_now(self, seq: int, tokens: list[int], start: int, logits: str = "last") -> np.ndarray | None:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvside.engine.edits import _decode_into_hole
+from kvside.engine.ledger import RECOMPUTED
 from kvside.engine.session import Session
 
 ANCHOR = 8  # tokens that index a candidate run; runs are extended from there
@@ -78,11 +79,13 @@ def contiguous(s: Session) -> bool:
     return not pos or pos[-1] == len(pos) - 1
 
 
-def apply(core, s: Session, prompt: list[int], p: Plan, msg_id: int) -> dict:
+def apply(core, s: Session, prompt: list[int], p: Plan, msg_id: int, repair: int = 0) -> dict:
     """Edit s's cells so they hold prompt[:end of the last run] at positions 0..: cells outside the
-    runs go, runs move to their places, the gaps between runs are decoded into their holes. Returns
-    what was done, with `tail`: the prompt tokens still to read. Moving runs needs a session
-    without gaps and a cache that can shift; otherwise only the prefix is kept."""
+    runs go, runs move to their places, the gaps between runs are decoded into their holes, and the
+    first `repair` tokens of each moved run are computed again after their new context (the cells
+    that later tokens of the run attend to most, as a chunk's first tokens are: CacheBlend's and
+    EPIC's finding). Returns what was done, with `tail`: the prompt tokens still to read. Moving
+    runs needs a session without gaps and a cache that can shift; otherwise only the prefix is kept."""
     t0 = time.perf_counter()
     led = s.ledger
     runs = p.runs
@@ -108,15 +111,22 @@ def apply(core, s: Session, prompt: list[int], p: Plan, msg_id: int) -> dict:
     for i, n, delta in [m for m in shifts if m[2] < 0] + [m for m in reversed(shifts) if m[2] > 0]:
         core.mem.add(s.seq, i, i + n, delta)
         led.shift(i, i + n, delta)
-    # the gaps between runs, decoded in order so each attends to the one before it
-    inserted, end = 0, 0
-    for _, j, n in runs:
+    # the gaps between runs, decoded in order so each attends to what precedes it, each moved run's
+    # first tokens computed again after its gap
+    inserted, repaired, end = 0, 0, 0
+    for r, (_, j, n) in enumerate(runs):
         if j > end:
             _decode_into_hole(core, s, prompt[end:j], end)
             led.insert(end, prompt[end:j], msg_id)
             inserted += j - end
+        if repair and (r or not p.prefix):
+            k = min(repair, n)
+            core.mem.rm(s.seq, j, j + k)
+            _decode_into_hole(core, s, prompt[j:j + k], j)
+            led.mark(j, j + k, RECOMPUTED)
+            repaired += k
         end = j + n
     moved_tokens = sum(n for _, _, n in moved)
-    return {"cached_tokens": p.prefix + moved_tokens, "prefix_tokens": p.prefix, "moved_tokens": moved_tokens,
-            "moved_runs": len(moved), "inserted_tokens": inserted, "t_edit_s": time.perf_counter() - t0,
-            "tail": prompt[end:]}
+    return {"cached_tokens": p.prefix + moved_tokens - repaired, "prefix_tokens": p.prefix,
+            "moved_tokens": moved_tokens, "moved_runs": len(moved), "inserted_tokens": inserted,
+            "recomputed_tokens": repaired, "t_edit_s": time.perf_counter() - t0, "tail": prompt[end:]}

@@ -63,6 +63,9 @@ class Daemon:
         self.engine = engine
         info = self.info = engine.info()
         self.template = engine.call(llamacpp.template_facts)
+        # the embedding model given with --embedding-model, if any (else the chat model embeds)
+        self.embedding = engine.call(lambda core: core._embedder.describe() if core._embedder else None)
+        self.embedding_aliases = {self.embedding["model"], self.embedding["model"] + ".gguf"} if self.embedding else set()
         self.model_name = info["model_name"]
         self.model_aliases = {self.model_name, "default", os.path.basename(info["model"]["path"])}
         self.max_body = max_body
@@ -81,6 +84,8 @@ class Daemon:
             Route("/models", self.models, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/embeddings", self.embeddings, methods=["POST"]),
             *llamacpp.LlamaServerFront(self).routes(),
             *ollama.OllamaFront(self).routes(),
             Route("/kvside/sessions", self.list_sessions, methods=["GET"]),
@@ -135,6 +140,25 @@ class Daemon:
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_aliases:
             raise ModelNotFound(f"model {model!r} is not served here (this daemon serves {self.model_name!r})", param="model")
+
+    def embedding_model(self, model: str | None) -> str:
+        """The name an embeddings request is answered under: the embedding model's, or the chat
+        model's when the daemon has none."""
+        if model is not None and model.endswith(":latest"):
+            model = model[: -len(":latest")]
+        if model is not None and model not in self.embedding_aliases and model not in self.model_aliases:
+            served = [self.embedding["model"]] if self.embedding else []
+            raise ModelNotFound(f"model {model!r} is not served here (embeddings: {', '.join(served + [self.model_name])})",
+                                param="model")
+        return self.embedding["model"] if self.embedding else self.model_name
+
+    async def embed(self, inputs: list, truncate: bool, normalize: bool) -> tuple[list, int]:
+        """Vectors of `inputs`, computed on the engine thread (between generation steps)."""
+        self._admit()
+        try:
+            return await asyncio.to_thread(self.engine.call, lambda core: core.embed(inputs, truncate, normalize))
+        finally:
+            self._done()
 
     def _admit(self) -> None:
         if self.active >= self.max_active:
@@ -233,9 +257,13 @@ class Daemon:
         return Response(body, media_type=content_type)
 
     async def models(self, request: HTTPRequest) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvside",
-             "meta": llamacpp.model_meta(self.info)}]})
+        data = [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvside",
+                 "meta": llamacpp.model_meta(self.info)}]
+        if self.embedding:
+            data.append({"id": self.embedding["model"], "object": "model", "created": 0, "owned_by": "kvside",
+                         "meta": {"n_embd": self.embedding["n_embd"], "n_ctx": self.embedding["n_ctx"],
+                                  "pooling": self.embedding["pooling"]}})
+        return JSONResponse({"object": "list", "data": data})
 
     async def chat_completions(self, request: HTTPRequest):
         req = oa.parse_chat(await self._json(request))
@@ -280,6 +308,15 @@ class Daemon:
             if not stream.done:
                 stream.cancel()  # the client went away
             self._done()
+
+    async def embeddings(self, request: HTTPRequest) -> JSONResponse:
+        inputs, fmt, dims, model = oa.parse_embeddings(await self._json(request))
+        name = self.embedding_model(model)
+        n_embd = self.embedding["n_embd"] if self.embedding else self.info["model"]["n_embd"]
+        if dims is not None and dims != n_embd:
+            raise InvalidRequest(f"this model's embeddings have {n_embd} dimensions", param="dimensions")
+        vectors, n_tokens = await self.embed(inputs, truncate=False, normalize=True)
+        return JSONResponse(oa.embeddings_response(vectors, fmt, name, n_tokens))
 
     async def completions(self, request: HTTPRequest):
         req = oa.parse_completion(await self._json(request))

@@ -232,7 +232,13 @@ class LlamaServerFront:
         ]
 
     async def props(self, request: HTTPRequest) -> JSONResponse:
-        return JSONResponse(props(self.d.info, self.d.template, vars(SamplingParams())))
+        out = props(self.d.info, self.d.template, vars(SamplingParams()))
+        out["embeddings"] = self.d.embedding or {
+            "model": "the chat model", "pooling": "mean", "n_embd": self.d.info["model"]["n_embd"],
+            "trained_for_embeddings": False,
+            "note": "no --embedding-model: /v1/embeddings mean-pools the chat model's hidden states, fine for "
+                    "similarity within this model, not a retrieval embedding"}
+        return JSONResponse(out)
 
     async def tokenize(self, request: HTTPRequest) -> JSONResponse:
         args = tokenize_args(await self.d._json(request))

@@ -225,6 +225,8 @@ class OllamaFront:
             Route("/api/show", self.show, methods=["POST"]),
             Route("/api/chat", self.chat, methods=["POST"]),
             Route("/api/generate", self.generate, methods=["POST"]),
+            Route("/api/embed", self.embed, methods=["POST"]),
+            Route("/api/embeddings", self.embeddings, methods=["POST"]),
         ]
 
     def model(self, body) -> str:
@@ -235,11 +237,46 @@ class OllamaFront:
             self.d._check_model(name[: -len(":latest")] if name.endswith(":latest") else name)
         return name or self.d.model_name
 
+    async def embed(self, request: HTTPRequest) -> JSONResponse:
+        """POST /api/embed {model, input: str | [str], truncate=true}: unit vectors."""
+        body = await self.d._json(request)
+        if not isinstance(body, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        value = body.get("input")
+        inputs = [value] if isinstance(value, str) else value
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
+            raise InvalidRequest("'input' must be a string or a list of strings, none empty", param="input")
+        truncate = body.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise InvalidRequest("'truncate' must be true or false", param="truncate")
+        name = self.d.embedding_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        t0 = time.perf_counter()
+        vectors, n_tokens = await self.d.embed(inputs, truncate=truncate, normalize=True)
+        return JSONResponse({"model": name, "embeddings": [[float(x) for x in v] for v in vectors],
+                             "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
+                             "prompt_eval_count": n_tokens})
+
+    async def embeddings(self, request: HTTPRequest) -> JSONResponse:
+        """POST /api/embeddings {model, prompt}: Ollama's older endpoint, one vector, not normalized."""
+        body = await self.d._json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"]:
+            raise InvalidRequest("'prompt' must be a non-empty string", param="prompt")
+        self.d.embedding_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        vectors, _ = await self.d.embed([body["prompt"]], truncate=True, normalize=False)
+        return JSONResponse({"embedding": [float(x) for x in vectors[0]]})
+
     async def version(self, request: HTTPRequest) -> JSONResponse:
         return JSONResponse(version())
 
     async def tags(self, request: HTTPRequest) -> JSONResponse:
-        return JSONResponse(tags(self.d.info, [f"{self.d.model_name}:latest"]))
+        out = tags(self.d.info, [f"{self.d.model_name}:latest"])
+        if self.d.embedding:  # Ollama lists embedding models beside chat models
+            out["models"].append({"name": f"{self.d.embedding['model']}:latest",
+                                  "model": f"{self.d.embedding['model']}:latest", "modified_at": now(), "size": 0,
+                                  "digest": "", "details": {"format": "gguf", "family": "embedding",
+                                                            "families": ["embedding"], "parameter_size": "",
+                                                            "quantization_level": ""}})
+        return JSONResponse(out)
 
     async def ps(self, request: HTTPRequest) -> JSONResponse:
         return JSONResponse(ps(self.d.info, f"{self.d.model_name}:latest"))

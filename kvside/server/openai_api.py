@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvside.engine.reply import ReplySpec, check_choice
 from kvside.engine.toolcalls import check_tools
@@ -264,7 +265,7 @@ def usage_chunk(cid: str, model: str, usage: dict, obj: str = "chat.completion.c
 # what binding did to the cache for a request, as the `bound` note says it: chat (messages reused,
 # dropped, edited in place) and text prompts (prefix kept, runs moved, tokens decoded into holes)
 _BINDING_FACTS = ("reused_messages", "dropped_tokens", "edited_messages", "inserted_tokens", "removed_tokens",
-                  "prefix_tokens", "moved_tokens", "moved_runs")
+                  "prefix_tokens", "moved_tokens", "moved_runs", "recomputed_tokens")
 
 
 def binding_facts(note: dict | None) -> dict:
@@ -321,3 +322,53 @@ def finish_reason(reason: str) -> str:
     if reason == "tool_calls":
         return "tool_calls"
     return "stop" if reason in ("stop", "cancelled") else "length"
+
+
+# -- embeddings -------------------------------------------------------------------------------------
+MAX_INPUTS = 2048  # as OpenAI's endpoint
+
+
+def parse_embeddings(body: Any) -> tuple[list, str, int | None, str | None]:
+    """POST /v1/embeddings: `input` as a string, strings, token ids or lists of token ids; returns
+    (inputs, encoding_format, dimensions, model)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    value = body.get("input")
+    if isinstance(value, str):
+        inputs: list = [value]
+    elif isinstance(value, list) and value and all(type(t) is int for t in value):
+        inputs = [value]
+    elif isinstance(value, list) and value and all(
+            isinstance(x, str) or (isinstance(x, list) and x and all(type(t) is int for t in x)) for x in value):
+        inputs = value
+    else:
+        raise InvalidRequest("'input' must be a string, a list of strings, a list of token ids or a list of "
+                             "such lists, not empty", param="input")
+    if len(inputs) > MAX_INPUTS:
+        raise InvalidRequest(f"at most {MAX_INPUTS} inputs per request", param="input")
+    if any(isinstance(x, str) and not x for x in inputs):
+        raise InvalidRequest("an input is an empty string", param="input")
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    dims = body.get("dimensions")
+    if dims is not None and (type(dims) is not int or dims < 1):
+        raise InvalidRequest("'dimensions' must be a positive integer", param="dimensions")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string", param="model")
+    return inputs, fmt, dims, model
+
+
+def embeddings_response(vectors: list, fmt: str, model: str, n_tokens: int) -> dict:
+    import base64
+
+    import numpy as np
+
+    def encode(v):
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if fmt == "base64" else \
+            [float(x) for x in v]
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}

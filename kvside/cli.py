@@ -73,7 +73,7 @@ def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False
         model=ns.model, n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads,
         n_gpu_layers=ns.n_gpu_layers, persist=persist, sessions_dir=getattr(ns, "sessions_dir", None),
         exact=bool(getattr(ns, "exact", False)), prune_tools=getattr(ns, "prune_tools", None),
-        reuse_chunk=getattr(ns, "reuse_chunk", 64), reuse_repair=getattr(ns, "reuse_repair", 0), embedding_model=getattr(ns, "embedding_model", None),
+        reuse_chunk=getattr(ns, "reuse_chunk", 64), reuse_repair=getattr(ns, "reuse_repair", 16), embedding_model=getattr(ns, "embedding_model", None),
     ).start()
 
 
@@ -571,9 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-model", default=None, metavar="GGUF",
                    help="an embedding model (name or path) for /v1/embeddings and /api/embed; without it the chat "
                         "model's hidden states are mean-pooled")
-    p.add_argument("--reuse-repair", type=int, default=0, metavar="R",
+    p.add_argument("--reuse-repair", type=int, default=16, metavar="R",
                    help="text prompts: the first R tokens of each moved run are computed again after their new "
-                        "context (fidelity for R tokens per run)")
+                        "context (fidelity for R tokens per run; 0: none)")
     p.add_argument("--reuse-chunk", type=int, default=64, metavar="N",
                    help="text prompts (autocomplete, /completion): runs of at least N tokens found again after a "
                         "change are moved into place instead of read again; 0 keeps the common prefix only")

@@ -126,6 +126,35 @@ def test_infill_keeps_the_context_chunks_when_they_rotate(qwen_url):
     facts = rotated["kvside"]
     chunk = rotated["tokens_evaluated"] // 4  # about one chunk's worth
     assert facts["moved_runs"] >= 1 and facts["moved_tokens"] >= chunk
-    assert rotated["timings"]["cache_n"] == facts["prefix_tokens"] + facts["moved_tokens"]
+    assert facts["recomputed_tokens"] == 16 * facts["moved_runs"]  # the default repair
+    assert rotated["timings"]["cache_n"] == facts["prefix_tokens"] + facts["moved_tokens"] - facts["recomputed_tokens"]
     assert rotated["timings"]["prompt_n"] < rotated["tokens_evaluated"] // 2
     assert isinstance(rotated["content"], str)
+
+
+def test_infill_prompt_is_laid_out_as_llama_servers(qwen_url):
+    """[REP]myproject\\n [SEP]name\\n chunk [SEP]filename\\n [PRE]prefix typed [SUF]suffix [MID], each
+    text tokenized on its own as llama-server's format_prompt_infill does: the token count says so."""
+    import httpx
+
+    def count(text):
+        return len(httpx.post(qwen_url + "/tokenize", json={"content": text, "parse_special": False}).json()["tokens"])
+
+    chunk = {"filename": "util.py", "text": "def double(x):\n    return 2 * x\n"}
+    prefix, typed, suffix = "import util\n\n\ndef main():\n", "    y = util.", "\n    return y\n"
+    r = httpx.post(qwen_url + "/infill", json={"input_extra": [chunk], "input_prefix": prefix, "prompt": typed,
+                                               "input_suffix": suffix, "n_predict": 0}, timeout=120).json()
+    specials = 6  # repo name, two file separators, prefix, suffix, middle
+    expected = (specials + count("myproject\n") + count("util.py\n") + count(chunk["text"]) + count("filename\n")
+                + count(prefix) + count(typed) + count(suffix))
+    assert r["tokens_evaluated"] == expected
+
+
+def test_ollama_generate_with_suffix_fills_the_middle(qwen_url):
+    import ollama
+
+    client = ollama.Client(host=qwen_url)
+    r = client.generate(model="qwen2.5-coder-0.5b", prompt="def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))\n",
+                        options={"temperature": 0, "num_predict": 12})
+    assert "a + b" in r.response or "return" in r.response
+    assert r.done and r.prompt_eval_count > 10

@@ -101,3 +101,15 @@ def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, client)
     assert late["cached_tokens"] > 0.5 * late["prompt_tokens"], rows
     if client == "cline":
         assert any(r["dropped_exchanges"] for r in rows)
+
+
+def test_continue_llamacpp_provider_streams_completion(daemon_url):
+    """Continue's llama.cpp provider: POST /completion streamed, reading `content` from each event;
+    the chat markup in its client-rendered prompt is read as special tokens, as llama-server does."""
+    body = load("continue_llamacpp_completion", "default")
+    r = httpx.post(daemon_url + "/completion", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    text = "".join(e.get("content") or "" for e in events)
+    assert events[-1]["stop"] is True and text.strip() and "<|im_end|>" not in text
+    assert events[-1]["tokens_evaluated"] < 40  # special tokens, not their spelled-out text

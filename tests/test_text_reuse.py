@@ -39,7 +39,7 @@ def test_plan_takes_the_longest_run_among_repeated_anchors():
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    with Engine(n_ctx=1024, max_sessions=3, n_threads=2, exact=True,
+    with Engine(n_ctx=1024, max_sessions=3, n_threads=2, exact=True, reuse_repair=0,
                 sessions_dir=str(tmp_path_factory.mktemp("sessions"))) as e:
         yield e
 

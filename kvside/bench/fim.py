@@ -80,6 +80,17 @@ def replay(base: str, bodies: list[dict]) -> list[dict]:
     return rows
 
 
+def _commit() -> str | None:
+    """The commit whose engine source the trace is made of (the trace changes with the code)."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("+changes" if dirty else "")) or None
+
+
 def _p(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -90,14 +101,15 @@ def run(model: str | None, n_ctx: int, requests: int, threads: int, ring_chunks:
     path = resolve(model).path
     bodies = trace(requests, ring_chunks, chunk_lines, rotate_every, jump_every)
     # kvside-reread: every request read whole (the reference the others' completions are held to)
-    configs = {"kvside": [], f"kvside-repair-{REPAIR}": ["--reuse-repair", str(REPAIR)],
+    # (flags given explicitly, so a run's names say what ran whatever the defaults are)
+    configs = {"kvside-repair-0": ["--reuse-repair", "0"], f"kvside-repair-{REPAIR}": ["--reuse-repair", str(REPAIR)],
                "kvside-prefix-only": ["--reuse-chunk", "0"], "kvside-reread": ["--no-reuse"]}
     if PEER.exists():
         configs["llama-server"] = []
     result: dict = {"model": path.name, "n_ctx": n_ctx, "threads": threads, "requests": requests,
                     "trace": {"ring_chunks": ring_chunks, "chunk_lines": chunk_lines, "rotate_every": rotate_every,
                               "jump_every": jump_every, "prefix_lines": PREFIX_LINES, "suffix_lines": SUFFIX_LINES,
-                              "repository": "kvside/engine"},
+                              "repository": "kvside/engine", "repository_commit": _commit()},
                     "runs": {}}
     if not PEER.exists():
         result["notice"] = "llama-server not built (make peer): skipped"

@@ -61,7 +61,9 @@ class EngineConfig:
     # tokens that the cache also holds are moved into place instead of read again (0: the common
     # prefix only)
     reuse_chunk: int = 64
-    reuse_repair: int = 0  # of each moved run, the first tokens computed again after its new context
+    # of each moved run, the first tokens computed again after its new context (measured on
+    # llama.vscode's trace: `kvside bench fim`, docs/benchmarks.md)
+    reuse_repair: int = 16
     # embeddings: an embedding GGUF (name or path) run in its own context; None: the chat model's
     # hidden states, mean-pooled (a context made on the first request)
     embedding_model: str | None = None

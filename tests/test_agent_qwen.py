@@ -158,3 +158,15 @@ def test_ollama_generate_with_suffix_fills_the_middle(qwen_url):
                         options={"temperature": 0, "num_predict": 12})
     assert "a + b" in r.response or "return" in r.response
     assert r.done and r.prompt_eval_count > 10
+
+
+def test_infill_stops_at_a_dedent_with_n_indent(qwen_url):
+    import httpx
+
+    body = {"input_prefix": "def area(w, h):\n", "prompt": "    ", "input_suffix": "\n\n\nprint(area(2, 3))\n",
+            "n_predict": 48, "temperature": 0, "n_indent": 4}
+    r = httpx.post(qwen_url + "/infill", json=body, timeout=120).json()
+    for line in r["content"].split("\n")[1:]:
+        assert not line.strip() or line.startswith("    "), r["content"]
+    bad = httpx.post(qwen_url + "/infill", json=dict(body, n_indent=-1), timeout=30)
+    assert bad.status_code == 400 and "n_indent" in bad.json()["error"]["message"]

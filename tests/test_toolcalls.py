@@ -172,3 +172,15 @@ def test_bad_tools_are_refused_clearly(tools, why):
 
     with pytest.raises(InvalidRequest, match=why):
         toolcalls.check_tools(tools)
+
+
+def test_indent_cut_follows_llama_servers_n_indent_rule():
+    from kvside.engine.scheduler import indent_cut
+
+    assert indent_cut("x + 1", 4) is None  # the first line is the cursor's: never cut
+    assert indent_cut("x + 1\n    return y", 4) is None
+    assert indent_cut("x + 1\n    return y\ndef g():", 4) == len("x + 1\n    return y\n")
+    assert indent_cut("x + 1\n  y", 4) == len("x + 1\n  ")  # the indentation stays, the line goes
+    assert indent_cut("x + 1\n\t\t\t\tz\n", 4) is None
+    assert indent_cut("x + 1\n   ", 4) is None  # nothing after the indentation yet
+    assert indent_cut("x\n\n", 1) == 2  # an empty line counts as indented by 0, as in llama-server

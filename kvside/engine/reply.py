@@ -28,6 +28,10 @@ class ReplySpec:
     response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
     logprobs: bool = False
     top_logprobs: int = 0
+    # autocomplete's stopping rules, as llama-server's /infill has them: end at a line (after the
+    # first) indented less than n_indent; end once a newline is written and t_max_predict_ms passed
+    n_indent: int = 0
+    t_max_predict_ms: int = 0
 
     @property
     def calls_allowed(self) -> bool:

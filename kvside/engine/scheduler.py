@@ -243,12 +243,18 @@ class Scheduler:
         special = g.reader is not None and g.reader.fmt is not None
         text = g.decoder.decode(self.core.model.piece(token, special=special))
         emit, hit = g.stops.feed(text)
+        cut = indent_cut("".join(g.text) + emit, g.spec.n_indent) if emit and g.spec and g.spec.n_indent else None
+        if cut is not None:
+            emit = emit[:max(0, cut - sum(map(len, g.text)))]
         if emit:
             g.text.append(emit)
             self._emit(g, emit)
         if hit:
             return self._finish(g, "stop", stop_hit=True)
-        if len(g.tokens) >= g.params.max_tokens:
+        if cut is not None or len(g.tokens) >= g.params.max_tokens:
+            return self._finish(g, "length")
+        if g.spec and g.spec.t_max_predict_ms and g.t_first and any("\n" in t for t in g.text) and \
+                time.perf_counter() - g.t_first > g.spec.t_max_predict_ms / 1000:
             return self._finish(g, "length")
         if g.session.ledger.next_pos + 1 >= self.core.n_ctx:
             protect = set(range(g.rollback_first_msg, g.reply_id + 1))
@@ -432,3 +438,17 @@ def _runs(tokens: list[int], msgs: list[int]):
         if i == len(tokens) or msgs[i] != msgs[start]:
             yield tokens[start:i], msgs[start]
             start = i
+
+
+def indent_cut(text: str, n_indent: int) -> int | None:
+    """Where llama-server's n_indent rule ends a completion: at the first character after the
+    indentation of a line (after the first) indented less than n_indent, or None."""
+    nl = text.find("\n")
+    while nl >= 0:
+        pos = nl + 1
+        while pos < len(text) and text[pos] in " \t":
+            pos += 1
+        if pos < len(text) and pos - (nl + 1) < n_indent:
+            return pos
+        nl = text.find("\n", nl + 1)
+    return None

@@ -280,6 +280,11 @@ class LlamaServerFront:
         translated.pop("logprobs", None)
         req = oa.parse_completion(translated)
         self.d._check_model(req.model)
+        for key in ("n_indent", "t_max_predict_ms"):
+            value = body.get(key, 0)
+            if type(value) is not int or value < 0:
+                raise InvalidRequest(f"'{key}' must be a whole number >= 0", param=key)
+            setattr(req.reply, key, value)
         warm_up = body.get("n_predict") == 0
         n_predict = req.params.get("max_tokens", 0)
         return await self.d._text_request(request, req, "llama", tokens=lambda core: prompt.fim_tokens(

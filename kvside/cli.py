@@ -277,6 +277,15 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         result = interference.run(ns.model, ns.doc_kb, ns.reprefill_tokens, ns.n_ctx, ns.threads)
         print(json.dumps(result, indent=2) if ns.json else interference.table(result))
         return 0
+    if ns.what == "latency":
+        from kvside.bench import latency
+
+        if ns.requests < 2 or ns.load_clients < 1:
+            raise KvsideError_usage("--requests must be at least 2 and --load-clients at least 1")
+        result = latency.run(ns.model, ns.n_ctx, ns.threads or os.cpu_count() or 2, ns.requests, ns.load_clients,
+                             ns.max_tokens)
+        print(json.dumps(result, indent=2) if ns.json else latency.table(result))
+        return 0
     if ns.what == "fim":
         from kvside.bench import fim
 
@@ -634,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
-    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference", "agent", "fim"])
-    p.add_argument("--requests", type=int, default=50, help="fim: autocomplete requests in the trace")
+    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference", "agent", "fim", "latency"])
+    p.add_argument("--requests", type=int, default=50, help="fim: autocomplete requests in the trace; latency: requests of the one-client round")
     p.add_argument("--rounds", type=int, default=12, help="agent: tool rounds")
     p.add_argument("--tool-tokens", type=int, default=300, help="agent: tokens per tool result")
     p.add_argument("--keep-tools", type=int, default=2, help="agent: tool results the prune policy keeps")

@@ -133,6 +133,7 @@ class Core:
         self.jobs = JobRunner(self)
         self._spent = {"gens": 0.0, "jobs": 0.0}  # engine time each side used while both had work
         self._counter = 0
+        self.decode_seconds = 0.0  # wall time inside llama_decode (the rest of a request is overhead)
         self._embedder: Embedder | None = None
         if config.embedding_model:  # loaded now: a bad file is an error at start, not at the first request
             try:
@@ -350,7 +351,9 @@ class Core:
                 last = c0 + i == len(tokens) - 1
                 want = logits == "all" or (logits == "last" and last)
                 self.batch.add(tok, start + c0 + i, seq, want)
+            t0 = time.perf_counter()
             rc = lib.llama_decode(self.ctx, self.batch.raw)
+            self.decode_seconds += time.perf_counter() - t0
             if rc != 0:
                 self.mem.rm(seq, start, -1)
                 raise decode_error(rc)
@@ -376,7 +379,9 @@ class Core:
             self.batch.clear()
             for i, tok in enumerate(part):
                 self.batch.add(tok, start + c0 + i, seq, last and i == len(part) - 1)
+            t0 = time.perf_counter()
             rc = lib.llama_decode(self.ctx, self.batch.raw)
+            self.decode_seconds += time.perf_counter() - t0
             if rc != 0:
                 self.mem.rm(seq, start, -1)
                 raise decode_error(rc)

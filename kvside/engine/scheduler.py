@@ -180,7 +180,9 @@ class Scheduler:
             for g in [g for g in self.gens if g.phase == PREFILL and not g.todo]:
                 self._fail(g, InvalidRequest("nothing to decode"))
             return
+        t0 = time.perf_counter()
         rc = lib.llama_decode(self.core.ctx, self.core.batch.raw)
+        self.core.decode_seconds += time.perf_counter() - t0
         if rc != 0:
             error = decode_error(rc)
             for g, _, _, _ in slots:

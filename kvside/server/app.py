@@ -253,7 +253,8 @@ class Daemon:
 
     async def metrics_text(self, request: HTTPRequest) -> Response:
         sessions = await asyncio.to_thread(self.engine.sessions)
-        body, content_type = self.metrics.render(self.active, sessions)
+        decode_s = await asyncio.to_thread(self.engine.call, lambda core: core.decode_seconds)
+        body, content_type = self.metrics.render(self.active, sessions, decode_s)
         return Response(body, media_type=content_type)
 
     async def models(self, request: HTTPRequest) -> JSONResponse:

@@ -63,6 +63,8 @@ class Metrics:
                                      buckets=(5, 10, 20, 40, 80, 160, 320, 640, 1280), registry=r)
         self.in_flight = Gauge("kvside_requests_in_flight", "Requests being answered", registry=r)
         self.sessions = Gauge("kvside_sessions", "Sessions by where they are", ["where"], registry=r)
+        self.decode_seconds = Gauge("kvside_llama_decode_seconds", "Wall time the engine spent inside llama_decode "
+                                    "since it started (all else in a request is kvside's overhead)", registry=r)
 
     def reply(self, done, note: dict | None = None) -> None:
         """A finished generation (engine Completion) and what binding did for it."""
@@ -86,8 +88,9 @@ class Metrics:
         strategy = report.get("strategy", "") if isinstance(report, dict) else ""
         self.edits.labels(kind, str(strategy)).inc()
 
-    def render(self, in_flight: int, sessions: list[dict]) -> tuple[bytes, str]:
+    def render(self, in_flight: int, sessions: list[dict], decode_seconds: float = 0.0) -> tuple[bytes, str]:
         self.in_flight.set(in_flight)
+        self.decode_seconds.set(decode_seconds)
         self.sessions.labels("resident").set(sum(1 for s in sessions if s.get("resident")))
         self.sessions.labels("disk").set(sum(1 for s in sessions if not s.get("resident")))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

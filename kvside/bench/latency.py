@@ -1,0 +1,102 @@
+"""`kvside bench latency`: short chat requests, the per-request overhead an editor feels, against
+llama.cpp's llama-server (`make peer`) in one run. Each request is a new ~30-token conversation
+(nothing to reuse for either server), streamed, 8 tokens. One client sending one request after
+another, then 8 clients at once. For kvside, the share of the requests' wall time spent outside
+llama_decode comes from its /metrics (kvside_llama_decode_seconds)."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+
+import httpx
+
+from kvside.bench.serve import PEER, QUESTIONS, _load_request, _start
+from kvside.models import resolve
+
+
+def _decode_seconds(base: str) -> float | None:
+    try:
+        text = httpx.get(base + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return None
+    m = re.search(r"^kvside_llama_decode_seconds (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def _body(i: int, max_tokens: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"Question {i}: {QUESTIONS[i % len(QUESTIONS)]}"}],
+            "max_tokens": max_tokens, "temperature": 0}
+
+
+def _round(base: str, clients: int, per_client: int, max_tokens: int, offset: int) -> dict:
+    rows: list[dict] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for k in range(per_client):
+            t0 = time.perf_counter()
+            r = _load_request(base, _body(offset + c * per_client + k, max_tokens), None)
+            r["wall_s"] = time.perf_counter() - t0
+            with lock:
+                rows.append(r)
+
+    before = _decode_seconds(base)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    after = _decode_seconds(base)
+    ttfts = sorted(r["ttft_s"] for r in rows if r["ttft_s"] is not None)
+    out = {"clients": clients, "requests": len(rows), "errors": sum(1 for r in rows if r["status"] != 200),
+           "ttft_p50_s": round(statistics.median(ttfts), 4), "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 4),
+           "request_p50_s": round(statistics.median(r["wall_s"] for r in rows), 4), "wall_s": round(wall, 3)}
+    if before is not None and after is not None:
+        # one engine thread: llama_decode time against the wall time the round took
+        out["llama_decode_s"] = round(after - before, 3)
+        out["share_outside_decode"] = round(1 - (after - before) / wall, 3)
+    return out
+
+
+def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int, max_tokens: int) -> dict:
+    path = resolve(model).path
+    kinds = ["kvside"] + (["llama-server"] if PEER.exists() else [])
+    result: dict = {"model": path.name, "n_ctx": n_ctx, "threads": threads, "max_tokens": max_tokens, "runs": {}}
+    if not PEER.exists():
+        result["notice"] = "llama-server not built (make peer): skipped"
+    for kind in kinds:
+        proc, base = _start(kind, path, n_ctx, threads, tempfile.mkdtemp(prefix="kvside-bench-latency-"),
+                            sessions=clients)
+        try:
+            _round(base, 1, 2, max_tokens, 900)  # warm up
+            result["runs"][kind] = {"one_client": _round(base, 1, requests, max_tokens, 0),
+                                    f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2),
+                                                                 max_tokens, 100)}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return result
+
+
+def table(result: dict) -> str:
+    lines = [f"latency: new short conversations, {result['max_tokens']} tokens each, model {result['model']}, "
+             f"{result['threads']} threads",
+             "server | clients | requests | TTFT p50 s | TTFT p95 s | request p50 s | wall s | outside llama_decode"]
+    for kind, rounds in result["runs"].items():
+        for r in rounds.values():
+            share = f"{r['share_outside_decode']:.0%}" if "share_outside_decode" in r else "-"
+            lines.append(f"{kind} | {r['clients']} | {r['requests']} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} | "
+                         f"{r['request_p50_s']:.3f} | {r['wall_s']:.2f} | {share}")
+    if "notice" in result:
+        lines.append(result["notice"])
+    return "\n".join(lines)

@@ -87,7 +87,11 @@ def test_other_tools_do_not_reuse_a_session_made_with_different_ones(client):
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                      {"role": "tool", "tool_call_id": call.id, "content": "ok"}]
     b = client.chat.completions.create(model=MODEL, messages=history, tools=[SEARCH], temperature=0, max_tokens=5)
-    assert b.usage.prompt_tokens_details.cached_tokens == 0
+    # only the tokens before the tool definitions may be shared (they are the same in both renderings)
+    facts = b.model_extra["kvside"]
+    assert "reused_messages" not in facts and facts["session"] != a.model_extra["kvside"]["session"]
+    assert b.usage.prompt_tokens_details.cached_tokens == facts.get("shared_tokens", 0)
+    assert b.usage.prompt_tokens_details.cached_tokens < 0.5 * a.usage.prompt_tokens
 
 
 def test_json_schema_response_follows_the_schema(client):
@@ -208,4 +212,7 @@ def test_dropping_the_turn_that_carries_the_tools_is_a_new_session_not_an_error(
     trimmed = client.chat.completions.create(model=MODEL, messages=history[1:], tools=[WEATHER], temperature=0,
                                              max_tokens=4)
     assert trimmed.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    assert trimmed.usage.prompt_tokens_details.cached_tokens == 0
+    # a new session: only the tokens before the first user turn (the tool definitions) are shared
+    facts = trimmed.model_extra["kvside"]
+    assert "reused_messages" not in facts
+    assert trimmed.usage.prompt_tokens_details.cached_tokens == facts.get("shared_tokens", 0)

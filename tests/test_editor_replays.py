@@ -96,7 +96,8 @@ def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, client)
     from kvside.bench.serve import agent_run
 
     rows = agent_run(daemon_url, turns=5, budget_chars=1500, max_tokens=4, client=client, explicit=False)
-    assert len(rows) == 5 and rows[0]["cached_tokens"] == 0
+    # the first turn may share the system prompt with an earlier conversation, nothing more
+    assert len(rows) == 5 and rows[0]["cached_tokens"] < 0.5 * rows[0]["prompt_tokens"]
     late = rows[-1]
     assert late["cached_tokens"] > 0.5 * late["prompt_tokens"], rows
     if client == "cline":

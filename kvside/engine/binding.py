@@ -191,6 +191,75 @@ def chat_history(s) -> list[dict]:
     return [m.to_dict() for m in s.messages if m.kind in CHAT_KINDS and m.state != MSG_DROPPED]
 
 
+MIN_SHARED = 16  # tokens: a shorter common prefix is read again rather than shared
+
+
+@dataclass
+class Share:
+    source: str  # the resident session whose cells begin the same way
+    n: int  # tokens shared
+    pieces: list  # the new prompt's (message id, tokens), as start_chat will make them
+
+
+def plan_share(core, messages: list[dict], tools: list[dict]) -> Share | None:
+    """The resident session whose cache begins with the longest run of the new prompt's tokens
+    (clients with one system prompt and tools; a template's default system block), if that run
+    is worth sharing."""
+    from kvside.engine import prompt
+    from kvside.engine.session import Message, Session
+
+    if core.config.default_system:  # the daemon's own system prompt comes first: not the client's tokens
+        return None
+    try:
+        new = [Message(i, m["role"], m["content"], kind="tool" if m["role"] == "tool" else "chat",
+                       tool_calls=m.get("tool_calls") or None, tool_call_id=m.get("tool_call_id"),
+                       reasoning=m.get("reasoning_content") or "") for i, m in enumerate(messages)]
+        pieces = prompt.chat_pieces(core, Session(name="-", seq=-1, tools=list(tools)), new, generation=False)
+    except Exception:  # a request start_chat refuses with its own clear error
+        return None
+    tokens = [t for _, toks in pieces for t in toks]
+    best, best_n = None, 0
+    for c in core.sessions.values():
+        held = c.ledger
+        n, limit = 0, min(len(held), len(tokens) - 1)  # one token at least is read for the logits
+        while n < limit and held.tok[n] == tokens[n] and held.pos[n] == n:
+            n += 1
+        if n > best_n:
+            best, best_n = c, n
+    return Share(best.name, best_n, pieces) if best is not None and best_n >= MIN_SHARED else None
+
+
+def new_session_sharing(core, name: str, share: Share | None, tools: list[dict]):
+    """A new session beginning with the shared prefix: llama.cpp's unified cache lets a cell belong
+    to several sequences, so the prefix is shared, not copied (Memory.share; an edit that would move
+    or rewrite shared cells first gives its session copies of its own). When a sequence must be
+    freed for the new session, the source may be the one sent to disk: its prefix is held in the
+    scratch sequence meanwhile. Returns the session and what was shared."""
+    if share is None:
+        return core.new_session(name), {}
+    source = core.sessions[share.source]
+    staged = not core.free_seqs
+    if staged:
+        core.mem.cp(source.seq, core.scratch_seq, 0, share.n)
+    try:
+        s = core.new_session(name, system="")
+        src = source.seq if share.source in core.sessions else core.scratch_seq
+        core.mem.share(src, s.seq, share.n)
+    finally:
+        if staged:
+            core.mem.clear_seq(core.scratch_seq)
+    if share.source not in core.sessions:  # the source went to disk: the cells are s's alone
+        core.mem.shared.pop(s.seq, None)
+    s.tools = list(tools)
+    left = share.n
+    for msg_id, toks in share.pieces:
+        if left <= 0:
+            break
+        s.ledger.append(toks[:left], msg_id)
+        left -= len(toks)
+    return s, {"shared_tokens": share.n, "shared_from": share.source}
+
+
 def bind_and_start(core, messages: list[dict], params: dict, stream, *, session: str | None = None,
                    reuse: bool = True, documents: list[str] = (), reply=None) -> dict:
     """Choose the session that answers `messages`, edit it to match, and start the reply, all in
@@ -219,13 +288,19 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         if reuse:  # on disk: brought back (exactly) if they match best
             candidates.update({n: held for n, (key, held) in core.auto_saved.items() if key == tools})
         match = best_match(candidates, messages)
+        shared: dict = {}
         if match is not None:
             s = core.get(match.session)
         else:
-            s, created = core.new_session(core.free_name(AUTO_PREFIX)), True
+            tool_list = reply.tools if reply is not None else []
+            share = plan_share(core, messages, tool_list) if reuse and not documents else None
+            s, shared = new_session_sharing(core, core.free_name(AUTO_PREFIX), share, tool_list)
+            created = True
             s.auto_bound = reuse
             s.temporary = not reuse
     note: dict = {"session": s.name}
+    if session is None:
+        note.update(shared)
     new = messages if match is None else match.new
     several_steps = bool(documents) or (match is not None and bool(match.dropped or match.replaced))
     try:
@@ -243,7 +318,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
                 note["attached"] = attached
             stream.session = s.name
             stream.put(Event("bound", data=note))
-            core.start_chat(s.name, new, sampling, stream, reply)
+            core.start_chat(s.name, new, sampling, stream, reply, shared=note.get("shared_tokens", 0))
             # cells decoded by the edits were computed for this request: not cached
             core.scheduler.discount_cached(s, note.get("inserted_tokens", 0))
     except BaseException:

@@ -27,7 +27,7 @@ from kvside.engine.memory import Memory
 from kvside.engine.model import Model
 from kvside.engine.scheduler import Scheduler
 from kvside.engine.session import Message, Session, check_name
-from kvside.engine.state import get_seq_state
+from kvside.engine.state import get_seq_state, set_seq_state
 from kvside.engine import toolcalls
 from kvside.engine.template import ChatTemplate
 from kvside.errors import (
@@ -112,6 +112,7 @@ class Core:
         self.n_batch = config.n_batch
         self.ctx = self._new_context(config)
         self.mem = Memory(self.ctx)
+        self.mem.on_shared_write = self.unshare
         self.batch = Batch(self.n_batch)
         self.template = ChatTemplate(
             self.model.chat_template,
@@ -386,6 +387,20 @@ class Core:
                 self.mem.rm(seq, start, -1)
                 raise decode_error(rc)
 
+    def unshare(self, seq: int) -> None:
+        """Give seq copies of its own of every cell it holds (through a state copy), so cells it
+        shares with another session can move or be rewritten without touching the other. Checked
+        for room first: on failure nothing has changed."""
+        owner = next((s for s in self.sessions.values() if s.seq == seq), None)
+        need = len(owner.ledger) if owner is not None else self.mem.pos_max(seq) + 1
+        if self.used_cells() + need > self.n_cells:
+            raise CacheFull(f"no room to give {owner.name if owner else 'a sequence'} its own copy of the cells it "
+                            f"shares ({need} cells)")
+        self.settle()
+        blob = get_seq_state(self.ctx, seq)
+        self.mem.clear_seq(seq)
+        set_seq_state(self.ctx, seq, blob)
+
     def settle(self) -> None:
         """Apply a pending K-shift now, by decoding one token into the scratch sequence."""
         if not self.mem.shift_pending:
@@ -461,8 +476,8 @@ class Core:
             self.jobs.advance()
         self._spent[side] += time.perf_counter() - t0
 
-    def start_chat(self, name: str, messages: list[dict], params, stream, reply=None) -> None:
-        self.scheduler.start_chat(name, messages, params, stream, reply)
+    def start_chat(self, name: str, messages: list[dict], params, stream, reply=None, shared: int = 0) -> None:
+        self.scheduler.start_chat(name, messages, params, stream, reply, shared)
 
     def start_text(self, name: str, text: str, params, stream, reply=None) -> None:
         self.scheduler.start_text(name, text, params, stream, reply)

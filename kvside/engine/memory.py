@@ -13,6 +13,23 @@ class Memory:
         # llama.cpp re-rotates shifted keys at the start of the next llama_decode, not before: until
         # then a state read gets the new positions with the old keys (see Core.seq_state)
         self.shift_pending = False
+        # sequences whose first positions sit in cells another session's sequence also holds
+        # (share): seq -> how many positions may be shared. A shared cell has one position and one
+        # KV for all its sequences, so before such cells move or are rewritten the sequence gets
+        # copies of its own (on_shared_write: Core.unshare)
+        self.shared: dict[int, int] = {}
+        self.on_shared_write = None
+
+    def share(self, src: int, dst: int, n: int) -> None:
+        """dst begins with src's cells at positions [0, n): one copy serves both."""
+        self.cp(src, dst, 0, n)
+        for seq in (src, dst):
+            self.shared[seq] = max(self.shared.get(seq, 0), n)
+
+    def before_write(self, seq: int, p0: int) -> None:
+        """Cells of seq from position p0 on are about to move or be rewritten."""
+        if self.shared.get(seq, 0) > p0 and self.on_shared_write is not None:
+            self.on_shared_write(seq)
 
     def pos_min(self, seq: int) -> int:
         """Smallest position of seq, -1 when empty."""
@@ -29,9 +46,12 @@ class Memory:
 
     def clear_seq(self, seq: int) -> None:
         lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        self.shared.pop(seq, None)
 
     def add(self, seq: int, p0: int, p1: int, delta: int) -> None:
         """Shift positions in [p0, p1) by delta; llama.cpp re-rotates the keys (RoPE) lazily."""
+        if delta:
+            self.before_write(seq, p0)
         lib.llama_memory_seq_add(self.mem, seq, p0, p1, delta)
         if delta:
             self.shift_pending = True
@@ -46,3 +66,4 @@ class Memory:
 
     def clear(self) -> None:
         lib.llama_memory_clear(self.mem, True)
+        self.shared.clear()

@@ -62,6 +62,7 @@ def recompute(core, seq: int, positions: list[int], tokens: list[int], values_on
         raise ValueError("one token per position")
     if not positions:
         return 0
+    core.mem.before_write(seq, min(positions))
     batch = core.batch
     _set_recompute(core.ctx, MODE_VALUES if values_only else MODE_KV)
     try:

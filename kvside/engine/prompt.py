@@ -11,10 +11,12 @@ from kvside.errors import InvalidRequest
 
 
 def chat_pieces(
-    core, s: Session, new: list[Message], *, generation: bool, history: list[dict] | None = None
+    core, s: Session, new: list[Message], *, generation: bool, history: list[dict] | None = None,
+    fresh: bool | None = None,
 ) -> list[tuple[int, list[int]]]:
     """Token pieces (message id, tokens) that append `new` (and the reply's generation prompt)
-    to what the session's cache holds."""
+    to what the session's cache holds. `fresh`: render as for an empty session (BOS first) even
+    though cells are already there (a shared prefix of the same pieces)."""
     hist = s.template_history() if history is None else list(history)
     texts: list[tuple[int, str]] = []
     if s.closing:
@@ -28,7 +30,8 @@ def chat_pieces(
     pieces: list[tuple[int, list[int]]] = []
     if s.pending:
         pieces.append((s.pending_msg, list(s.pending)))
-    fresh = len(s.ledger) == 0 and not s.pending
+    if fresh is None:
+        fresh = len(s.ledger) == 0 and not s.pending
     for msg_id, text in texts:
         if not text:
             continue

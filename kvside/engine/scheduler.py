@@ -67,7 +67,9 @@ class Scheduler:
         return bool(self.gens)
 
     def start_chat(self, name: str, messages: list[dict], params: SamplingParams, stream: Stream,
-                   spec: ReplySpec | None = None) -> None:
+                   spec: ReplySpec | None = None, shared: int = 0) -> None:
+        """`shared`: the session is new and its cache already holds the first `shared` tokens of
+        this prompt (binding.share_prefix); they are not read again."""
         s = self.core.get(name)
         spec = spec or ReplySpec()
         new = []
@@ -93,10 +95,14 @@ class Scheduler:
             # the system prompt is never rolled away, nor the turn that carries the tool definitions
             new[0].pinned = True
         history = s.template_history() + [m.as_template() for m in new]
-        pieces = prompt.chat_pieces(self.core, s, new, generation=True)
+        pieces = prompt.chat_pieces(self.core, s, new, generation=True, fresh=True if shared else None)
         reply_id = next_id + len(new)
         pieces[-1] = (reply_id, pieces[-1][1])
         gen_prompt = self.core.model.detokenize(pieces[-1][1], special=True)
+        if shared:  # held already: drop them from what is read
+            if s.ledger.tok != [t for _, toks in pieces for t in toks][:shared]:
+                raise KvsideError("the shared prefix does not match the prompt")  # a bug, never the client's
+            pieces = _drop_front(pieces, shared)
         self._start(s, pieces, params, stream, reply_id, "chat", history, new, spec,
                     think=gen_prompt.rstrip().endswith("<think>"))
 
@@ -454,3 +460,15 @@ def indent_cut(text: str, n_indent: int) -> int | None:
             return pos
         nl = text.find("\n", nl + 1)
     return None
+
+
+def _drop_front(pieces: list[tuple[int, list[int]]], n: int) -> list[tuple[int, list[int]]]:
+    """The pieces without their first n tokens (the last piece, the reply's, always stays)."""
+    out = []
+    for i, (msg_id, toks) in enumerate(pieces):
+        if n >= len(toks) and i < len(pieces) - 1:
+            n -= len(toks)
+            continue
+        out.append((msg_id, toks[n:]))
+        n = 0
+    return out

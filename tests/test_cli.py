@@ -72,3 +72,14 @@ def test_unloadable_architecture_is_one_line(tmp_path):
     out = run("ask", "--model", str(path), "hi")
     assert out.returncode == 1
     assert "could not load" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["bench", "fim", "--requests", "1"], "--requests"),
+    (["bench", "latency", "--requests", "1"], "--requests"),
+    (["serve", "--reuse-chunk", "-1"], "--reuse-chunk"),
+    (["serve", "--reuse-repair", "-3"], "--reuse-repair"),
+])
+def test_bad_reuse_and_bench_arguments_are_usage_errors(args, words):
+    out = run(*args, timeout=60)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr

@@ -189,3 +189,42 @@ def test_daemon_binding_turns_client_edits_into_cache_edits(exact):
     assert len(note.get("edited_messages", [])) == 1 and note["removed_tokens"] > note["inserted_tokens"], note
     assert c.usage.prompt_tokens - c.usage.cached_tokens < 40
     exact.check(c.session)
+
+
+def _tool(name: str, doc: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": doc, "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
+
+
+def test_changed_tool_definitions_are_edited_in_place(exact):
+    """An agent whose tool set changes mid-conversation (an MCP server connects): the session that
+    holds the conversation has the turn carrying the tools rewritten token by token, the rest is
+    reused, and the cache then holds exactly the tokens a fresh session would for the new prompt."""
+    from kvside.engine.reply import ReplySpec
+    from kvside.engine.session import Session
+
+    read = _tool("read_file", "Read a file of the repository.")
+    grep = _tool("grep", "Search the repository for a pattern.")
+    history = [{"role": "system", "content": "You are a coding agent."},
+               {"role": "user", "content": "What does the Makefile do? Look before you answer."}]
+    c = exact.bind_chat(history, reply=ReplySpec(tools=[read]), max_tokens=8, **GREEDY).wait()
+    history += [{"role": "assistant", "content": c.text or "ok"}, {"role": "user", "content": "And the tests?"}]
+    events = []
+    c2 = exact.bind_chat(history, reply=ReplySpec(tools=[read, grep]), max_tokens=1, on_event=events.append,
+                         **GREEDY).wait()
+    note = next(e.data for e in events if e.kind == "bound")
+    assert note["session"] == c.session and note.get("tools_changed") is True, note
+    assert note["reused_messages"] >= 3
+    assert 0 < note["inserted_tokens"] < c2.usage.prompt_tokens // 2
+    assert c2.usage.prompt_tokens - c2.usage.cached_tokens < c2.usage.prompt_tokens // 2
+    exact.check(c.session)
+
+    def fresh_tokens(core):
+        s = core.get(c.session)
+        assert s.tools == [read, grep]
+        msgs = [Message(i, m["role"], m["content"]) for i, m in enumerate(history)]
+        pieces = prompt.chat_pieces(core, Session(name="-", seq=-1, tools=[read, grep]), msgs, generation=True)
+        return [t for _, toks in pieces for t in toks], list(s.ledger.tok)
+
+    want, held = exact.call(fresh_tokens)
+    assert held == want

@@ -50,6 +50,7 @@ class Match:
     dropped: list[int]  # live message ids the client no longer sends (their cells go)
     new: list[dict]  # messages to append
     replaced: list[tuple[int, dict]] = field(default_factory=list)  # (held id, the client's version)
+    retooled: dict | None = None  # the tool definitions were rewritten in place (binding._retooled)
 
 
 def _live(m: dict) -> bool:
@@ -260,6 +261,41 @@ def new_session_sharing(core, name: str, share: Share | None, tools: list[dict])
     return s, {"shared_tokens": share.n, "shared_from": share.source}
 
 
+def _retooled(core, messages: list[dict], tools: list[dict]) -> Match | None:
+    """A client that changed its tool definitions (an MCP server connected, a tool removed) but
+    kept its conversation: the resident session that holds that conversation with the old tools,
+    with the turn that carries the tools rewritten in place (edits.replace_message renders it with
+    the new ones; only the changed tokens are decoded). None, changing nothing, when no session
+    holds the conversation or the rewrite would cost as much as reading it again."""
+    from kvside.engine import edits
+
+    key = tools_key(tools)
+    others = {n: chat_history(c) for n, c in core.sessions.items()
+              if c.auto_bound and not c.busy and c.tools and tools_key(c.tools) != key}
+    match = best_match(others, messages)
+    if match is None:
+        return None
+    s = core.sessions[match.session]
+    first = next(m for m in s.messages if m.kind in CHAT_KINDS)
+    if first.id in match.dropped or not first.pinned:
+        return None
+    version = next((v for held_id, v in match.replaced if held_id == first.id), messages[0])
+    old = s.tools
+    s.tools = list(tools)
+    try:
+        report = edits.replace_message(core, s, first.id, version)
+    except BaseException:
+        s.tools = old
+        raise
+    if report is None:
+        s.tools = old
+        return None
+    s.log("tools", before=len(old), after=len(tools), **{k: v for k, v in report.items() if k != "replaced"})
+    match.replaced = [(i, v) for i, v in match.replaced if i != first.id]
+    match.retooled = report
+    return match
+
+
 def bind_and_start(core, messages: list[dict], params: dict, stream, *, session: str | None = None,
                    reuse: bool = True, documents: list[str] = (), reply=None) -> dict:
     """Choose the session that answers `messages`, edit it to match, and start the reply, all in
@@ -288,6 +324,8 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         if reuse:  # on disk: brought back (exactly) if they match best
             candidates.update({n: held for n, (key, held) in core.auto_saved.items() if key == tools})
         match = best_match(candidates, messages)
+        if match is None and reuse and reply is not None:
+            match = _retooled(core, messages, reply.tools)
         shared: dict = {}
         if match is not None:
             s = core.get(match.session)
@@ -308,6 +346,9 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         with atomic(core, s) if several_steps else nullcontext():
             if match is not None:
                 new = _edit_to_match(core, s, match, messages, note)
+                if match.retooled:
+                    note["tools_changed"] = True
+                    note["inserted_tokens"] = note.get("inserted_tokens", 0) + match.retooled.get("inserted", 0)
             if documents:
                 held = {e.get("document") for e in s.edit_log if e.get("edit") == "attach"}
                 attached = []

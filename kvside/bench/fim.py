@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from kvside.bench.serve import PEER, _start
+from kvside.bench.serve import PEER, _start, _stop
 from kvside.models import resolve
 
 REPO = Path(__file__).resolve().parents[1] / "engine"
@@ -121,11 +121,7 @@ def run(model: str | None, n_ctx: int, requests: int, threads: int, ring_chunks:
             replay(base, [{"input_prefix": "x = ", "input_suffix": "\n", "prompt": "", "n_predict": 1}])
             rows = replay(base, bodies)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
         lat = [r["latency_s"] for r in rows[1:]]  # the first request reads everything in every server
         result["runs"][kind] = {
             "rows": rows, "latency_p50_s": statistics.median(lat), "latency_p95_s": _p(lat, 0.95),

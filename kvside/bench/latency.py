@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import re
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
 
 import httpx
 
-from kvside.bench.serve import PEER, QUESTIONS, _load_request, _start
+from kvside.bench.serve import PEER, QUESTIONS, _concurrently, _load_request, _start, _stop
 from kvside.models import resolve
 
 
@@ -46,13 +45,7 @@ def _round(base: str, clients: int, per_client: int, max_tokens: int, offset: in
                 rows.append(r)
 
     before = _decode_seconds(base)
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t0
+    wall = _concurrently(clients, client)
     after = _decode_seconds(base)
     ttfts = sorted(r["ttft_s"] for r in rows if r["ttft_s"] is not None)
     out = {"clients": clients, "requests": len(rows), "errors": sum(1 for r in rows if r["status"] != 200),
@@ -80,11 +73,7 @@ def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int
                                     f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2),
                                                                  max_tokens, 100)}
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
     return result
 
 

@@ -75,6 +75,27 @@ def _start(kind: str, model: Path, n_ctx: int, threads: int, home: str, sessions
     return proc, base
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """End a server started by _start: politely, then for good."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _concurrently(clients: int, client) -> float:
+    """Run client(0..clients-1) in threads at once; returns the wall time they took."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t0
+
+
 def _stream(base: str, body: dict, headers: dict | None = None) -> dict:
     """One streamed chat request: time to first content, text, cached tokens."""
     t0 = time.perf_counter()
@@ -232,13 +253,7 @@ def load_run(base: str, clients: int, requests: int, max_tokens: int, leak_check
                 if r["session"]:
                     last_session[c] = r["session"]
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t0
+    wall = _concurrently(clients, client)
     ttfts = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
     whole = [r for r in results if not r["cut"]]
     out = {"clients": clients, "requests": len(results), "leaving_clients": (clients + 3) // 4,
@@ -286,8 +301,7 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
                                     "late_cached_median": statistics.median(r["cached_tokens"] for r in late_rows),
                                     "late_prompt_median": statistics.median(r["prompt_tokens"] for r in late_rows)}
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            _stop(proc)
     if load_clients:  # a daemon with room for four sessions, beside llama-server with four slots
         result["load"] = {}
         for kind in ["kvside"] + (["llama-server"] if PEER.exists() else []):
@@ -295,8 +309,7 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
             try:
                 result["load"][kind] = load_run(base, load_clients, load_requests, max_tokens, kind == "kvside")
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                _stop(proc)
     return result
 
 

@@ -212,9 +212,7 @@ def plan_share(core, messages: list[dict], tools: list[dict]) -> Share | None:
     if core.config.default_system:  # the daemon's own system prompt comes first: not the client's tokens
         return None
     try:
-        new = [Message(i, m["role"], m["content"], kind="tool" if m["role"] == "tool" else "chat",
-                       tool_calls=m.get("tool_calls") or None, tool_call_id=m.get("tool_call_id"),
-                       reasoning=m.get("reasoning_content") or "") for i, m in enumerate(messages)]
+        new = [Message.from_request(i, m) for i, m in enumerate(messages)]
         pieces = prompt.chat_pieces(core, Session(name="-", seq=-1, tools=list(tools)), new, generation=False)
     except Exception:  # a request start_chat refuses with its own clear error
         return None

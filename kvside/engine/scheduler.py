@@ -78,9 +78,7 @@ class Scheduler:
             role, content = m.get("role"), m.get("content")
             if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
                 raise InvalidRequest("each message needs a role (system/user/assistant/tool) and string content")
-            new.append(Message(next_id + i, role, content, kind="tool" if role == "tool" else "chat",
-                               tool_calls=m.get("tool_calls") or None, tool_call_id=m.get("tool_call_id"),
-                               reasoning=m.get("reasoning_content") or ""))
+            new.append(Message.from_request(next_id + i, m))
         if not new:
             raise InvalidRequest("no messages to send")
         if not any(m.content.strip() or m.tool_calls for m in new):

@@ -52,6 +52,13 @@ class Message:
     tool_call_id: str | None = None
     reasoning: str = ""
 
+    @classmethod
+    def from_request(cls, msg_id: int, m: dict) -> "Message":
+        """A client's message (OpenAI's shape, content already text) as message msg_id."""
+        return cls(msg_id, m["role"], m["content"], kind="tool" if m["role"] == "tool" else "chat",
+                   tool_calls=m.get("tool_calls") or None, tool_call_id=m.get("tool_call_id"),
+                   reasoning=m.get("reasoning_content") or "")
+
     def as_template(self) -> dict:
         """The message as chat templates take it (arguments as objects, as Hugging Face's
         templates expect them)."""

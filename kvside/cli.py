@@ -257,7 +257,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         from kvside.bench import serve
 
         result = serve.run(ns.model, ns.n_ctx, ns.turns, ns.budget_chars, ns.max_tokens, ns.threads or os.cpu_count() or 2,
-                           ns.late_from, ns.load_clients, ns.load_requests, ns.client)
+                           ns.late_from, ns.load_clients, ns.load_requests, ns.client, fidelity=not ns.no_fidelity)
         print(json.dumps(result, indent=2) if ns.json else serve.table(result))
         return 0
     if ns.what == "compose":
@@ -660,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-clients", type=int, default=16, help="serve: concurrent clients in the load run")
     p.add_argument("--client", default=None, choices=["front", "cline", "placeholder", "clock"],
                    help="serve: an agent chat under this client behaviour (see kvside/bench/serve.py)")
+    p.add_argument("--no-fidelity", action="store_true",
+                   help="serve --client: skip scoring late replies against a re-prefill (kl, top1)")
     p.add_argument("--load-requests", type=int, default=4, help="serve: requests per load client")
     p.add_argument("--flash-attn", choices=["auto", "on", "off", "reference"], default="auto",
                    help="restore: attention kernel (reference: ggml's reference kernels, native patch)")

@@ -90,8 +90,7 @@ def close_logits(got: np.ndarray, want: np.ndarray) -> None:
 @pytest.mark.parametrize("change", ["clock", "placeholder"])
 def test_replace_in_place_keeps_unchanged_cells_and_gives_the_client_prompt(exact, change):
     """The edited cache holds exactly the tokens a fresh session would for the client's new
-    history; the unchanged tokens kept their cells; with reprefill as the strategy the result is
-    a fresh prefill of those tokens."""
+    history; the unchanged tokens kept their cells; only the changed tokens were decoded."""
     history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Run the tests."},
                {"role": "tool", "content": "collected 40 items\n" + "test_x.py::test_ok PASSED\n" * 30},
                {"role": "assistant", "content": "All 40 tests passed."},
@@ -103,22 +102,85 @@ def test_replace_in_place_keeps_unchanged_cells_and_gives_the_client_prompt(exac
     name, ref = chat_session(exact, history), chat_session(exact, client)
     try:
         before = exact.ledger(name)
-        exact.set_roll_strategy(name, "reprefill")
         report = exact.call(lambda core: edits.replace_message(core, core.get(name), target, version))
         exact.check(name)
         after = exact.ledger(name)
         assert after.tok == exact.ledger(ref).tok  # exactly the client's prompt
-        others = [t for t, m in zip(before.tok, before.msg) if m != target]
-        assert [t for t, m in zip(after.tok, after.msg) if m != target] == others
-        assert report["kept_tokens"] > 0 and report["recomputed"] == len(after)
+        others = [(t, p) for t, p, m in zip(before.tok, before.pos, before.msg) if m != target]
+        assert [(t, p) for t, p, m in zip(after.tok, after.pos, after.msg) if m != target] == others
+        assert report["kept_tokens"] > 0 and report["recomputed"] == 0
+        assert report["edit_s"] < report["reread_s"]
         if change == "clock":  # the clock's token, not the whole system prompt
             assert report["inserted"] <= 3 and report["removed"] <= 3
         else:
             assert report["removed"] > 5 * report["inserted"]
-        close_logits(exact.next_logits(name, PROBE, all_logits=True), exact.next_logits(ref, PROBE, all_logits=True))
     finally:
         exact.delete_session(name)
         exact.delete_session(ref)
+
+
+def test_with_reprefill_as_the_strategy_a_changed_message_is_read_again_from_the_change(exact):
+    """Editing in place and then rebuilding the session costs more than reading again from the
+    changed message: the binding keeps the cells before it and reads the rest, and the result is
+    a fresh prefill of the client's prompt."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Run the tests."},
+               {"role": "assistant", "content": "All 40 tests passed."},
+               {"role": "user", "content": "Good. Anything else?"}]
+    name = exact.new_session(system="")
+    exact.set_roll_strategy(name, "reprefill")
+    exact.bind_chat(history[:3], session=name, max_tokens=1, **GREEDY).wait()
+    client = [dict(m) for m in history]
+    client[1] = {"role": "user", "content": "Run the unit tests."}
+    events = []
+    exact.bind_chat(client, session=name, max_tokens=1, on_event=events.append, **GREEDY).wait()
+    note = next(e.data for e in events if e.kind == "bound")
+    assert "edited_messages" not in note and note["dropped_messages"], note
+    fresh = chat_session(exact, client)
+    try:
+        exact.check(name)
+        held, want = exact.ledger(name), exact.ledger(fresh)
+        n = len(want)
+        assert held.tok[:n] == want.tok and held.pos[:n] == list(range(n))
+        exact.call(lambda core: _truncate(core, core.get(name), n))
+        close_logits(exact.next_logits(name, PROBE, all_logits=True), exact.next_logits(fresh, PROBE, all_logits=True))
+    finally:
+        exact.delete_session(name)
+        exact.delete_session(fresh)
+
+
+def _truncate(core, s, n: int) -> None:
+    core.mem.rm(s.seq, s.ledger.pos[n], -1)
+    s.ledger.truncate(n)
+
+
+def test_the_measured_price_of_a_shift_decides_between_editing_and_reading_again(exact):
+    """A message near the end that grows must shift what follows it: when the engine has measured
+    that a shift costs more than reading those few cells again, the edit is declined (the binding
+    reads from there); when shifts are cheap, it is made in place."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a colour."},
+               {"role": "assistant", "content": "Blue."}]
+    version = {"role": "user", "content": "Name a colour that is not red, green or any shade of grey."}
+    name = chat_session(exact, history)
+    try:
+        def decide(core, shift_s):
+            saved = dict(core.costs.rates), core.costs.shift_s
+            core.costs.rates = {(False, 0): 0.005, (True, 0): 0.0025}
+            core.costs.shift_s = shift_s
+            try:
+                s = core.get(name)
+                before = list(s.ledger.tok)
+                report = edits.replace_message(core, s, 1, version)
+                return report, before == list(s.ledger.tok)
+            finally:
+                core.costs.rates, core.costs.shift_s = saved
+
+        report, unchanged = exact.call(lambda core: decide(core, 1.0))
+        assert report is None and unchanged
+        report, unchanged = exact.call(lambda core: decide(core, 0.001))
+        assert report is not None and report["shifted"] > 0 and not unchanged
+        exact.check(name)
+    finally:
+        exact.delete_session(name)
 
 
 def test_replace_with_shift_keeps_later_cells_as_they_were(exact):

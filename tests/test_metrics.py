@@ -49,3 +49,6 @@ def test_metrics_count_requests_tokens_edits_and_sessions(url):
     assert grew("kvside_edits_total", edit="roll", strategy="shift") == 1
     assert grew("kvside_time_to_first_token_seconds_count") == 2
     assert value(after, "kvside_sessions", where="resident") >= 1
+    # the cost model learned from those decodes: a rate per token, and the roll's shift priced
+    rates = [v for (name, _), v in after.items() if name == "kvside_decode_ms_per_token"]
+    assert rates and all(v > 0 for v in rates)

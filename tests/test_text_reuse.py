@@ -190,3 +190,26 @@ def test_repair_computes_each_moved_runs_first_tokens_again(engine):
         assert ledger.state[start:start + 8] == ["recomputed"] * 8 and ledger.state[start + 8] == "live"
     finally:
         engine.call(lambda core: setattr(core.config, "reuse_repair", 0))
+
+
+def test_runs_are_read_again_when_moving_them_costs_more(engine):
+    """The engine's measured rates decide: with a K-shift priced above reading the runs again, the
+    plan keeps the exact prefix only and says so."""
+    bos, c = chunks(engine)
+    note, _ = complete(engine, [bos] + c[1] + c[2] + c[3] + c[4])
+    second = [bos] + c[1] + c[0][:30] + c[3] + c[4]
+
+    def price(core, shift_s):
+        saved = core.costs.shift_s
+        core.costs.shift_s = shift_s
+        return saved
+
+    saved = engine.call(lambda core: price(core, 1000.0))
+    try:
+        note, done = complete(engine, second)
+    finally:
+        engine.call(lambda core: price(core, saved))
+    assert note.get("moves_declined") is True and note["moved_runs"] == 0
+    assert note["prefix_tokens"] == 101 and done.usage.cached_tokens == 101
+    engine.check(note["session"])
+    close(engine.next_logits(note["session"], PROBE, all_logits=True), fresh_logits(engine, second))

@@ -106,6 +106,7 @@ def _stream(base: str, body: dict, headers: dict | None = None) -> dict:
     body = dict(body, stream=True, stream_options={"include_usage": True})
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=headers, timeout=300) as r:
         r.raise_for_status()
+        session = r.headers.get("x-kvside-session")
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -124,7 +125,23 @@ def _stream(base: str, body: dict, headers: dict | None = None) -> dict:
     if cached is None:
         cached = timings.get("cache_n", 0)
     return {"ttft_s": ttft if ttft is not None else time.perf_counter() - t0, "text": "".join(text),
-            "cached_tokens": cached, "prompt_tokens": usage.get("prompt_tokens") or timings.get("prompt_n", 0)}
+            "cached_tokens": cached, "prompt_tokens": usage.get("prompt_tokens") or timings.get("prompt_n", 0),
+            "session": session}
+
+
+FIDELITY_TOKENS = 32  # of each reply, teacher-forced on the edited cache and on a re-prefill
+
+
+def _fidelity(base: str, session: str | None) -> dict:
+    """kvside's measurement of a session's cache against a re-prefill of its tokens, on the reply
+    just given (POST /kvside/sessions/{name}/fidelity); {} where there is none to ask."""
+    if not session:
+        return {}
+    r = httpx.post(f"{base}/kvside/sessions/{session}/fidelity", json={"tokens": FIDELITY_TOKENS}, timeout=600)
+    if r.status_code != 200:
+        return {}
+    out = r.json()
+    return {"kl": out["kl"], "top1": out["top1"], "position_gaps": out["position_gaps"]}
 
 
 def chat_run(base: str, turns: int, budget_chars: int, max_tokens: int, explicit: bool) -> list[dict]:
@@ -165,9 +182,11 @@ def _tool_output(i: int) -> str:
     return " ".join(TOOL_WORDS.format(k=(i * 7 + j) % 10, m=f"m{i}_{j}", n=10 + i + j) for j in range(3))
 
 
-def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client: str, explicit: bool) -> list[dict]:
+def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client: str, explicit: bool,
+              measure_from: int | None = None) -> list[dict]:
     """An agent chat under one client behaviour (CLIENTS). With `explicit`, the session is named
-    and only the new turn is sent: the cost of reading the new turn alone, the floor."""
+    and only the new turn is sent: the cost of reading the new turn alone, the floor. From turn
+    `measure_from` on, each reply is also scored against a re-prefill of the session's tokens."""
     task = {"role": "user", "content": "Build the project step by step and report problems."}
     history: list[dict] = [task]
     rows = []
@@ -191,6 +210,8 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
         history.append({"role": "assistant", "content": r["text"] or "ok"})
         rows.append({"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
                      "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped})
+        if measure_from is not None and i >= measure_from:
+            rows[-1].update(_fidelity(base, r["session"]))
     return rows
 
 
@@ -276,7 +297,8 @@ def load_run(base: str, clients: int, requests: int, max_tokens: int, leak_check
 
 
 def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens: int, threads: int,
-        late_from: int, load_clients: int, load_requests: int, client: str | None = None) -> dict:
+        late_from: int, load_clients: int, load_requests: int, client: str | None = None,
+        fidelity: bool = True) -> dict:
     path = resolve(model).path
     configs = ["kvside", "kvside-noreuse", "kvside-explicit"] + (["llama-server"] if PEER.exists() else [])
     result: dict = {"model": str(path.name), "n_ctx": n_ctx, "turns": turns, "budget_chars": budget_chars,
@@ -294,12 +316,18 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
             if client is None:
                 rows = chat_run(base, turns, budget_chars, max_tokens, explicit=(kind == "kvside-explicit"))
             else:
-                rows = agent_run(base, turns, budget_chars, max_tokens, client, explicit=(kind == "kvside-explicit"))
+                measured = fidelity and kind in ("kvside", "kvside-explicit")
+                rows = agent_run(base, turns, budget_chars, max_tokens, client, explicit=(kind == "kvside-explicit"),
+                                 measure_from=late_from if measured else None)
             late = [r["ttft_s"] for r in rows if r["turn"] >= late_from]
             late_rows = [r for r in rows if r["turn"] >= late_from]
             result["runs"][kind] = {"turns": rows, "late_ttft_median_s": statistics.median(late),
                                     "late_cached_median": statistics.median(r["cached_tokens"] for r in late_rows),
                                     "late_prompt_median": statistics.median(r["prompt_tokens"] for r in late_rows)}
+            scored = [r for r in late_rows if "kl" in r]
+            if scored:
+                result["runs"][kind]["late_kl_mean"] = statistics.fmean(r["kl"] for r in scored)
+                result["runs"][kind]["late_top1_mean"] = statistics.fmean(r["top1"] for r in scored)
         finally:
             _stop(proc)
     if load_clients:  # a daemon with room for four sessions, beside llama-server with four slots
@@ -328,6 +356,10 @@ def table(result: dict) -> str:
         lines.append(f"late median (turn >= {result['late_from']}) | " +
                      " | ".join(f"{runs[k]['late_ttft_median_s']:.3f} / {runs[k]['late_cached_median']:.0f} of "
                                 f"{runs[k]['late_prompt_median']:.0f}" for k in kinds))
+    if any("late_kl_mean" in runs[k] for k in kinds):
+        lines.append(f"late kl / top1 against a re-prefill ({FIDELITY_TOKENS} reply tokens) | " +
+                     " | ".join(f"{runs[k]['late_kl_mean']:.2e} / {runs[k]['late_top1_mean']:.3f}"
+                                if "late_kl_mean" in runs[k] else "-" for k in kinds))
     for kind, load in result.get("load", {}).items():
         lines.append(f"load, {kind}: " + json.dumps({k: v for k, v in load.items() if k != "error_samples"}))
     if "notice" in result:

@@ -414,6 +414,13 @@ def bind_text(core, params: dict, stream, *, text: str | None = None, tokens=Non
                     s, plan = c, p
         if s is not None and plan.reused < max(min_chunk, 1) and core.free_seqs:
             s = None  # nothing worth keeping: a fresh cache, and the other one stays for its client
+    declined = False
+    if s is not None and len(plan.runs) > (1 if plan.prefix else 0):
+        # moving runs is worth it only when it beats reading them again, at the measured rates
+        exact = textreuse.prefix_only(plan)
+        repair = core.config.reuse_repair
+        if textreuse.cost(core, exact, len(prompt), repair) <= textreuse.cost(core, plan, len(prompt), repair):
+            plan, declined = exact, True
     created = s is None
     if created:
         s = core.new_session(core.free_name(TEXT_PREFIX), system="")
@@ -437,6 +444,8 @@ def bind_text(core, params: dict, stream, *, text: str | None = None, tokens=Non
         if report["moved_runs"] or report["inserted_tokens"]:
             s.log("text-reuse", **report)
         note = {"session": s.name, **report}
+        if declined:
+            note["moves_declined"] = True  # reading the runs again was estimated cheaper
         stream.session = s.name
         stream.put(Event("bound", data=note))
         core.start_tokens(s.name, tail, sampling, stream, reply)

@@ -89,7 +89,10 @@ EDITS: dict[str, Callable[[Any, str, dict], Any]] = {
     "policy": _policy,
     "attach": lambda e, n, a: e.attach(n, _str(a, "document"), _int(a, "recompute", 0, lo=-1),
                                        _str(a, "strategy", None)),
+    # not an edit: the cache measured against a re-prefill of its tokens (engine/reference.py)
+    "fidelity": lambda e, n, a: e.fidelity(n, _int(a, "tokens", 64, lo=1, hi=256)),
 }
+MEASUREMENTS = {"fidelity"}  # leave the session as it was: not counted as edits
 
 
 def apply(engine, name: str, edit: str, args: Any) -> Any:

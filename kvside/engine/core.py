@@ -20,6 +20,7 @@ import numpy as np
 from kvside._llama import backend, lib, recent_log
 from kvside.engine import native, persist, prompt
 from kvside.engine.batch import Batch
+from kvside.engine.costs import DecodeCosts
 from kvside.engine.decode import decode_error
 from kvside.engine.embed import Embedder, normalized
 from kvside.engine.jobs import JOB_CHUNK, JobRunner
@@ -114,6 +115,7 @@ class Core:
         self.mem = Memory(self.ctx)
         self.mem.on_shared_write = self.unshare
         self.batch = Batch(self.n_batch)
+        self.costs = DecodeCosts(self.n_batch)
         self.template = ChatTemplate(
             self.model.chat_template,
             bos_token=self.model.token_text(self.model.bos) if self.model.bos >= 0 else "",
@@ -352,9 +354,7 @@ class Core:
                 last = c0 + i == len(tokens) - 1
                 want = logits == "all" or (logits == "last" and last)
                 self.batch.add(tok, start + c0 + i, seq, want)
-            t0 = time.perf_counter()
-            rc = lib.llama_decode(self.ctx, self.batch.raw)
-            self.decode_seconds += time.perf_counter() - t0
+            rc = self.llama_decode(self.batch)
             if rc != 0:
                 self.mem.rm(seq, start, -1)
                 raise decode_error(rc)
@@ -380,12 +380,24 @@ class Core:
             self.batch.clear()
             for i, tok in enumerate(part):
                 self.batch.add(tok, start + c0 + i, seq, last and i == len(part) - 1)
-            t0 = time.perf_counter()
-            rc = lib.llama_decode(self.ctx, self.batch.raw)
-            self.decode_seconds += time.perf_counter() - t0
+            rc = self.llama_decode(self.batch)
             if rc != 0:
                 self.mem.rm(seq, start, -1)
                 raise decode_error(rc)
+
+    def llama_decode(self, batch: Batch) -> int:
+        """Every llama_decode the engine runs goes through here: timed for /metrics, and taught to
+        the cost model (a pending K-shift is applied by this decode, and priced by it)."""
+        shifted = self.mem.shift_pending
+        depth = self.used_cells()
+        t0 = time.perf_counter()
+        rc = lib.llama_decode(self.ctx, batch.raw)
+        seconds = time.perf_counter() - t0
+        self.decode_seconds += seconds
+        if rc == 0:
+            self.mem.shift_pending = False
+            self.costs.record(batch.n, depth, seconds, shifted)
+        return rc
 
     def unshare(self, seq: int) -> None:
         """Give seq copies of its own of every cell it holds (through a state copy), so cells it

@@ -9,6 +9,7 @@ session is rebuilt from its ledger: it is never left half-edited.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -83,6 +84,17 @@ class Strategy:
     @property
     def needs_scores(self) -> bool:
         return self.name == "select"
+
+    def repaired(self, later: int, whole: int) -> int:
+        """How many cells the strategy computes again when an edit precedes `later` cells of a
+        session of `whole` cells (for the cost of an edit)."""
+        if self.name == "reprefill":
+            return whole
+        if self.name == "select":
+            return math.ceil(self.frac * later)
+        if self.name in ("recompute", "values"):
+            return later if self.r < 0 else min(self.r, later)
+        return 0
 
     def __str__(self) -> str:
         if self.name == "select":
@@ -466,9 +478,10 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
     attending to everything before them (the stock recipe: the prefix is shared into the scratch
     sequence, the tokens decoded there, the cells handed over). When the hole is too small the
     later cells move up. The later cells keep the KV they were computed with; the session's
-    strategy decides what is repaired. Returns None, changing nothing, when the edit would decode
-    as many tokens as reading everything from this message on again (both run at the prefill
-    rate, so the token counts are the costs)."""
+    strategy decides what is repaired. Returns None, changing nothing, when the edit would take
+    longer than reading this message and everything after it again (the binding then cuts the
+    match here), by the engine's measured decode rates (costs.py): each changed stretch is a small
+    decode of its own, growing the message shifts the tail, the strategy repairs what follows."""
     from difflib import SequenceMatcher
 
     t0 = time.perf_counter()
@@ -484,11 +497,13 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
     tokens = message_tokens(core, s, msg_id, new)
     ops = SequenceMatcher(None, old, tokens, autojunk=False).get_opcodes()
     kept = sum(i2 - i1 for tag, i1, i2, _, _ in ops if tag == "equal")
-    to_decode = sum(j2 - j1 for tag, _, _, j1, j2 in ops if tag != "equal")
-    if to_decode >= len(led) - idx[0]:
+    growth = sum(max(0, (j2 - j1) - (i2 - i1)) for tag, i1, i2, j1, j2 in ops if tag != "equal")
+    strat = Strategy.parse(s.roll_strategy)
+    cost = edit_cost(core, s, idx, len(tokens), [j2 - j1 for tag, _, _, j1, j2 in ops if tag != "equal"],
+                     growth > 0, strat)
+    if cost["edit_s"] >= cost["reread_s"]:
         return None
     # room for what grows, checked before anything changes (an edit must not stop half-way)
-    growth = sum(max(0, (j2 - j1) - (i2 - i1)) for tag, i1, i2, j1, j2 in ops if tag != "equal")
     if growth and (led.next_pos + growth >= core.n_ctx or not core.mem.can_shift()):
         return None
     positions = [led.pos[i] for i in idx]
@@ -520,7 +535,6 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
             inserted += need
         first_changed = start
     _update_message(m, new)
-    strat = Strategy.parse(s.roll_strategy)
     recomputed = 0
     if strat.name == "reprefill":
         reprefill(core, s)
@@ -533,10 +547,25 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
             reprefill(core, s)  # the strategy cannot run across this layout: the exact fallback
             recomputed = len(s.ledger)
     report = {"replaced": msg_id, "kept_tokens": kept, "removed": removed, "inserted": inserted,
-              "shifted": shifted, "strategy": str(strat), "recomputed": recomputed,
+              "shifted": shifted, "strategy": str(strat), "recomputed": recomputed, **cost,
               "t_edit_s": time.perf_counter() - t0}
     s.log("replace", **report)
     return report
+
+
+def edit_cost(core, s: Session, idx: list[int], new_len: int, stretches: list[int], grows: bool,
+              strat: Strategy) -> dict:
+    """Estimated seconds (costs.py) of rewriting the message at ledger indices idx into new_len
+    tokens by decoding the changed `stretches` into holes, against reading the message and every
+    later cell again."""
+    costs, led = core.costs, s.ledger
+    depth = core.used_cells()
+    later = len(led) - idx[-1] - 1
+    edit = sum(costs.read(n, depth) for n in stretches if n)
+    edit += costs.shift() if grows else 0.0
+    edit += costs.read(strat.repaired(later, len(led)), depth)
+    reread = costs.read(new_len + later, depth - (len(led) - idx[0]))
+    return {"edit_s": round(edit, 4), "reread_s": round(reread, 4), "cost_measured": costs.measured}
 
 
 def _decode_into_hole(core, s: Session, tokens: list[int], start: int) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvside._llama import native_patch_loaded
 
-from kvside.engine import binding, compose, edits, persist
+from kvside.engine import binding, compose, edits, persist, reference
 from kvside.engine.core import Core, EngineConfig
 from kvside.engine.jobs import LongWork
 from kvside.engine.ledger import Ledger
@@ -245,6 +245,11 @@ class Engine:
     def check(self, name: str) -> dict:
         """Assert that the session's ledger equals the cache; returns the cache's view."""
         return self.call(lambda core: core.check(name), session=name)
+
+    def fidelity(self, name: str, tokens: int = 64) -> dict:
+        """The session's cache against a re-prefill of the same tokens, on its last message
+        (reference.against_reprefill); the session is left as it was."""
+        return self.call(lambda core: reference.against_reprefill(core, core.get(name), tokens), session=name)
 
     def next_logits(self, name: str, tokens: list[int] | None = None, all_logits: bool = False) -> np.ndarray:
         return self.call(lambda core: core.probe(name, tokens, all_logits), session=name)

@@ -70,7 +70,7 @@ def recompute(core, seq: int, positions: list[int], tokens: list[int], values_on
             batch.clear()
             for p, t in zip(positions[c0 : c0 + core.n_batch], tokens[c0 : c0 + core.n_batch]):
                 batch.add(t, p, seq, False)
-            rc = lib.llama_decode(core.ctx, batch.raw)
+            rc = core.llama_decode(batch)
             if rc != 0:
                 raise EditError(f"in-place recompute failed (llama_decode {rc}): {recent_log(2)}")
     finally:

@@ -9,7 +9,6 @@ import codecs
 import time
 from dataclasses import dataclass, field
 
-from kvside._llama import lib
 from kvside.engine import edits, prompt
 from kvside.engine.decode import decode_error
 from kvside.engine.reply import ReplyReader, ReplySpec, constraint
@@ -184,9 +183,7 @@ class Scheduler:
             for g in [g for g in self.gens if g.phase == PREFILL and not g.todo]:
                 self._fail(g, InvalidRequest("nothing to decode"))
             return
-        t0 = time.perf_counter()
-        rc = lib.llama_decode(self.core.ctx, self.core.batch.raw)
-        self.core.decode_seconds += time.perf_counter() - t0
+        rc = self.core.llama_decode(self.core.batch)
         if rc != 0:
             error = decode_error(rc)
             for g, _, _, _ in slots:

@@ -74,6 +74,27 @@ def plan(held: list[int], prompt: list[int], min_chunk: int) -> Plan:
     return out
 
 
+def prefix_only(p: Plan) -> Plan:
+    return Plan(runs=p.runs[:1], prefix=p.prefix) if p.prefix else Plan()
+
+
+def cost(core, p: Plan, prompt_len: int, repair: int) -> float:
+    """Estimated seconds (costs.py) until the prompt is read with plan p: each gap decoded into
+    its hole on its own (small batches cost more per token), the repair of each moved run, one
+    K-shift if anything moved, then the tail as a prompt."""
+    costs, depth = core.costs, core.used_cells()
+    moved = p.runs[1:] if p.prefix else p.runs
+    total = costs.shift() if any(i != j for i, j, _ in moved) else 0.0
+    end = 0
+    for r, (_, j, n) in enumerate(p.runs):
+        if j > end:
+            total += costs.read(j - end, depth)
+        if repair and (r or not p.prefix):
+            total += costs.read(min(repair, n), depth)
+        end = j + n
+    return total + costs.read(prompt_len - end, depth)
+
+
 def contiguous(s: Session) -> bool:
     pos = s.ledger.pos
     return not pos or pos[-1] == len(pos) - 1

@@ -253,8 +253,9 @@ class Daemon:
 
     async def metrics_text(self, request: HTTPRequest) -> Response:
         sessions = await asyncio.to_thread(self.engine.sessions)
-        decode_s = await asyncio.to_thread(self.engine.call, lambda core: core.decode_seconds)
-        body, content_type = self.metrics.render(self.active, sessions, decode_s)
+        decode_s, costs = await asyncio.to_thread(self.engine.call, lambda core: (core.decode_seconds,
+                                                                                   core.costs.report()))
+        body, content_type = self.metrics.render(self.active, sessions, decode_s, costs)
         return Response(body, media_type=content_type)
 
     async def models(self, request: HTTPRequest) -> JSONResponse:
@@ -403,7 +404,8 @@ class Daemon:
             raise HTTPException(404, f"unknown edit {edit!r} (one of: {', '.join(commands.EDITS)})")
         body = await self._json(request)
         result = await asyncio.to_thread(commands.apply, self.engine, name, edit, body)
-        self.metrics.edit(edit, result)
+        if edit not in commands.MEASUREMENTS:
+            self.metrics.edit(edit, result)
         return JSONResponse(result)
 
     async def restore_session(self, request: HTTPRequest) -> JSONResponse:

@@ -45,7 +45,7 @@ chat: setup
 test: test-stock test-native
 
 test-stock: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	KVSIDE_NATIVE=off $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-native: setup native
 	LLAMA_CPP_LIB_PATH=$(CURDIR)/$(NATIVE_LIB) KVSIDE_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q -m "not qwen" $(PYTEST_ARGS)
@@ -91,7 +91,7 @@ NATIVE_LIB   := $(NATIVE_BUILD)/bin
 NATIVE_STAMP := $(NATIVE_BUILD)/.kvside-patch
 
 native: $(NATIVE_STAMP)
-	@echo "patched libllama in $(NATIVE_LIB): LLAMA_CPP_LIB_PATH=$(CURDIR)/$(NATIVE_LIB) kvside doctor"
+	@echo "patched libllama in $(NATIVE_LIB): kvside loads it from there (KVSIDE_NATIVE=off for the stock one; kvside doctor)"
 
 $(NATIVE_STAMP): native/kvside.patch $(LLAMA_SRC)/CMakeLists.txt
 	rm -rf $(NATIVE_SRC)

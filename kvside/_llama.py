@@ -1,7 +1,10 @@
 """The one place that loads llama.cpp.
 
 `lib` is llama-cpp-python's low-level ctypes module. `LLAMA_CPP_LIB_PATH` makes it load another
-libllama (the patched build in native/), with the same bindings.
+libllama with the same bindings. Without it, the patched build `make native` leaves in this
+checkout (build/native-BACKEND/bin) is loaded when there is one, so the native strategies work
+without the user exporting anything; KVSIDE_NATIVE=off keeps the stock library (the stock test pass
+sets it). `library_choice` says which was loaded and why (`kvside doctor`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,27 @@ import collections
 import ctypes
 import os
 import threading
+from pathlib import Path
 
-import llama_cpp  # noqa: F401  (loads libllama before numpy; see kvside/__init__.py)
-from llama_cpp import llama_cpp as lib
+
+def _choose_library(build: Path = Path(__file__).resolve().parents[1] / "build") -> str:
+    """Set LLAMA_CPP_LIB_PATH to this checkout's patched build unless told otherwise; says why."""
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return f"LLAMA_CPP_LIB_PATH={os.environ['LLAMA_CPP_LIB_PATH']}"
+    if os.environ.get("KVSIDE_NATIVE", "auto").lower() in ("off", "0", "no"):
+        return "llama-cpp-python's own (KVSIDE_NATIVE=off)"
+    for backend in ("cuda", "metal", "vulkan", "cpu"):  # a GPU build, when one was made, is the one wanted
+        folder = build / f"native-{backend}"
+        if (folder / ".kvside-patch").exists() and any((folder / "bin").glob("libllama.*")):
+            os.environ["LLAMA_CPP_LIB_PATH"] = str(folder / "bin")
+            return f"the patched build in {folder / 'bin'} (make native; KVSIDE_NATIVE=off for the stock one)"
+    return "llama-cpp-python's own (no patched build: make native)"
+
+
+library_choice = _choose_library()
+
+import llama_cpp  # noqa: E402,F401  (loads libllama before numpy; see kvside/__init__.py)
+from llama_cpp import llama_cpp as lib  # noqa: E402
 
 # llama.cpp logs a lot to stderr. Keep the last lines so a failed load can say why, and show
 # nothing unless KVSIDE_LLAMA_LOG=1.

@@ -126,6 +126,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         ("n_gpu_layers", info["n_gpu_layers"]),
         ("llama-cpp-python", info["llama_cpp_python"]),
         ("libllama", info["library"]),
+        ("chosen", info["library_choice"]),
         ("native patch", "loaded: values:R, values:all, select:F available" if info["native_patch"]
          else "not loaded (stock llama.cpp): values:R, values:all, select:F need it (make native)"),
         ("attention", info["attention"]),
@@ -282,8 +283,11 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
         if ns.requests < 2 or ns.load_clients < 1:
             raise KvsideError_usage("--requests must be at least 2 and --load-clients at least 1")
-        result = latency.run(ns.model, ns.n_ctx, ns.threads or os.cpu_count() or 2, ns.requests, ns.load_clients,
-                             ns.max_tokens)
+        if ns.url:
+            result = latency.against(ns.url.rstrip("/"), ns.requests, ns.load_clients, ns.max_tokens, ns.tokens)
+        else:
+            result = latency.run(ns.model, ns.n_ctx, ns.threads or os.cpu_count() or 2, ns.requests, ns.load_clients,
+                                 ns.max_tokens, decode_tokens=ns.tokens)
         print(json.dumps(result, indent=2) if ns.json else latency.table(result))
         return 0
     if ns.what == "fim":
@@ -303,6 +307,15 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             raise KvsideError_usage("--tool-tokens must be under half of --n-ctx")
         result = agent.run(ns.model, ns.rounds, ns.tool_tokens, ns.n_ctx, ns.keep_tools, ns.recall_last, ns.threads)
         print(json.dumps(result, indent=2) if ns.json else agent.table(result))
+        return 0
+    if ns.what == "costs":
+        from kvside.bench import costs
+
+        depths = [d for d in (0, 512, 1024, 2048, 4096) if d + 512 < ns.n_ctx]
+        if ns.reps < 1:
+            raise KvsideError_usage("--reps must be at least 1")
+        result = costs.run(ns.model, ns.n_ctx, depths, ns.reps, ns.threads)
+        print(json.dumps(result, indent=2) if ns.json else costs.table(result))
         return 0
     if ns.what == "roll":
         from kvside.bench import roll
@@ -643,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
-    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference", "agent", "fim", "latency"])
+    p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference", "agent", "fim", "latency",
+                                        "costs"])
     p.add_argument("--requests", type=int, default=50, help="fim: autocomplete requests in the trace; latency: requests of the one-client round")
     p.add_argument("--rounds", type=int, default=12, help="agent: tool rounds")
     p.add_argument("--tool-tokens", type=int, default=300, help="agent: tokens per tool result")
@@ -660,13 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-clients", type=int, default=16, help="serve: concurrent clients in the load run")
     p.add_argument("--client", default=None, choices=["front", "cline", "placeholder", "clock"],
                    help="serve: an agent chat under this client behaviour (see kvside/bench/serve.py)")
+    p.add_argument("--url", default=None, help="latency: measure a server already running there instead of "
+                   "starting kvside and llama-server")
     p.add_argument("--no-fidelity", action="store_true",
                    help="serve --client: skip scoring late replies against a re-prefill (kl, top1)")
     p.add_argument("--load-requests", type=int, default=4, help="serve: requests per load client")
     p.add_argument("--flash-attn", choices=["auto", "on", "off", "reference"], default="auto",
                    help="restore: attention kernel (reference: ggml's reference kernels, native patch)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--tokens", type=int, default=128, help="decode: tokens to generate")
+    p.add_argument("--tokens", type=int, default=128, help="decode, latency: tokens to generate (latency: one stream's decode rate)")
     p.add_argument("--reps", type=int, default=3, help="decode: repetitions")
     p.add_argument("--ctx", type=int, default=1024, help="roll, restore: tokens in the cache")
     p.add_argument("--drop", type=int, default=256, help="roll: tokens dropped")

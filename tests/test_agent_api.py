@@ -81,12 +81,15 @@ def test_round_trip_with_a_tool_result_reuses_the_cache(client):
 def test_other_tools_rewrite_the_tool_turn_of_the_session_in_place(client):
     """Tool definitions are part of the cached prompt: a request with another set of tools is never
     answered from the cells of the first set. The session that holds the conversation has its tool
-    turn rewritten token by token (test_diff_binding checks the tokens equal a fresh rendering)."""
+    turn rewritten token by token (test_diff_binding checks the tokens equal a fresh rendering), when
+    that costs less than reading the conversation again: here a long tool result follows."""
     a = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
                                        temperature=0, max_tokens=60, parallel_tool_calls=False)
     call = a.choices[0].message.tool_calls[0]
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                     {"role": "tool", "tool_call_id": call.id, "content": "ok"}]
+                     {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C, light wind. " * 22}]
+    client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], temperature=0, max_tokens=2)
+    history += [{"role": "assistant", "content": "It is sunny."}, {"role": "user", "content": "And tomorrow?"}]
     b = client.chat.completions.create(model=MODEL, messages=history, tools=[SEARCH], temperature=0, max_tokens=5)
     facts = b.model_extra["kvside"]
     assert facts["session"] == a.model_extra["kvside"]["session"] and facts.get("tools_changed") is True

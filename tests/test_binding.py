@@ -64,6 +64,17 @@ def test_best_match_prefers_the_longest_reuse_across_sessions():
     assert m.session == "long" and m.reused == 5
 
 
+def test_best_match_weighs_the_cells_a_session_would_save_not_its_message_count():
+    """A session holding a long tool output the client still sends saves more reading than one
+    that matches more short messages but holds that output elided."""
+    tool, elided = ("tool", "x " * 400), ("tool", "[elided]")
+    cells = lambda *n: [dict(m, n_cells=k) for m, k in zip(*n)]  # noqa: E731
+    sessions = {"with-output": cells(held(SYS, U1, tool), [10, 5, 500]),
+                "more-messages": cells(held(SYS, U1, elided, A1, U2, A2), [10, 5, 3, 5, 5, 5])}
+    m = best_match(sessions, msgs(SYS, U1, tool, A1, U2, A2, U3))
+    assert m.session == "with-output" and m.reused_cells == 515
+
+
 def test_best_match_needs_something_new_to_answer():
     assert best_match({"s": held(SYS, U1, A1)}, msgs(SYS, U1, A1)) is None
 

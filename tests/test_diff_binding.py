@@ -290,3 +290,65 @@ def test_changed_tool_definitions_are_edited_in_place(exact):
 
     want, held = exact.call(fresh_tokens)
     assert held == want
+
+
+def _cline_trace(engine, session: str) -> tuple[list[dict], list[dict]]:
+    """A conversation held by `session`, and the client's next array: its first task message
+    kept, the oldest exchange after it dropped (Cline), a new question."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Check the logs, one by one."}]
+    for i in range(3):
+        history.append({"role": "tool", "content": f"log {i}: " + "line ok; " * 30})
+        c = engine.bind_chat(history, session=session, max_tokens=6, **GREEDY).wait()
+        history.append({"role": "assistant", "content": c.text or "ok"})
+    trimmed = history[:2] + history[4:] + [{"role": "user", "content": "Next."}]
+    return history, trimmed
+
+
+def test_with_reprefill_a_dropped_middle_exchange_is_read_again_from_the_drop(exact):
+    """The session's strategy decides what follows a drop: with reprefill, the cells before the
+    drop are kept and the rest is read again, so the cache is a fresh prefill of the client's
+    prompt (dense positions, the same tokens and logits)."""
+    name = exact.new_session(system="")
+    exact.set_roll_strategy(name, "reprefill")
+    try:
+        _, trimmed = _cline_trace(exact, name)
+        events = []
+        c = exact.bind_chat(trimmed, session=name, max_tokens=1, on_event=events.append, **GREEDY).wait()
+        note = next(e.data for e in events if e.kind == "bound")
+        assert note["strategy"] == "reprefill" and note.get("recomputed_tokens", 0) == 0, note
+        exact.check(name)
+        fresh = chat_session(exact, trimmed)
+        try:
+            held, want = exact.ledger(name), exact.ledger(fresh)
+            n = len(want)  # the session also holds the reply's first token
+            assert held.tok[:n] == want.tok and held.pos == list(range(len(held)))
+            assert c.usage.cached_tokens < n // 2  # the prefix before the drop, not the later turns
+            exact.call(lambda core: _truncate(core, core.get(name), n))
+            close_logits(exact.next_logits(name, PROBE, all_logits=True),
+                         exact.next_logits(fresh, PROBE, all_logits=True))
+        finally:
+            exact.delete_session(fresh)
+    finally:
+        exact.delete_session(name)
+
+
+def test_with_recompute_the_cells_after_a_drop_are_computed_again(exact):
+    """recompute:R after a client's drop: the hole is closed and the first R cells after it are
+    computed again (stock llama.cpp can only decode after a sequence's last cell); the answer says
+    so and does not count them as cached."""
+    name = exact.new_session(system="")
+    exact.set_roll_strategy(name, "recompute:8")
+    try:
+        _, trimmed = _cline_trace(exact, name)
+        events = []
+        c = exact.bind_chat(trimmed, session=name, max_tokens=1, on_event=events.append, **GREEDY).wait()
+        note = next(e.data for e in events if e.kind == "bound")
+        assert note["strategy"] == "recompute:8" and note["recomputed_tokens"] == 8, note
+        assert len(note["dropped_messages"]) == 2
+        exact.check(name)
+        held = exact.ledger(name)
+        assert held.pos == list(range(len(held)))  # the hole was closed
+        assert held.state.count("recomputed") == 8
+        assert c.usage.cached_tokens <= len(held) - 8 - 1  # the recomputed cells and the new turn were read
+    finally:
+        exact.delete_session(name)

@@ -95,7 +95,7 @@ def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, client)
     elides (placeholder), the next turns still come from the cache."""
     from kvside.bench.serve import agent_run
 
-    rows = agent_run(daemon_url, turns=5, budget_chars=1500, max_tokens=4, client=client, explicit=False)
+    rows = list(agent_run(daemon_url, turns=5, budget_chars=1500, max_tokens=4, client=client, explicit=False))
     # the first turn may share the system prompt with an earlier conversation, nothing more
     assert len(rows) == 5 and rows[0]["cached_tokens"] < 0.5 * rows[0]["prompt_tokens"]
     late = rows[-1]

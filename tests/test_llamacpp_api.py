@@ -131,3 +131,15 @@ def test_completion_warm_up_reads_the_prompt_and_answers_nothing(url):
 def test_bad_completion_requests_are_clear_errors(url, body):
     r = post(url, "/completion", body)
     assert r.status_code in (400, 404) and r.json()["error"]["message"]
+
+
+def test_ignore_eos_keeps_generating_and_is_type_checked(url):
+    """llama-server's `ignore_eos` (benchmarks use it to time a fixed number of tokens)."""
+    r = post(url, "/completion", {"prompt": "Say hi.", "n_predict": 24, "ignore_eos": True, "temperature": 0})
+    assert r.status_code == 200 and r.json()["tokens_predicted"] == 24
+    assert r.json()["timings"]["predicted_per_second"] > 0
+    bad = post(url, "/completion", {"prompt": "Say hi.", "n_predict": 4, "ignore_eos": "yes"})
+    assert bad.status_code == 400 and "ignore_eos" in bad.json()["error"]["message"]
+    chat = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12,
+                                               "ignore_eos": True, "temperature": 0})
+    assert chat.json()["usage"]["completion_tokens"] == 12

@@ -58,7 +58,37 @@ def _round(base: str, clients: int, per_client: int, max_tokens: int, offset: in
     return out
 
 
-def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int, max_tokens: int) -> dict:
+DECODE_PROMPT = "Write a long story about a lighthouse keeper and the sea."
+
+
+def decode_rate(base: str, n_tokens: int, reps: int = 3) -> dict:
+    """One stream's generation rate as the server reports it (llama-server's /completion
+    `timings.predicted_per_second`, which kvside's /completion gives the same way): n_tokens past
+    any end-of-generation token, the best of `reps`."""
+    rates = []
+    for _ in range(reps):
+        r = httpx.post(base + "/completion", json={"prompt": DECODE_PROMPT, "n_predict": n_tokens, "ignore_eos": True,
+                                                   "temperature": 0, "cache_prompt": False}, timeout=600)
+        r.raise_for_status()
+        timings = r.json()["timings"]
+        rates.append(timings["predicted_per_second"])
+    return {"tokens": n_tokens, "tok_s_best": round(max(rates), 2), "tok_s_median": round(statistics.median(rates), 2)}
+
+
+def against(base: str, requests: int, clients: int, max_tokens: int, decode_tokens: int = 128) -> dict:
+    """The same rounds against a server already running at `base` (to profile a daemon, e.g.
+    under py-spy); nothing is started or stopped."""
+    _round(base, 1, 2, max_tokens, 900)  # warm up
+    out = {"one_client": _round(base, 1, requests, max_tokens, 0),
+           f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2), max_tokens, 100)}
+    result = {"model": base, "n_ctx": None, "threads": None, "max_tokens": max_tokens, "runs": {base: out}}
+    if decode_tokens:
+        result["decode"] = {base: decode_rate(base, decode_tokens)}
+    return result
+
+
+def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int, max_tokens: int,
+        decode_tokens: int = 128) -> dict:
     path = resolve(model).path
     kinds = ["kvside"] + (["llama-server"] if PEER.exists() else [])
     result: dict = {"model": path.name, "n_ctx": n_ctx, "threads": threads, "max_tokens": max_tokens, "runs": {}}
@@ -72,6 +102,8 @@ def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int
             result["runs"][kind] = {"one_client": _round(base, 1, requests, max_tokens, 0),
                                     f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2),
                                                                  max_tokens, 100)}
+            if decode_tokens:
+                result.setdefault("decode", {})[kind] = decode_rate(base, decode_tokens)
         finally:
             _stop(proc)
     return result
@@ -86,6 +118,11 @@ def table(result: dict) -> str:
             share = f"{r['share_outside_decode']:.0%}" if "share_outside_decode" in r else "-"
             lines.append(f"{kind} | {r['clients']} | {r['requests']} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} | "
                          f"{r['request_p50_s']:.3f} | {r['wall_s']:.2f} | {share}")
+    decode = result.get("decode", {})
+    for kind, d in decode.items():
+        lines.append(f"single stream decode, {kind}: {d['tok_s_best']:.1f} tok/s (best of 3, {d['tokens']} tokens)")
+    if "kvside" in decode and "llama-server" in decode:
+        lines.append(f"decode ratio kvside / llama-server: {decode['kvside']['tok_s_best'] / decode['llama-server']['tok_s_best']:.3f}")
     if "notice" in result:
         lines.append(result["notice"])
     return "\n".join(lines)

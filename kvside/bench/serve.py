@@ -144,9 +144,9 @@ def _fidelity(base: str, session: str | None) -> dict:
     return {"kl": out["kl"], "top1": out["top1"], "position_gaps": out["position_gaps"]}
 
 
-def chat_run(base: str, turns: int, budget_chars: int, max_tokens: int, explicit: bool) -> list[dict]:
+def chat_run(base: str, turns: int, budget_chars: int, max_tokens: int, explicit: bool):
+    """The editor's chat, one turn per step: yields each turn's row."""
     history: list[dict] = []
-    rows = []
     headers = {"X-Kvside-Session": "bench-explicit"} if explicit else None
     for i in range(turns):
         user = {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}
@@ -161,9 +161,8 @@ def chat_run(base: str, turns: int, budget_chars: int, max_tokens: int, explicit
             sent = messages
         r = _stream(base, {"messages": sent, "max_tokens": max_tokens, "temperature": 0}, headers)
         history.append({"role": "assistant", "content": r["text"]})
-        rows.append({"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
-                     "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped})
-    return rows
+        yield {"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
+               "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped}
 
 
 # What agents and editors do to their history, as `--client` modes (the chat is an agent's: a task,
@@ -183,13 +182,13 @@ def _tool_output(i: int) -> str:
 
 
 def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client: str, explicit: bool,
-              measure_from: int | None = None) -> list[dict]:
-    """An agent chat under one client behaviour (CLIENTS). With `explicit`, the session is named
-    and only the new turn is sent: the cost of reading the new turn alone, the floor. From turn
-    `measure_from` on, each reply is also scored against a re-prefill of the session's tokens."""
+              measure_from: int | None = None):
+    """An agent chat under one client behaviour (CLIENTS), one turn per step: yields each turn's
+    row. With `explicit`, the session is named and only the new turn is sent: the cost of reading
+    the new turn alone, the floor. From turn `measure_from` on, each reply is also scored against
+    a re-prefill of the session's tokens."""
     task = {"role": "user", "content": "Build the project step by step and report problems."}
     history: list[dict] = [task]
-    rows = []
     headers = {"X-Kvside-Session": "bench-explicit"} if explicit else None
     for i in range(turns):
         system = SYSTEM if client != "clock" else f"{SYSTEM} Current time: 10:{i:02d}."
@@ -208,11 +207,11 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
         sent = messages if not explicit or i == 0 else [tool]
         r = _stream(base, {"messages": sent, "max_tokens": max_tokens, "temperature": 0}, headers)
         history.append({"role": "assistant", "content": r["text"] or "ok"})
-        rows.append({"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
-                     "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped})
+        row = {"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
+               "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped}
         if measure_from is not None and i >= measure_from:
-            rows[-1].update(_fidelity(base, r["session"]))
-    return rows
+            row.update(_fidelity(base, r["session"]))
+        yield row
 
 
 def _load_request(base: str, body: dict, cut_after: int | None) -> dict:
@@ -308,28 +307,41 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
         result["client_behaviour"] = CLIENTS[client]
     if not PEER.exists():
         result["notice"] = "llama-server not built (make peer): skipped"
-    for kind in configs if turns else []:  # --turns 0: the load run alone
-        home = tempfile.mkdtemp(prefix="kvside-bench-serve-")
-        proc, base = _start("llama-server" if kind == "llama-server" else
-                            ("kvside-noreuse" if kind == "kvside-noreuse" else "kvside"), path, n_ctx, threads, home)
-        try:
+    # All servers run at once and take turns, one chat turn each: a 2-core machine's speed drifts
+    # over minutes, and running the configurations one after the other compared them at different
+    # speeds. Each server is idle while another works.
+    servers: dict[str, tuple] = {}
+    try:
+        for kind in configs if turns else []:  # --turns 0: the load run alone
+            home = tempfile.mkdtemp(prefix="kvside-bench-serve-")
+            servers[kind] = _start("llama-server" if kind == "llama-server" else
+                                   ("kvside-noreuse" if kind == "kvside-noreuse" else "kvside"), path, n_ctx, threads, home)
+        traces = {}
+        for kind, (_, base) in servers.items():
+            explicit = kind == "kvside-explicit"
             if client is None:
-                rows = chat_run(base, turns, budget_chars, max_tokens, explicit=(kind == "kvside-explicit"))
+                traces[kind] = chat_run(base, turns, budget_chars, max_tokens, explicit)
             else:
                 measured = fidelity and kind in ("kvside", "kvside-explicit")
-                rows = agent_run(base, turns, budget_chars, max_tokens, client, explicit=(kind == "kvside-explicit"),
-                                 measure_from=late_from if measured else None)
-            late = [r["ttft_s"] for r in rows if r["turn"] >= late_from]
-            late_rows = [r for r in rows if r["turn"] >= late_from]
-            result["runs"][kind] = {"turns": rows, "late_ttft_median_s": statistics.median(late),
-                                    "late_cached_median": statistics.median(r["cached_tokens"] for r in late_rows),
-                                    "late_prompt_median": statistics.median(r["prompt_tokens"] for r in late_rows)}
-            scored = [r for r in late_rows if "kl" in r]
-            if scored:
-                result["runs"][kind]["late_kl_mean"] = statistics.fmean(r["kl"] for r in scored)
-                result["runs"][kind]["late_top1_mean"] = statistics.fmean(r["top1"] for r in scored)
-        finally:
+                traces[kind] = agent_run(base, turns, budget_chars, max_tokens, client, explicit,
+                                         measure_from=late_from if measured else None)
+        rows: dict[str, list[dict]] = {kind: [] for kind in traces}
+        for _ in range(turns):
+            for kind, trace in traces.items():
+                rows[kind].append(next(trace))
+    finally:
+        for proc, _ in servers.values():
             _stop(proc)
+    for kind, kind_rows in rows.items() if turns else []:
+        late = [r["ttft_s"] for r in kind_rows if r["turn"] >= late_from]
+        late_rows = [r for r in kind_rows if r["turn"] >= late_from]
+        result["runs"][kind] = {"turns": kind_rows, "late_ttft_median_s": statistics.median(late),
+                                "late_cached_median": statistics.median(r["cached_tokens"] for r in late_rows),
+                                "late_prompt_median": statistics.median(r["prompt_tokens"] for r in late_rows)}
+        scored = [r for r in late_rows if "kl" in r]
+        if scored:
+            result["runs"][kind]["late_kl_mean"] = statistics.fmean(r["kl"] for r in scored)
+            result["runs"][kind]["late_top1_mean"] = statistics.fmean(r["top1"] for r in scored)
     if load_clients:  # a daemon with room for four sessions, beside llama-server with four slots
         result["load"] = {}
         for kind in ["kvside"] + (["llama-server"] if PEER.exists() else []):

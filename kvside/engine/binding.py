@@ -13,6 +13,7 @@ every difference into a cache edit instead of a re-prefill of everything after i
 from __future__ import annotations
 
 import json
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -51,28 +52,39 @@ class Match:
     new: list[dict]  # messages to append
     replaced: list[tuple[int, dict]] = field(default_factory=list)  # (held id, the client's version)
     retooled: dict | None = None  # the tool definitions were rewritten in place (binding._retooled)
+    reused_cells: int = 0  # cells of the reused messages: what choosing this session saves reading
+    dropped_cells: int = 0  # cells its edits destroy (work another conversation may come back to)
 
 
 def _live(m: dict) -> bool:
     return m.get("state", "live") == "live"
 
 
-def diff(held: list[dict], incoming: list[dict]) -> Match | None:
+def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) -> Match | None:
     """How `incoming` follows from `held` (a session's chat messages in order, rolled ones
     included: the client may still send what the cache already let go), or None when it does
     not: nothing new to answer, nothing reused, a pinned message would go, or more would be
-    dropped than kept (another conversation that shares a head, not this one trimmed)."""
+    dropped than kept (another conversation that shares a head, not this one trimmed).
+    cut_at_change: the first change to a message that has cells ends the match (what follows is
+    read again rather than kept), for a session that must equal a fresh prefill or where
+    reading again costs less than the edit."""
     have, want = [_key(m) for m in held], [_key(m) for m in incoming]
-    kept, dropped, replaced = 0, [], []
+    kept, dropped, replaced, cells = 0, [], [], 0
     cut_held, cut_want = len(held), len(want)
     for tag, i1, i2, j1, j2 in SequenceMatcher(None, have, want, autojunk=False).get_opcodes():
         if tag == "equal":
             kept += i2 - i1
+            cells += sum(m.get("n_cells", 1) for m in held[i1:i2])
+        elif cut_at_change and tag in ("delete", "replace") and any(_live(m) for m in held[i1:i2]):
+            cut_held, cut_want = i1, j1
+            break
         elif tag == "delete":
             dropped += [m["id"] for m in held[i1:i2] if _live(m)]
         elif tag == "replace" and (pairs := _pair(held, incoming, i1, i2, j1, j2)) is not None:
             paired, tail = pairs
             replaced += [(held[i]["id"], incoming[j]) for i, j in paired]
+            # an edited message saves reading only the part that stays
+            cells += sum(int(held[i].get("n_cells", 1) * _similarity(have[i], want[j])) for i, j in paired)
             dropped += [held[i]["id"] for i in range(i1, i2) if i not in {i for i, _ in paired} and _live(held[i])]
             if tail is not None:  # the client's new messages follow the changed ones
                 cut_held, cut_want = i2, tail
@@ -101,7 +113,14 @@ def diff(held: list[dict], incoming: list[dict]) -> Match | None:
     head = 1 if have and want and have[0] == want[0] and have[0][0] == "system" else 0
     if gone and len(gone) > kept - head:
         return None
-    return Match("", kept + len(replaced), dropped, new, replaced)
+    size = {m["id"]: m.get("n_cells", 1) for m in held}
+    return Match("", kept + len(replaced), dropped, new, replaced, reused_cells=cells,
+                 dropped_cells=sum(size[i] for i in dropped))
+
+
+def _similarity(a: tuple, b: tuple) -> float:
+    """How much of message key a survives in b (difflib's quick upper bound, on text and calls)."""
+    return SequenceMatcher(None, f"{a[1]}{a[2]}", f"{b[1]}{b[2]}", autojunk=False).quick_ratio()
 
 
 def _pair(held: list[dict], incoming: list[dict], i1: int, i2: int, j1: int, j2: int):
@@ -130,23 +149,53 @@ def _pair(held: list[dict], incoming: list[dict], i1: int, i2: int, j1: int, j2:
 
 
 def best_match(sessions: dict[str, list[dict]], incoming: list[dict]) -> Match | None:
-    """The session whose diff against `incoming` reuses the most messages (fewest dropped and
-    edited on a tie)."""
+    """The session whose diff against `incoming` saves the most: the cells of reused messages (a
+    long tool output kept outweighs two short turns) less the cells the edits would destroy (a
+    session holding another conversation that shares the head loses its later turns), then the
+    fewest messages edited in place and dropped."""
+    def rank(m: Match) -> tuple:
+        return m.reused_cells - m.dropped_cells, m.reused - len(m.replaced), -len(m.dropped)
+
     best: Match | None = None
     for name, held in sessions.items():
         m = diff(held, incoming)
         if m is None:
             continue
         m.session = name
-        rank = (m.reused - len(m.replaced), -len(m.dropped))
-        if best is None or rank > (best.reused - len(best.replaced), -len(best.dropped)):
+        if best is None or rank(m) > rank(best):
             best = m
     return best
 
 
+def _repair_or_read_again(core, s, match: Match, messages: list[dict]) -> Match:
+    """The session's strategy decides what happens to the cells after a dropped message: `shift`
+    keeps them as they are (free); `recompute:R`, `values:R`, `select:F` compute some again; with
+    `reprefill`, or when that repair would cost more than reading the later messages again (at the
+    engine's measured rates), the match is cut at the first drop and the rest is read anew."""
+    from kvside.engine import edits
+
+    strat = edits.Strategy.parse(s.roll_strategy)
+    if not match.dropped or strat.name == "shift":
+        return match
+    led = s.ledger
+    dropped = set(match.dropped)
+    first = next((i for i, m in enumerate(led.msg) if m in dropped), len(led))
+    later = sum(1 for m in led.msg[first:] if m not in dropped)
+    costs, depth = core.costs, core.used_cells()
+    repair_s = costs.read(strat.repaired(later, len(led)), depth) + (costs.shift() if strat.name == "recompute" else 0.0)
+    if strat.name != "reprefill" and repair_s < costs.read(later, depth - later):
+        return match
+    cut = diff(chat_history(s), messages, cut_at_change=True)
+    if cut is None:
+        return match  # nothing before the drop to keep: the mask and the strategy's own repair
+    cut.session, cut.retooled = match.session, match.retooled
+    return cut
+
+
 def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> list[dict]:
     """Edit session s as the diff says; returns the messages still to append. A replacement not
-    worth editing (see edits.replace_message) cuts the match there."""
+    worth editing (see edits.replace_message) cuts the match there. The cells after a dropped
+    message are repaired as the session's strategy says."""
     from kvside.engine import edits
 
     dropped = list(match.dropped)
@@ -166,14 +215,25 @@ def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> l
         # until positions run out (see edits.close_gaps)
         if s.pending_msg in dropped:
             s.pending, s.pending_msg, s.closing = [], -1, ""
-        report = edits.mask(core, s, messages=dropped, close_gap=False, reason="dropped by the client",
-                            state=MSG_DROPPED)
+        strat = edits.Strategy.parse(s.roll_strategy)
+        gone = set(dropped)
+        first = next((i for i, m in enumerate(s.ledger.msg) if m in gone), len(s.ledger))
+        if all(m in gone for m in s.ledger.msg[first:]):
+            strat = edits.Strategy("shift")  # a cut: nothing after it stays, nothing to repair
+        # stock llama.cpp recomputes only right after a sequence's last cell: recompute:R closes the
+        # hole first; the native strategies work across it
+        report = edits.mask(core, s, messages=dropped, close_gap=strat.name == "recompute",
+                            reason="dropped by the client", state=MSG_DROPPED, strategy=strat)
         note["dropped_messages"] = dropped
         note["dropped_tokens"] = report["masked"]
+        note["recomputed_tokens"] = note.get("recomputed_tokens", 0) + report.get("recomputed", 0)
     if edited:
         note["edited_messages"] = [r["replaced"] for r in edited]
         note["inserted_tokens"] = sum(r.get("inserted", 0) for r in edited)
         note["removed_tokens"] = sum(r.get("removed", 0) for r in edited)
+        note["recomputed_tokens"] = note.get("recomputed_tokens", 0) + sum(r.get("recomputed", 0) for r in edited)
+    if dropped or edited:
+        note["strategy"] = s.roll_strategy
     note["reused_messages"] = match.reused - (len(match.replaced) - len(edited))
     return new
 
@@ -189,7 +249,9 @@ def chat_history(s) -> list[dict]:
     kvside or its user let go (rolled, masked, pruned, summarized: the client still sends them),
     not those dropped because a client stopped sending them (leaving them in would let a diff pair
     the client's messages with stale copies: agents' replies often repeat word for word)."""
-    return [m.to_dict() for m in s.messages if m.kind in CHAT_KINDS and m.state != MSG_DROPPED]
+    cells = Counter(s.ledger.msg)
+    return [dict(m.to_dict(), n_cells=cells.get(m.id, 0))
+            for m in s.messages if m.kind in CHAT_KINDS and m.state != MSG_DROPPED]
 
 
 MIN_SHARED = 16  # tokens: a shorter common prefix is read again rather than shared
@@ -313,6 +375,8 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         if session in core.sessions or session in core.evicted:
             s = core.get(session)
             match = best_match({s.name: chat_history(s)}, messages)
+            if match is not None:
+                match = _repair_or_read_again(core, s, match, messages)
         else:
             s, match, created = core.new_session(session), None, True
     else:
@@ -327,6 +391,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         shared: dict = {}
         if match is not None:
             s = core.get(match.session)
+            match = _repair_or_read_again(core, s, match, messages)
         else:
             tool_list = reply.tools if reply is not None else []
             share = plan_share(core, messages, tool_list) if reuse and not documents else None
@@ -359,7 +424,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
             stream.put(Event("bound", data=note))
             core.start_chat(s.name, new, sampling, stream, reply, shared=note.get("shared_tokens", 0))
             # cells decoded by the edits were computed for this request: not cached
-            core.scheduler.discount_cached(s, note.get("inserted_tokens", 0))
+            core.scheduler.discount_cached(s, note.get("inserted_tokens", 0) + note.get("recomputed_tokens", 0))
     except BaseException:
         if created:
             core.delete_session(s.name)

@@ -61,7 +61,7 @@ class Strategy:
                                  "select:F, reprefill)")
         if name in NATIVE_STRATEGIES and not native.available():
             raise InvalidRequest(f"strategy {text!r} needs kvside's native patch to llama.cpp, which is not "
-                                 "loaded (build it with `make native`, then set LLAMA_CPP_LIB_PATH)")
+                                 "loaded (build it with `make native`; kvside loads it from there)")
         if name == "select":
             try:
                 frac = float(arg)

@@ -386,7 +386,7 @@ class Engine:
     # -- facts ----------------------------------------------------------------------------------
     def info(self) -> dict:
         def facts(core: Core) -> dict:
-            from kvside._llama import library_path, system_info
+            from kvside._llama import library_choice, library_path, system_info
             from llama_cpp import __version__ as bindings_version
 
             return {
@@ -394,6 +394,7 @@ class Engine:
                 "n_gpu_layers": core.n_gpu_layers,
                 "llama_cpp_python": bindings_version,
                 "library": library_path(),
+                "library_choice": library_choice,
                 "native_patch": native_patch_loaded(),
                 "attention": core.attention,
                 "system_info": system_info().strip(),

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvside.engine import edits, prompt
+from kvside.engine.costs import SMALL_BATCH
 from kvside.engine.decode import decode_error
 from kvside.engine.reply import ReplyReader, ReplySpec, constraint
 from kvside.engine.sampling import Sampler, SamplingParams, StopMatcher
@@ -19,7 +20,6 @@ from kvside.errors import EditError, InvalidRequest, KvsideError
 
 PREFILL = "prefill"
 DECODE = "decode"
-SMALL_BATCH = 64
 
 
 @dataclass

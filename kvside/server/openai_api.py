@@ -82,6 +82,11 @@ def _common(body: dict) -> tuple[dict, bool, bool, str | None, str | None]:
         value = _typed(body, name, types)
         if value is not None:
             params[name] = value
+    ignore_eos = body.get("ignore_eos")  # llama-server's: keep generating past end-of-generation (benchmarks)
+    if ignore_eos is not None:
+        if not isinstance(ignore_eos, bool):
+            raise InvalidRequest("'ignore_eos' must be true or false", param="ignore_eos")
+        params["ignore_eos"] = ignore_eos
     max_tokens = _typed(body, "max_completion_tokens", (int,)) or _typed(body, "max_tokens", (int,))
     if max_tokens is not None:
         if max_tokens < 1:
@@ -266,7 +271,7 @@ def usage_chunk(cid: str, model: str, usage: dict, obj: str = "chat.completion.c
 # dropped, edited in place) and text prompts (prefix kept, runs moved, tokens decoded into holes)
 _BINDING_FACTS = ("reused_messages", "dropped_tokens", "edited_messages", "inserted_tokens", "removed_tokens",
                   "prefix_tokens", "moved_tokens", "moved_runs", "recomputed_tokens", "shared_tokens",
-                  "moves_declined", "tools_changed")
+                  "moves_declined", "tools_changed", "strategy")
 
 
 def binding_facts(note: dict | None) -> dict:

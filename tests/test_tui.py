@@ -178,3 +178,30 @@ async def test_prune_tools_command_sets_the_session_policy(tui_engine):
                 break
             await pilot.pause(0.05)
         assert any("usage: /prune-tools" in str(m) for _, m in notes), notes
+
+
+async def test_fidelity_command_scores_the_cache_after_a_roll(tui_engine):
+    """/fidelity: the last reply on this cache against a re-prefill of the same tokens."""
+    app = app_for(tui_engine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        name = app.current
+        notes = []
+        app.notify = lambda message, **kw: notes.append((kw.get("title"), message, kw.get("severity")))
+        await type_and_send(pilot, "/fidelity")
+        for _ in range(100):
+            if notes:
+                break
+            await pilot.pause(0.05)
+        assert notes[0][2] == "error" and "too little" in notes[0][1]  # nothing to measure yet
+        for text in ("Name a colour.", "Name a fruit."):
+            await type_and_send(pilot, text)
+            await wait_idle(pilot, name)
+        await type_and_send(pilot, "/roll 8")
+        await type_and_send(pilot, "/fidelity 8")
+        for _ in range(400):
+            if any(title == "fidelity" for title, _, _ in notes):
+                break
+            await pilot.pause(0.05)
+        message = next(m for title, m, _ in notes if title == "fidelity")
+        assert message.startswith("8 tokens after") and "KL" in message and "top-1" in message

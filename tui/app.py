@@ -25,7 +25,8 @@ from kvside.tui.cachemap import CacheMap
 HELP = """/new [NAME]  /rename NAME  /delete  /roll N [STRATEGY]  /compact [UP_TO]  /mask ID [close] [STRATEGY]
 /fork [NAME]  /save [FILE]  /restore FILE [NAME]  /attach DOC [K|STRATEGY]  /help
 /strategy shift|recompute:R|reprefill, and with the native patch values:R|values:all|select:F
-/prune-tools N|off  (when the window fills, mask old tool results, keeping the last N, before rolling turns)"""
+/prune-tools N|off  (when the window fills, mask old tool results, keeping the last N, before rolling turns)
+/fidelity [N]  (the last reply's first N tokens on this cache against a re-prefill of the same tokens: KL, top-1)"""
 
 
 @dataclass
@@ -328,7 +329,7 @@ class ChatApp(App):
         elif cmd == "new":
             await self.new_chat(args[0] if args else None)
         elif cmd in ("roll", "compact", "mask", "fork", "save", "strategy", "delete", "rename", "attach",
-                     "prune-tools") and \
+                     "prune-tools", "fidelity") and \
                 self.chats[name].reply is not None:
             self.notify("wait for the reply to finish (Esc stops it)", severity="warning")
         elif cmd == "roll":
@@ -365,6 +366,11 @@ class ChatApp(App):
                 await self._add_chat(Chat(restored, loaded=False))
             await self.switch_to(restored)
             self.notify(f"restored {restored}", title="restore")
+        elif cmd == "fidelity":
+            r = await b.edit(name, "fidelity", tokens=int(args[0]) if args else 64)
+            self.notify(f"{r['tokens']} tokens after {r['context_tokens']} cells ({r['position_gaps']} positions "
+                        f"left empty by edits): KL {r['kl']:.2e}, top-1 {r['top1']:.0%} against a re-prefill "
+                        f"(measured in {r['t_measure_s']:.1f} s)", title="fidelity", timeout=10)
         elif cmd == "strategy":
             await b.edit(name, "strategy", strategy=args[0])
             self.notify(f"roll strategy: {args[0]}", title="strategy")

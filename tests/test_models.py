@@ -63,3 +63,34 @@ def test_unknown_architecture_is_one_clear_error(tmp_path):
     _write_gguf(path, "no-such-arch")
     with pytest.raises(ModelLoadError, match="could not load"):
         Model(path)
+
+
+def test_the_header_walk_finds_where_the_weights_start_as_the_gguf_reader_does(tmp_path):
+    """fingerprint() hashes the header and samples of the weights: the header's end is found by
+    walking it, not by the gguf package's reader (seconds per vocabulary); both agree."""
+    import gguf
+
+    from kvside.models import _header_end
+
+    ref = resolve(None).path
+    assert _header_end(ref) == int(gguf.GGUFReader(str(ref), "r").data_offset)
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_custom_alignment(64)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"] * 100)
+    writer.add_array("tokenizer.ggml.scores", [0.5] * 300)
+    writer.add_string("general.name", "x" * 1000)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert _header_end(path) == int(gguf.GGUFReader(str(path), "r").data_offset)
+    # damaged: cut inside the metadata, or not a GGUF at all: one clear error, never a crash
+    data = path.read_bytes()
+    for n, cut in enumerate((b"", data[:40], data[:700], b"GGUF" + bytes(4), b"NOPE" + data[4:])):
+        bad = tmp_path / f"bad{n}.gguf"
+        bad.write_bytes(cut)
+        with pytest.raises(ModelLoadError, match="damaged GGUF header"):
+            _header_end(bad)

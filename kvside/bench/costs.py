@@ -1,7 +1,7 @@
 """`kvside bench costs`: what llama_decode costs on this machine, the numbers behind the engine's
 cost model (kvside/engine/costs.py): seconds per token for batches of 1 to 512 tokens at several
-cache depths, the price of a K-shift, and what the engine itself learned from the same decodes.
-Each figure is the best of `reps` runs."""
+cache depths, and the price of a K-shift. Each figure is the best of `reps` runs. (The engine learns
+the same rates from its own decodes as it serves; they are on /metrics.)"""
 
 from __future__ import annotations
 
@@ -53,13 +53,13 @@ def run(model: str | None, n_ctx: int, depths: list[int], reps: int, threads: in
                 rows.append({"depth": depth, "kshift_ms": round(min(shifts) * 1000, 2)})
         finally:
             core.delete_session(s.name)
-        return rows, core.costs.report(), core.n_cells
+        return rows, core.n_cells
 
     with Engine(model=model, n_ctx=n_ctx, max_sessions=1, n_threads=threads) as engine:
-        rows, learned, n_cells = engine.call(measure)
+        rows, n_cells = engine.call(measure)
         info = engine.info()
-    return {"model": info["model"]["name"], "n_ctx": n_ctx, "cache_cells": n_cells, "threads": threads,
-            "reps": reps, "rows": rows, "learned": learned}
+    return {"model": info["model_name"], "n_ctx": n_ctx, "cache_cells": n_cells, "threads": threads,
+            "reps": reps, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -70,5 +70,4 @@ def table(result: dict) -> str:
         per = {r["tokens"]: r["ms_per_token"] for r in rows if "tokens" in r}
         shift = next((f"{r['kshift_ms']:.1f} ms" for r in rows if "kshift_ms" in r), "-")
         lines.append(f"{depth} | " + " | ".join(f"{per[n]:.2f} ms/tok" for n in SIZES) + f" | {shift}")
-    lines.append("learned by the engine from the same decodes: " + str(result["learned"]))
     return "\n".join(lines)

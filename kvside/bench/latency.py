@@ -61,18 +61,25 @@ def _round(base: str, clients: int, per_client: int, max_tokens: int, offset: in
 DECODE_PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
-def decode_rate(base: str, n_tokens: int, reps: int = 3) -> dict:
+def _decode_once(base: str, n_tokens: int) -> float:
     """One stream's generation rate as the server reports it (llama-server's /completion
     `timings.predicted_per_second`, which kvside's /completion gives the same way): n_tokens past
-    any end-of-generation token, the best of `reps`."""
-    rates = []
+    any end-of-generation token."""
+    r = httpx.post(base + "/completion", json={"prompt": DECODE_PROMPT, "n_predict": n_tokens, "ignore_eos": True,
+                                               "temperature": 0, "cache_prompt": False}, timeout=600)
+    r.raise_for_status()
+    return r.json()["timings"]["predicted_per_second"]
+
+
+def decode_rates(bases: dict[str, str], n_tokens: int, reps: int = 5) -> dict:
+    """Each server's single-stream decode rate, the servers taking turns rep by rep (a 2-core
+    machine's speed drifts; measured one after the other the ratio swung from 0.77 to 1.28)."""
+    rates: dict[str, list[float]] = {kind: [] for kind in bases}
     for _ in range(reps):
-        r = httpx.post(base + "/completion", json={"prompt": DECODE_PROMPT, "n_predict": n_tokens, "ignore_eos": True,
-                                                   "temperature": 0, "cache_prompt": False}, timeout=600)
-        r.raise_for_status()
-        timings = r.json()["timings"]
-        rates.append(timings["predicted_per_second"])
-    return {"tokens": n_tokens, "tok_s_best": round(max(rates), 2), "tok_s_median": round(statistics.median(rates), 2)}
+        for kind, base in bases.items():
+            rates[kind].append(_decode_once(base, n_tokens))
+    return {kind: {"tokens": n_tokens, "reps": reps, "tok_s_median": round(statistics.median(r), 2),
+                   "tok_s_all": [round(x, 1) for x in r]} for kind, r in rates.items()}
 
 
 def against(base: str, requests: int, clients: int, max_tokens: int, decode_tokens: int = 128) -> dict:
@@ -83,7 +90,7 @@ def against(base: str, requests: int, clients: int, max_tokens: int, decode_toke
            f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2), max_tokens, 100)}
     result = {"model": base, "n_ctx": None, "threads": None, "max_tokens": max_tokens, "runs": {base: out}}
     if decode_tokens:
-        result["decode"] = {base: decode_rate(base, decode_tokens)}
+        result["decode"] = decode_rates({base: base}, decode_tokens)
     return result
 
 
@@ -94,17 +101,20 @@ def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int
     result: dict = {"model": path.name, "n_ctx": n_ctx, "threads": threads, "max_tokens": max_tokens, "runs": {}}
     if not PEER.exists():
         result["notice"] = "llama-server not built (make peer): skipped"
-    for kind in kinds:
-        proc, base = _start(kind, path, n_ctx, threads, tempfile.mkdtemp(prefix="kvside-bench-latency-"),
-                            sessions=clients)
-        try:
+    servers = {}
+    try:
+        for kind in kinds:  # both up at once: each is idle while the other is measured
+            servers[kind] = _start(kind, path, n_ctx, threads, tempfile.mkdtemp(prefix="kvside-bench-latency-"),
+                                   sessions=clients)
+        for kind, (_, base) in servers.items():
             _round(base, 1, 2, max_tokens, 900)  # warm up
             result["runs"][kind] = {"one_client": _round(base, 1, requests, max_tokens, 0),
                                     f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2),
                                                                  max_tokens, 100)}
-            if decode_tokens:
-                result.setdefault("decode", {})[kind] = decode_rate(base, decode_tokens)
-        finally:
+        if decode_tokens:
+            result["decode"] = decode_rates({kind: base for kind, (_, base) in servers.items()}, decode_tokens)
+    finally:
+        for proc, _ in servers.values():
             _stop(proc)
     return result
 
@@ -120,9 +130,11 @@ def table(result: dict) -> str:
                          f"{r['request_p50_s']:.3f} | {r['wall_s']:.2f} | {share}")
     decode = result.get("decode", {})
     for kind, d in decode.items():
-        lines.append(f"single stream decode, {kind}: {d['tok_s_best']:.1f} tok/s (best of 3, {d['tokens']} tokens)")
+        lines.append(f"single stream decode, {kind}: {d['tok_s_median']:.1f} tok/s (median of {d['reps']}, "
+                     f"{d['tokens']} tokens; all: {d['tok_s_all']})")
     if "kvside" in decode and "llama-server" in decode:
-        lines.append(f"decode ratio kvside / llama-server: {decode['kvside']['tok_s_best'] / decode['llama-server']['tok_s_best']:.3f}")
+        ratio = decode["kvside"]["tok_s_median"] / decode["llama-server"]["tok_s_median"]
+        lines.append(f"decode ratio kvside / llama-server: {ratio:.3f}")
     if "notice" in result:
         lines.append(result["notice"])
     return "\n".join(lines)

@@ -174,10 +174,19 @@ class Daemon:
         return check_name(name) if name else None
 
     # -- streaming helpers ----------------------------------------------------------------------
-    def _pipe(self):
+    _WHOLE_REPLY_EVENTS = frozenset({"bound", "done", "error"})
+
+    def _pipe(self, streaming: bool = True):
+        """The queue the engine's events reach this loop through. A reply sent whole needs only
+        its binding and its end: token events are not forwarded, so the loop is not woken once
+        per token while the engine's threads decode (on a 2-core machine a woken thread stalls a
+        llama_decode that uses both cores)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        return queue, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        if streaming:
+            return queue, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        wanted = self._WHOLE_REPLY_EVENTS
+        return queue, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev) if ev.kind in wanted else None
 
     async def _wait_for(self, kind: str, request: HTTPRequest, stream, queue: asyncio.Queue):
         """The next event of `kind`, skipping others; an error event is raised. A client that
@@ -236,7 +245,7 @@ class Daemon:
         self._admit()
         stream = None
         try:
-            queue, on_event = self._pipe()
+            queue, on_event = self._pipe(streaming)
             stream = post(on_event)
             note = await self._bound(request, stream, queue)
             first = await self._first(queue) if streaming else None

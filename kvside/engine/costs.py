@@ -4,12 +4,12 @@ textreuse), in seconds rather than token counts.
 
 Token counts are the wrong currency. Measured on a 2-core CPU with the default model
 (docs/benchmarks.md, "Decode costs"):
-- a token read in a batch of under 64 costs about twice one read in a bigger batch (llama.cpp's CPU
-  matmul switches kernels at 64 tokens per ubatch): decoding 3 changed tokens into each of 4 holes
-  is not "12 tokens" of a 500-token prefill;
+- deep in a cache (1,000 cells and more) a token read in a batch of under 64 costs about twice one
+  read in a bigger batch (llama.cpp's CPU kernels switch at 64 tokens per ubatch): decoding 3 changed
+  tokens into each of 4 holes is not "12 tokens" of a 500-token prefill;
 - the cost per token grows with the cells in the cache (attention spans every used cell);
-- a K-shift costs a fixed ~0.15 s at the next decode (llama.cpp re-rotates every cell of the cache,
-  used or not): as much as ~30 tokens read, whatever moved.
+- a K-shift costs 0.10-0.15 s at the next decode (llama.cpp re-rotates every cell of the cache, used
+  or not): as much as 15-20 prompt tokens read, whatever moved.
 
 So the engine keeps a table of seconds per token by (batch class, cache depth), updated from every
 llama_decode it runs, and the shift's price from the decodes that applied one. Until a rate has
@@ -19,7 +19,7 @@ unit per token (the old rule), so a fresh engine decides as before and learns fr
 
 from __future__ import annotations
 
-SMALL_BATCH = 64  # below this many tokens per ubatch llama.cpp's CPU matmul uses its slower kernels
+SMALL_BATCH = 64  # below this many tokens per ubatch llama.cpp's CPU kernels differ (scheduler.py, too)
 DEPTH_STEP = 512  # cache depth (used cells) buckets: rates are kept per bucket
 WEIGHT = 0.2  # of a new sample in a rate's running average
 

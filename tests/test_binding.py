@@ -79,10 +79,20 @@ def test_best_match_needs_something_new_to_answer():
     assert best_match({"s": held(SYS, U1, A1)}, msgs(SYS, U1, A1)) is None
 
 
-def test_best_match_cuts_at_an_insertion_in_the_middle():
-    """A message inserted between held ones: the cells before it are reused, the rest is read anew."""
+def test_best_match_places_a_message_inserted_in_the_middle():
+    """A message inserted between held ones is an insertion before the held message that follows
+    it (edits.insert_messages decodes it into room made there); everything held is reused."""
     m = best_match({"s": held(SYS, U1, A1, U2, A2)}, msgs(SYS, U1, ("user", "aside"), A1, U2, A2, U3))
-    assert m.reused == 2 and m.dropped == [2, 3, 4] and m.new[0] == {"role": "user", "content": "aside"}
+    assert m.reused == 5 and m.dropped == [] and m.new == msgs(U3)
+    assert m.inserted == [(2, msgs(("user", "aside")))]
+
+
+def test_best_match_cuts_at_an_insertion_before_a_message_without_cells():
+    """Before a message whose cells already went (rolled, masked), there is nowhere to put it: the
+    cells before it are reused, the rest is read anew."""
+    m = best_match({"s": held(SYS, U1, A1, U2, A2, states={2: "rolled"})},
+                   msgs(SYS, U1, ("user", "aside"), A1, U2, A2, U3))
+    assert m.inserted == [] and m.dropped == [3, 4] and m.new[0] == {"role": "user", "content": "aside"}
 
 
 def test_best_match_never_drops_a_pinned_message():

@@ -267,8 +267,11 @@ def test_changed_tool_definitions_are_edited_in_place(exact):
 
     read = _tool("read_file", "Read a file of the repository.")
     grep = _tool("grep", "Search the repository for a pattern.")
+    # a conversation long enough after the tool turn that rewriting that turn clearly costs less
+    # than reading everything again (the engine weighs the two at its measured rates)
+    makefile = "all: build test\nbuild:\n\tpython -m build\ntest:\n\tpytest -q\n" * 12
     history = [{"role": "system", "content": "You are a coding agent."},
-               {"role": "user", "content": "What does the Makefile do? Look before you answer."}]
+               {"role": "user", "content": "What does this Makefile do?\n" + makefile}]
     c = exact.bind_chat(history, reply=ReplySpec(tools=[read]), max_tokens=8, **GREEDY).wait()
     history += [{"role": "assistant", "content": c.text or "ok"}, {"role": "user", "content": "And the tests?"}]
     events = []
@@ -350,5 +353,47 @@ def test_with_recompute_the_cells_after_a_drop_are_computed_again(exact):
         assert held.pos == list(range(len(held)))  # the hole was closed
         assert held.state.count("recomputed") == 8
         assert c.usage.cached_tokens <= len(held) - 8 - 1  # the recomputed cells and the new turn were read
+    finally:
+        exact.delete_session(name)
+
+
+@pytest.mark.parametrize("strategy", ["shift", "reprefill"])
+def test_a_message_inserted_in_the_middle_is_decoded_into_room_made_there(exact, strategy):
+    """A client puts a message between two it sent before (a note it had left out): the later
+    cells move up by its length and keep their KV, its tokens are decoded there attending to what
+    precedes them, and the cache then reads exactly as the client's prompt. With reprefill as the
+    strategy the match is cut there instead and the rest read."""
+    name = exact.new_session(system="")
+    exact.set_roll_strategy(name, strategy)
+    try:
+        history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Check the logs, one by one."}]
+        for i in range(2):
+            history.append({"role": "tool", "content": f"log {i}: " + "line ok; " * 30})
+            c = exact.bind_chat(history, session=name, max_tokens=4, **GREEDY).wait()
+            history.append({"role": "assistant", "content": c.text or "ok"})
+        client = history[:3] + [{"role": "user", "content": "Also note: the disk is nearly full."}] + history[3:]
+        client.append({"role": "user", "content": "Summarize."})
+        before = exact.ledger(name)
+        events = []
+        exact.bind_chat(client, session=name, max_tokens=1, on_event=events.append, **GREEDY).wait()
+        note = next(e.data for e in events if e.kind == "bound")
+        exact.check(name)
+        fresh = chat_session(exact, client)
+        try:
+            held, want = exact.ledger(name), exact.ledger(fresh)
+            text = lambda led, n: exact.call(lambda core: core.model.detokenize(led.tok[:n], special=True))  # noqa: E731
+            assert text(held, len(want)) == text(want, len(want))  # reads as the client's prompt
+            assert held.pos == sorted(set(held.pos))
+            if strategy == "shift":
+                assert note.get("inserted_messages") == 1 and not note.get("dropped_messages"), note
+                assert note["inserted_tokens"] > 5
+                # the cells after the insertion are the ones held before, moved up
+                tail = [t for t, m in zip(before.tok, before.msg) if m >= 3]
+                moved = [t for t, m in zip(held.tok, held.msg) if m in (3, 4, 5)]
+                assert moved[:len(tail)] == tail
+            else:
+                assert "inserted_messages" not in note and note["dropped_messages"], note
+        finally:
+            exact.delete_session(fresh)
     finally:
         exact.delete_session(name)

@@ -6,8 +6,11 @@ every difference into a cache edit instead of a re-prefill of everything after i
 - a message the client no longer sends loses its cells (a mask); the later cells keep their KV;
 - a message the client changed (same role, most of its tokens unchanged) is edited token by token
   in place: only the changed tokens are decoded, into the hole the old ones leave;
-- a change the diff cannot pair (a message inserted in the middle, a rewrite of most of a message)
-  cuts the match there: the cells before it are reused, those after it go, and the rest is read.
+- a message inserted between held ones is decoded into room made at its place (the later cells
+  move up and keep their KV);
+- a change the diff cannot pair (a rewrite of most of a message), or an edit that would take longer
+  than reading again at the engine's measured rates, cuts the match there: the cells before it are
+  reused, those after it go, and the rest is read.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Match:
     new: list[dict]  # messages to append
     replaced: list[tuple[int, dict]] = field(default_factory=list)  # (held id, the client's version)
     retooled: dict | None = None  # the tool definitions were rewritten in place (binding._retooled)
+    inserted: list[tuple[int, list[dict]]] = field(default_factory=list)  # (held id, client messages put before it)
     reused_cells: int = 0  # cells of the reused messages: what choosing this session saves reading
     dropped_cells: int = 0  # cells its edits destroy (work another conversation may come back to)
 
@@ -69,7 +73,7 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
     read again rather than kept), for a session that must equal a fresh prefill or where
     reading again costs less than the edit."""
     have, want = [_key(m) for m in held], [_key(m) for m in incoming]
-    kept, dropped, replaced, cells = 0, [], [], 0
+    kept, dropped, replaced, cells, inserted = 0, [], [], 0, []
     cut_held, cut_want = len(held), len(want)
     for tag, i1, i2, j1, j2 in SequenceMatcher(None, have, want, autojunk=False).get_opcodes():
         if tag == "equal":
@@ -80,6 +84,8 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
             break
         elif tag == "delete":
             dropped += [m["id"] for m in held[i1:i2] if _live(m)]
+        elif tag == "insert" and i1 < len(held) and _live(held[i1]) and not cut_at_change:
+            inserted.append((held[i1]["id"], incoming[j1:j2]))  # messages put between held ones
         elif tag == "replace" and (pairs := _pair(held, incoming, i1, i2, j1, j2)) is not None:
             paired, tail = pairs
             replaced += [(held[i]["id"], incoming[j]) for i, j in paired]
@@ -114,7 +120,8 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
     if gone and len(gone) > kept - head:
         return None
     size = {m["id"]: m.get("n_cells", 1) for m in held}
-    return Match("", kept + len(replaced), dropped, new, replaced, reused_cells=cells,
+    inserted = [(i, msgs) for i, msgs in inserted if i not in dropped]  # before a message that goes: read
+    return Match("", kept + len(replaced), dropped, new, replaced, inserted=inserted, reused_cells=cells,
                  dropped_cells=sum(size[i] for i in dropped))
 
 
@@ -210,6 +217,20 @@ def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> l
             new = messages[next(j for j, m in enumerate(messages) if m is version):]
             break
         edited.append(report)
+    added = []
+    for before_id, versions in match.inserted if len(edited) == len(match.replaced) else []:
+        report = edits.insert_messages(core, s, before_id, versions)
+        if report is None:  # read from the first inserted message on
+            order = [m.id for m in s.messages if m.kind in CHAT_KINDS]
+            later = order[order.index(before_id):]
+            dropped = sorted(set(dropped) | {i for i in later if s.message(i).state == "live"})
+            new = messages[next(j for j, m in enumerate(messages) if m is versions[0]):]
+            break
+        added.append(report)
+    if added:
+        note["inserted_messages"] = sum(len(r["inserted_messages"]) for r in added)
+        note["inserted_tokens"] = note.get("inserted_tokens", 0) + sum(r["inserted"] for r in added)
+        note["recomputed_tokens"] = note.get("recomputed_tokens", 0) + sum(r["recomputed"] for r in added)
     if dropped:
         # the client no longer sends these: their cells go, the later KV stays; a hole stays
         # until positions run out (see edits.close_gaps)
@@ -229,10 +250,10 @@ def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> l
         note["recomputed_tokens"] = note.get("recomputed_tokens", 0) + report.get("recomputed", 0)
     if edited:
         note["edited_messages"] = [r["replaced"] for r in edited]
-        note["inserted_tokens"] = sum(r.get("inserted", 0) for r in edited)
+        note["inserted_tokens"] = note.get("inserted_tokens", 0) + sum(r.get("inserted", 0) for r in edited)
         note["removed_tokens"] = sum(r.get("removed", 0) for r in edited)
         note["recomputed_tokens"] = note.get("recomputed_tokens", 0) + sum(r.get("recomputed", 0) for r in edited)
-    if dropped or edited:
+    if dropped or edited or added:
         note["strategy"] = s.roll_strategy
     note["reused_messages"] = match.reused - (len(match.replaced) - len(edited))
     return new
@@ -403,7 +424,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
     if session is None:
         note.update(shared)
     new = messages if match is None else match.new
-    several_steps = bool(documents) or (match is not None and bool(match.dropped or match.replaced))
+    several_steps = bool(documents) or (match is not None and bool(match.dropped or match.replaced or match.inserted))
     try:
         sampling = s.defaults.replace(**params)
         with atomic(core, s) if several_steps else nullcontext():

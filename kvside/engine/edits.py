@@ -553,6 +553,71 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
     return report
 
 
+def insert_messages(core, s: Session, before_id: int, new: list[dict]) -> dict | None:
+    """Messages a client inserted before held message `before_id` (a note, a tool result it had
+    left out): their tokens are decoded into room made at their place (the later cells move up by
+    their length: one K-shift, unless an earlier mask left a hole there), attending to everything
+    before them; the later cells keep their KV and the session's strategy decides what is
+    repaired. Returns None, changing nothing, when that would take longer than reading the new
+    messages and everything after them again (costs.py), when the template would render the held
+    message after them differently, or when the cache cannot shift or has no room."""
+    t0 = time.perf_counter()
+    led = s.ledger
+    order = [m for m in s.messages if m.kind != "text"]
+    i = next(k for k, m in enumerate(order) if m.id == before_id)
+    idx = [k for k, mm in enumerate(led.msg) if mm == before_id]
+    if not idx or (s.pending and s.pending_msg in {m.id for m in order[:i]}):
+        return None
+    msgs = [Message.from_request(-1, version) for version in new]
+    segs = core.template.segments([m.as_template() for m in order[:i]], [m.as_template() for m in msgs]
+                                  + [order[i].as_template()], add_generation_prompt=False, tools=s.tools)
+    if segs is None:
+        return None  # the template rewrites earlier turns for this insertion
+    # the held message keeps its cells: only if it reads the same after the insertion (its tokens
+    # may be the model's own, not the tokenizer's, so text is compared)
+    if core.model.detokenize([led.tok[k] for k in idx], special=True) != segs[len(new)]:
+        return None
+    pieces = [core.model.tokenize(text, add_special=False, parse_special=True) for text in segs[:len(new)]]
+    n = sum(len(p) for p in pieces)
+    if not n or led.next_pos + n >= core.n_ctx or not core.mem.can_shift():
+        return None
+    strat = Strategy.parse(s.roll_strategy)
+    costs, depth = core.costs, core.used_cells()
+    later = len(led) - idx[0]
+    start = led.pos[idx[0] - 1] + 1 if idx[0] else 0
+    grow = max(n - (led.pos[idx[0]] - start), 0)  # a hole an earlier mask left there takes some
+    edit_s = costs.read(n, depth) + (costs.shift() if grow else 0.0) + \
+        costs.read(strat.repaired(later, len(led) + n), depth)
+    reread_s = costs.read(n + later, depth - later)
+    if edit_s >= reread_s or core.used_cells() + n > core.n_cells:
+        return None
+    if grow:
+        core.mem.add(s.seq, led.pos[idx[0]], -1, grow)
+        led.shift(led.pos[idx[0]], -1, grow)
+    _decode_into_hole(core, s, [t for p in pieces for t in p], start)
+    pos, added = start, []
+    for msg, toks in zip(msgs, pieces):
+        msg.id = s.next_message_id()
+        led.insert(pos, toks, msg.id)
+        pos += len(toks)
+        s.messages.insert(s.messages.index(order[i]), msg)
+        added.append(msg.id)
+    if strat.name == "reprefill":
+        reprefill(core, s)
+        recomputed = len(s.ledger)
+    else:
+        try:
+            recomputed = repair(core, s, led.index(pos), len(led), strat)
+        except EditError:
+            reprefill(core, s)  # the strategy cannot run across this layout: the exact fallback
+            recomputed = len(s.ledger)
+    report = {"inserted_messages": added, "inserted": n, "shifted": grow, "strategy": str(strat),
+              "recomputed": recomputed, "edit_s": round(edit_s, 4), "reread_s": round(reread_s, 4),
+              "t_edit_s": time.perf_counter() - t0}
+    s.log("insert", **report)
+    return report
+
+
 def edit_cost(core, s: Session, idx: list[int], new_len: int, stretches: list[int], grows: bool,
               strat: Strategy) -> dict:
     """Estimated seconds (costs.py) of rewriting the message at ledger indices idx into new_len

@@ -271,7 +271,7 @@ def usage_chunk(cid: str, model: str, usage: dict, obj: str = "chat.completion.c
 # dropped, edited in place) and text prompts (prefix kept, runs moved, tokens decoded into holes)
 _BINDING_FACTS = ("reused_messages", "dropped_tokens", "edited_messages", "inserted_tokens", "removed_tokens",
                   "prefix_tokens", "moved_tokens", "moved_runs", "recomputed_tokens", "shared_tokens",
-                  "moves_declined", "tools_changed", "strategy")
+                  "moves_declined", "tools_changed", "strategy", "inserted_messages")
 
 
 def binding_facts(note: dict | None) -> dict:

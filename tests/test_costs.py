@@ -40,6 +40,8 @@ def test_a_decode_that_applied_a_shift_prices_the_shift_not_the_rate():
     c.record(1, 0, 0.160, shifted=True)
     assert c.shift() == pytest.approx(0.150)
     assert c.read(1, 0) == pytest.approx(0.010)  # the slow decode did not count as a rate
+    c.record(512, 0, 512 * 0.010 + 2.0, shifted=True)  # a prompt chunk's noise would swamp the price
+    assert c.shift() == pytest.approx(0.150)
 
 
 def test_the_engine_learns_rates_and_the_shift_price_from_its_decodes():

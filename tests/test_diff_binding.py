@@ -341,10 +341,18 @@ def test_with_recompute_the_cells_after_a_drop_are_computed_again(exact):
     so and does not count them as cached."""
     name = exact.new_session(system="")
     exact.set_roll_strategy(name, "recompute:8")
+
+    def price(core, values):  # rates under which repairing beats reading the later turns again
+        saved = dict(core.costs.rates), core.costs.shift_s
+        core.costs.rates, core.costs.shift_s = values
+        return saved
+
+    saved = exact.call(lambda core: price(core, ({(False, 0): 0.005, (True, 0): 0.0025}, 0.05)))
     try:
         _, trimmed = _cline_trace(exact, name)
         events = []
         c = exact.bind_chat(trimmed, session=name, max_tokens=1, on_event=events.append, **GREEDY).wait()
+        exact.call(lambda core: price(core, saved))
         note = next(e.data for e in events if e.kind == "bound")
         assert note["strategy"] == "recompute:8" and note["recomputed_tokens"] == 8, note
         assert len(note["dropped_messages"]) == 2

@@ -16,7 +16,7 @@ def fake_build(root, backend="cpu", stamp=True):
 
 
 def test_the_patched_build_is_used_when_there_is_one(tmp_path, monkeypatch):
-    monkeypatch.delenv("LLAMA_CPP_LIB_PATH", raising=False)
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "")  # empty: unset for kvside, and restored after the test
     monkeypatch.delenv("KVSIDE_NATIVE", raising=False)
     lib = fake_build(tmp_path)
     assert "patched build" in _choose_library(tmp_path)
@@ -27,15 +27,15 @@ def test_an_explicit_path_and_the_opt_out_win(tmp_path, monkeypatch):
     fake_build(tmp_path)
     monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "/somewhere")
     assert _choose_library(tmp_path) == "LLAMA_CPP_LIB_PATH=/somewhere"
-    monkeypatch.delenv("LLAMA_CPP_LIB_PATH")
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "")
     monkeypatch.setenv("KVSIDE_NATIVE", "off")
     assert "KVSIDE_NATIVE=off" in _choose_library(tmp_path)
-    assert "LLAMA_CPP_LIB_PATH" not in os.environ
+    assert not os.environ["LLAMA_CPP_LIB_PATH"]
 
 
 def test_an_unfinished_build_is_not_used(tmp_path, monkeypatch):
-    monkeypatch.delenv("LLAMA_CPP_LIB_PATH", raising=False)
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "")  # empty: unset for kvside, and restored after the test
     monkeypatch.delenv("KVSIDE_NATIVE", raising=False)
     fake_build(tmp_path, stamp=False)  # make native stopped before it stamped the build
     assert "no patched build" in _choose_library(tmp_path)
-    assert "LLAMA_CPP_LIB_PATH" not in os.environ
+    assert not os.environ["LLAMA_CPP_LIB_PATH"]

@@ -90,7 +90,7 @@ EDITS: dict[str, Callable[[Any, str, dict], Any]] = {
     "attach": lambda e, n, a: e.attach(n, _str(a, "document"), _int(a, "recompute", 0, lo=-1),
                                        _str(a, "strategy", None)),
     # not an edit: the cache measured against a re-prefill of its tokens (engine/reference.py)
-    "fidelity": lambda e, n, a: e.fidelity(n, _int(a, "tokens", 64, lo=1, hi=256)),
+    "fidelity": lambda e, n, a: e.fidelity(n, _int(a, "tokens", None, lo=1, hi=256) or 64),
 }
 MEASUREMENTS = {"fidelity"}  # leave the session as it was: not counted as edits
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 SMALL_BATCH = 64  # below this many tokens per ubatch llama.cpp's CPU kernels differ (scheduler.py, too)
 DEPTH_STEP = 512  # cache depth (used cells) buckets: rates are kept per bucket
 WEIGHT = 0.2  # of a new sample in a rate's running average
+SHIFT_SAMPLE_MAX = 16  # tokens: decodes larger than this that apply a shift do not price it
 
 
 class DecodeCosts:
@@ -38,7 +39,9 @@ class DecodeCosts:
         if n_tokens <= 0:
             return
         if shifted:
-            own = self._known(n_tokens, depth)
+            # priced from small decodes only: next to a prompt chunk's seconds (and their noise)
+            # a shift's tenth of a second cannot be told apart
+            own = self._known(n_tokens, depth) if n_tokens <= SHIFT_SAMPLE_MAX else None
             if own is not None:
                 self.shift_s = _average(self.shift_s, max(seconds - own, 0.0))
             return
@@ -88,4 +91,8 @@ class DecodeCosts:
 
 
 def _average(old: float | None, new: float) -> float:
-    return new if old is None else (1 - WEIGHT) * old + WEIGHT * new
+    """A running average that one outlier cannot drag far (a decode preempted by another process on
+    a busy machine, a first call that warms caches): a sample counts at most 3x, at least 1/3 of it."""
+    if old is None:
+        return new
+    return (1 - WEIGHT) * old + WEIGHT * min(max(new, old / 3), old * 3)

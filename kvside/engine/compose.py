@@ -245,6 +245,7 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
             p0 = s.ledger.next_pos
             core.mem.clear_seq(scratch)
             set_seq_state(core.ctx, scratch, sessionfile.read_state(sf))
+            core.mem.state_restored(scratch)
             core.mem.add(scratch, 0, -1, p0)  # RoPE repositioning: the block now starts at p0
             core.mem.cp(scratch, s.seq, p0, p0 + len(toks))
             core.mem.clear_seq(scratch)

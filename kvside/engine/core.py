@@ -12,13 +12,14 @@ import ctypes
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kvside._llama import backend, lib, recent_log
-from kvside.engine import native, persist, prompt
+from kvside.engine import families, native, persist, prompt
 from kvside.engine.batch import Batch
 from kvside.engine.costs import DecodeCosts
 from kvside.engine.decode import decode_error
@@ -34,6 +35,7 @@ from kvside.engine.template import ChatTemplate
 from kvside.errors import (
     CacheFull,
     ContextFull,
+    EditError,
     EngineClosed,
     InvalidRequest,
     KvsideError,
@@ -49,6 +51,8 @@ log = logging.getLogger("kvside")
 @dataclass
 class EngineConfig:
     model: str | None = None
+    # a built-in template's name or a template file; None: the GGUF's own, else its family's
+    chat_template: str | None = None
     n_ctx: int = 2048  # the window each session sees (positions 0..n_ctx-1)
     max_sessions: int = 4  # sessions resident in the cache at once
     n_batch: int = 512
@@ -92,15 +96,12 @@ class Core:
         self.n_gpu_layers = n_gpu_layers
         self.model = Model(ref.path, n_gpu_layers=n_gpu_layers)
         self.model_name = ref.name
-        info = self.model.info()
-        if config.n_ctx < 16:
-            raise InvalidRequest(f"n_ctx {config.n_ctx} is too small (minimum 16)")
-        if config.n_ctx > info.n_ctx_train:
-            raise InvalidRequest(
-                f"n_ctx {config.n_ctx} is above what {ref.name} was trained for ({info.n_ctx_train})"
-            )
-        if not 1 <= config.max_sessions <= 63:
-            raise InvalidRequest("max_sessions must be between 1 and 63")
+        try:  # a bad setting is refused before the context is made, and frees the model
+            self._check_config(config, ref.name)
+            self.template_choice = families.choose(self.model, config.chat_template)
+        except BaseException:
+            self.model.close()
+            raise
         self.n_ctx = config.n_ctx
         self.max_sessions = config.max_sessions
         # After the sessions' sequences: scratch space for edits (used and cleared within one
@@ -112,16 +113,18 @@ class Core:
         self.n_cells = config.n_ctx * (config.max_sessions + 1)
         self.n_batch = config.n_batch
         self.ctx = self._new_context(config)
-        self.mem = Memory(self.ctx)
+        self.n_swa = lib.llama_model_n_swa(self.model.ptr)
+        self.recurrent = bool(lib.llama_model_is_recurrent(self.model.ptr) or lib.llama_model_is_hybrid(self.model.ptr))
+        self.mem = Memory(self.ctx, n_swa=self.n_swa, recurrent=self.recurrent, n_seq=self.n_seq_max)
         self.mem.on_shared_write = self.unshare
         self.batch = Batch(self.n_batch)
         self.costs = DecodeCosts(self.n_batch)
         self.template = ChatTemplate(
-            self.model.chat_template,
+            self.template_choice.source,
             bos_token=self.model.token_text(self.model.bos) if self.model.bos >= 0 else "",
             eos_token=self.model.token_text(self.model.eos) if self.model.eos >= 0 else "",
         )
-        self.tool_format = toolcalls.detect(self.model.chat_template)  # how this model writes tool calls
+        self.tool_format = toolcalls.detect(self.template_choice.source)  # how this model writes tool calls
         self.sessions: dict[str, Session] = {}
         self.evicted: dict[str, Path] = {}  # sessions on disk, restored on first use
         # of those, request binding's: (their tools, what each holds)
@@ -149,6 +152,15 @@ class Core:
                 raise
         if config.persist:
             persist.scan(self)
+
+    def _check_config(self, config: EngineConfig, model_name: str) -> None:
+        info = self.model.info()
+        if config.n_ctx < 16:
+            raise InvalidRequest(f"n_ctx {config.n_ctx} is too small (minimum 16)")
+        if config.n_ctx > info.n_ctx_train:
+            raise InvalidRequest(f"n_ctx {config.n_ctx} is above what {model_name} was trained for ({info.n_ctx_train})")
+        if not 1 <= config.max_sessions <= 63:
+            raise InvalidRequest("max_sessions must be between 1 and 63")
 
     def _new_context(self, config: EngineConfig):
         params = lib.llama_context_default_params()
@@ -303,13 +315,28 @@ class Core:
     def check(self, name: str) -> dict:
         """Compare the ledger with the cache; raises AssertionError on a mismatch."""
         s = self.get(name)
-        lo, hi = self.mem.pos_min(s.seq), self.mem.pos_max(s.seq)
-        if len(s.ledger) == 0:
-            assert lo == -1 and hi == -1, f"ledger empty but cache holds {lo}..{hi}"
-        else:
-            assert lo == s.ledger.pos[0], f"cache starts at {lo}, ledger at {s.ledger.pos[0]}"
-            assert hi == s.ledger.pos[-1], f"cache ends at {hi}, ledger at {s.ledger.pos[-1]}"
-        return {"pos_min": lo, "pos_max": hi, "n_cells": len(s.ledger)}
+        wrong = self.span_mismatch(s.seq, s.ledger.pos)
+        assert wrong is None, wrong
+        return {"pos_min": self.mem.pos_min(s.seq), "pos_max": self.mem.pos_max(s.seq), "n_cells": len(s.ledger)}
+
+    def span_mismatch(self, seq: int, positions: list[int]) -> str | None:
+        """How seq's cells disagree with the positions a ledger says it holds, or None. llama.cpp
+        tells the first and last position: on a sliding window the first is the windowed layers'
+        (anywhere from the ledger's first to the window's), on a recurrent state the last read."""
+        lo, hi = self.mem.pos_min(seq), self.mem.pos_max(seq)
+        if not positions:
+            return None if lo == hi == -1 else f"the ledger is empty but the cache holds {lo}..{hi}"
+        if hi != positions[-1]:
+            return f"the cache ends at {hi}, the ledger at {positions[-1]}"
+        if self.recurrent:
+            return None
+        if self.n_swa:
+            in_window = next(p for p in positions if p >= hi + 1 - self.n_swa)
+            if not positions[0] <= lo <= in_window:
+                return (f"the cache starts at {lo}: not between the ledger's first position {positions[0]} "
+                        f"and the window's {in_window}")
+            return None
+        return None if lo == positions[0] else f"the cache starts at {lo}, the ledger at {positions[0]}"
 
     def room_check(self, s: Session, n_new: int) -> None:
         """ContextFull when s has no room for n_new more positions; CacheFull when the shared
@@ -390,6 +417,11 @@ class Core:
         the cost model (a pending K-shift is applied by this decode, and priced by it)."""
         shifted = self.mem.shift_pending
         depth = self.used_cells()
+        if self.n_swa or self.recurrent:
+            for seq, pos in batch.starts.items():
+                if not self.mem.window_ok(seq, pos):
+                    raise EditError(self._window_lost(pos))
+            self.mem.before_decode()
         t0 = time.perf_counter()
         rc = lib.llama_decode(self.ctx, batch.raw)
         seconds = time.perf_counter() - t0
@@ -398,6 +430,11 @@ class Core:
             self.mem.shift_pending = False
             self.costs.record(batch.n, depth, seconds, shifted)
         return rc
+
+    def _window_lost(self, pos: int) -> str:
+        if self.recurrent:
+            return f"the recurrent state cannot go back to position {pos}"
+        return f"the sliding-window cache no longer holds the {self.n_swa} positions before {pos}"
 
     def unshare(self, seq: int) -> None:
         """Give seq copies of its own of every cell it holds (through a state copy), so cells it
@@ -412,6 +449,7 @@ class Core:
         blob = get_seq_state(self.ctx, seq)
         self.mem.clear_seq(seq)
         set_seq_state(self.ctx, seq, blob)
+        self.mem.state_restored(seq)
 
     def settle(self) -> None:
         """Apply a pending K-shift now, by decoding one token into the scratch sequence."""
@@ -447,8 +485,8 @@ class Core:
         start = s.ledger.next_pos
         if start + len(tokens) > self.n_ctx:
             raise ContextFull("probe does not fit in the window")
-        out = self.decode_now(s.seq, tokens, start, logits="all" if all_logits else "last")
-        self.mem.rm(s.seq, start, -1)
+        with self._trial(s) as seq:
+            out = self.decode_now(seq, tokens, start, logits="all" if all_logits else "last")
         assert out is not None
         return out
 
@@ -457,16 +495,33 @@ class Core:
         s = self.get(name)
         start = s.ledger.next_pos
         out: list[int] = []
-        try:
-            logits = self.decode_now(s.seq, first, start, logits="last")
+        with self._trial(s) as seq:
+            logits = self.decode_now(seq, first, start, logits="last")
             pos = start + len(first)
             while len(out) < n and pos < self.n_ctx:
                 out.append(int(np.argmax(logits)))
-                logits = self.decode_now(s.seq, [out[-1]], pos, logits="last")
+                logits = self.decode_now(seq, [out[-1]], pos, logits="last")
                 pos += 1
-        finally:
-            self.mem.rm(s.seq, start, -1)
         return out
+
+    @contextmanager
+    def _trial(self, s):
+        """A sequence to try tokens on after s's cells, as it was afterwards: s's own, the tried
+        cells removed after; for a recurrent state, which cannot give back what it read, a copy
+        of it in the scratch sequence."""
+        if not self.recurrent:
+            start = s.ledger.next_pos
+            try:
+                yield s.seq
+            finally:
+                self.mem.rm(s.seq, start, -1)
+            return
+        self.mem.clear_seq(self.scratch_seq)
+        self.mem.cp(s.seq, self.scratch_seq, -1, -1)
+        try:
+            yield self.scratch_seq
+        finally:
+            self.mem.clear_seq(self.scratch_seq)
 
     # -- the loop's work ------------------------------------------------------------------------
     @property

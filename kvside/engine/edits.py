@@ -803,10 +803,12 @@ def fork(core, s: Session, name: str | None = None, on_device: bool | None = Non
         if on_device:
             core.settle()
             size = copy_seq_on_device(core.ctx, s.seq, child.seq)
+            core.mem.state_restored(child.seq)
         else:
             blob = core.seq_state(s.seq)
             size = len(blob)
             set_seq_state(core.ctx, child.seq, blob)
+            core.mem.state_restored(child.seq)
     except KvsideError:
         core.delete_session(child.name)
         raise

@@ -400,12 +400,15 @@ class Engine:
                 "system_info": system_info().strip(),
                 "model_name": core.model_name,
                 "model": core.model.info().to_dict(),
+                "chat_template": {"name": core.template_choice.name, "why": core.template_choice.why},
                 "n_ctx": core.n_ctx,
                 "n_cells": core.n_cells,
                 "max_sessions": core.max_sessions,
                 "n_batch": core.n_batch,
                 "n_threads": core.n_threads,
                 "can_shift": core.mem.can_shift(),
+                "sliding_window": core.n_swa,
+                "recurrent": core.recurrent,
             }
 
         return self.call(facts)

@@ -164,16 +164,16 @@ def _load_into(core, seq: int, state, ledger: Ledger, label: str) -> None:
     while True:
         try:
             set_seq_state(core.ctx, seq, state)
+            core.mem.state_restored(seq)
             break
         except StateRejected:
             if len(ledger) + core.used_cells() <= core.n_cells or not any(not s.busy for s in core.sessions.values()):
                 raise SessionFileError(f"{label}: llama.cpp refused its cache state (damaged, or made by "
                                        "another build)") from None
             make_room(core)
-    lo, hi = core.mem.pos_min(seq), core.mem.pos_max(seq)
-    want = (ledger.pos[0], ledger.pos[-1]) if len(ledger) else (-1, -1)
-    if (lo, hi) != want:
-        raise SessionFileError(f"{label}: restored cells span {lo}..{hi}, the ledger says {want[0]}..{want[1]}")
+    wrong = core.span_mismatch(seq, ledger.pos)
+    if wrong is not None:
+        raise SessionFileError(f"{label}: the restored cells do not match its ledger ({wrong})")
 
 
 # -- resident set ----------------------------------------------------------------------------------

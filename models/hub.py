@@ -1,11 +1,14 @@
 """Models pulled from a Hugging Face-style hub by repository name: `kvside pull OWNER/REPO[:QUANT][@REVISION]`.
 
-The hub's own client does the transfer (resumable downloads into the hub's cache, progress bars,
-`HF_ENDPOINT`, `HF_HUB_OFFLINE`, tokens); this module chooses the files, checks every byte against the
-checksum the hub publishes, and records what was pulled in `$KVSIDE_HOME/models/pulled.json` so that
-the name works everywhere a model name does (`--model`, the `model` field of a request). The record is
-written only once every file of the model is present and verified: a pull that fails or is killed
-leaves the hub's resumable partial download and no name that points at it.
+The hub's own client lists the repository (sizes and LFS checksums), builds the URLs and headers
+(`HF_ENDPOINT`, tokens, `HF_HUB_OFFLINE`) and owns the cache layout; files already in the hub's cache
+(pulled by any tool) are used as they are. The transfer itself is kvside's: the hub's client (2.x)
+downloads into a file private to its process, so a killed pull starts over, where a pull of several
+gigabytes must go on from where it stopped. kvside downloads into the cache's own partial name
+(`blobs/<etag>.incomplete`), resumes it with a Range request, hashes as it goes and moves the blob into
+place only when size and SHA-256 match the hub's. What was pulled is recorded in
+`$KVSIDE_HOME/models/pulled.json` so that the name works everywhere a model name does (`--model`, the
+`model` field of a request); the record is written only once every file is present and verified.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -220,7 +224,7 @@ def _forget_download(path: Path) -> None:
 
 def pull(text: str, *, log=print) -> tuple[str, Path]:
     """Download (or find, offline) the model `text` names; returns (name, first GGUF part)."""
-    from huggingface_hub import hf_hub_download
+    import httpx
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -254,20 +258,20 @@ def pull(text: str, *, log=print) -> tuple[str, Path]:
         return name, Path(rec["files"][0]["path"])
     total = sum(f.size for f in parts)
     log(f"pulling {name} at {commit[:12]}: {len(parts)} file{'s' * (len(parts) > 1)}, {total / 1e6:.0f} MB")
-    done = []
+    done, fresh_downloads = [], set()
     for f in parts:
         try:
-            local = Path(hf_hub_download(ref.repo, f.path, revision=commit))
+            local = _download(ref.repo, commit, f, log, fresh_downloads)
         except HfHubHTTPError as exc:
             raise PullError(f"downloading {f.path} failed: {exc}".splitlines()[0]
                             + " (run the same pull again to resume)") from None
-        except OSError as exc:
+        except (OSError, httpx.HTTPError) as exc:
             raise PullError(f"downloading {f.path} failed: {exc} (run the same pull again to resume)") from None
         size = local.stat().st_size
-        if size != f.size or not _digest_ok(local, f):
+        if local_from_cache(local, fresh_downloads) and (size != f.size or not _digest_ok(local, f)):
             _forget_download(local)
-            raise PullError(f"{f.path}: the download does not match the hub's checksum "
-                            f"({size} bytes, expected {f.size}); it was removed, pull again")
+            raise PullError(f"{f.path}: the copy in the hub's cache does not match the hub's checksum; it was "
+                            "removed, pull again")
         done.append({"path": str(local), "hub_path": f.path, "size": size, "sha256": f.sha256,
                      "mtime_ns": local.stat().st_mtime_ns})
     with _locked():
@@ -283,6 +287,91 @@ def pull(text: str, *, log=print) -> tuple[str, Path]:
                 _forget_download(Path(f["path"]))
     log(f"pulled {name}: use it as --model {name}")
     return name, Path(done[0]["path"])
+
+
+class ChecksumMismatch(PullError):
+    pass
+
+
+def local_from_cache(path: Path, fresh_downloads: set) -> bool:
+    """Whether a file was found in the hub's cache rather than downloaded (and checked) just now."""
+    return path not in fresh_downloads
+
+
+def _download(repo: str, commit: str, f: HubFile, log, fresh_downloads: set) -> Path:
+    """The file in the hub's cache (snapshots/<commit>/<path>, a link to blobs/<etag>), downloaded
+    or resumed when it is not there yet. Raises ChecksumMismatch (the partial file removed) when the
+    bytes are not the ones the hub lists."""
+    import fcntl as _fcntl
+
+    import httpx
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import build_hf_headers, tqdm
+
+    cached = try_to_load_from_cache(repo, f.path, revision=commit)
+    if isinstance(cached, str):
+        return Path(cached)
+    url = hf_hub_url(repo, f.path, revision=commit)
+    headers = build_hf_headers()
+    meta = get_hf_file_metadata(url, headers=headers)
+    etag = (meta.etag or f.sha256 or f.git_sha1 or "").strip('"')
+    if not etag or "/" in etag:
+        raise PullError(f"the hub gave no usable ETag for {f.path}")
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+    blob = storage / "blobs" / etag
+    pointer = storage / "snapshots" / commit / f.path
+    if not blob.is_file():
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        part = blob.with_name(blob.name + ".incomplete")
+        with open(part, "ab") as out:
+            _fcntl.flock(out, _fcntl.LOCK_EX)  # a second pull of the same file waits, then finds the blob
+            if not blob.is_file():
+                _transfer(meta.location or url, headers, part, out, f, tqdm, httpx)
+                os.replace(part, blob)
+                fresh_downloads.add(pointer)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    if not pointer.exists():
+        tmp = pointer.with_name(f".{pointer.name}.link")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(blob, pointer.parent))
+        os.replace(tmp, pointer)
+    return pointer
+
+
+def _transfer(url: str, headers: dict, part: Path, out, f: HubFile, tqdm, httpx) -> None:
+    """Append the rest of the file to `part` (from its current size), hashing everything it holds."""
+    h = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size) if f.git_sha1 else None
+    have = part.stat().st_size
+    if have > f.size:  # not a prefix of this file: start again
+        out.truncate(0)
+        have = 0
+    if h is not None and have:
+        with open(part, "rb") as src:
+            while block := src.read(1 << 22):
+                h.update(block)
+    if have < f.size:
+        request = dict(headers, **({"Range": f"bytes={have}-"} if have else {}))
+        with httpx.stream("GET", url, headers=request, follow_redirects=True, timeout=60) as r:
+            if r.status_code == 200 and have:  # the server ignored the Range: take it from the start
+                out.truncate(0)
+                have = 0
+                h = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size) if f.git_sha1 else None
+            elif r.status_code not in (200, 206):
+                raise PullError(f"the hub answered {r.status_code} for {f.path}")
+            with tqdm(total=f.size, initial=have, unit="B", unit_scale=True, desc=f.path.rsplit("/", 1)[-1]) as bar:
+                for block in r.iter_bytes(1 << 20):
+                    out.write(block)
+                    if h is not None:
+                        h.update(block)
+                    bar.update(len(block))
+        out.flush()
+        os.fsync(out.fileno())
+    size = part.stat().st_size
+    if size != f.size or (h is not None and h.hexdigest() != (f.sha256 or f.git_sha1)):
+        part.unlink(missing_ok=True)
+        raise ChecksumMismatch(f"{f.path}: the download does not match the hub's checksum ({size} bytes, "
+                               f"expected {f.size}); it was removed, pull again")
 
 
 def _intact(rec: dict) -> bool:

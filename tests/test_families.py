@@ -160,3 +160,89 @@ def prefilled(engine, tokens: list[int]) -> str:
 
     engine.call(fill)
     return name
+
+
+# -- chat templates -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vocab_only(tmp_path_factory):
+    """Model objects (vocabulary only) of tiny GGUFs without a chat template, by the markers they hold."""
+    from kvside.engine.model import Model
+
+    folder = tmp_path_factory.mktemp("templates")
+    made = {
+        "llama3": write("llama", folder / "l3.gguf", chat_template=None, markers=["<|start_header_id|>", "<|eot_id|>",
+                                                                               "<|end_header_id|>"]),
+        "gemma": write("gemma3", folder / "g.gguf", chat_template=None),
+        "chatml": write("llama", folder / "c.gguf", chat_template=None),
+        "none": write("llama", folder / "n.gguf", chat_template=None, markers=[]),
+        "own": write("llama", folder / "o.gguf"),
+    }
+    models = {k: Model(p, vocab_only=True) for k, p in made.items()}
+    yield models
+    for m in models.values():
+        m.close()
+
+
+def test_a_gguf_without_a_template_gets_its_familys_from_its_turn_markers(vocab_only):
+    from kvside.engine import families
+
+    for family in ("llama3", "gemma", "chatml"):
+        chosen = families.choose(vocab_only[family], None)
+        assert chosen.name == family and "turn markers" in chosen.why, chosen
+    last = families.choose(vocab_only["none"], None)
+    assert last.name == "chatml" and "not recognised" in last.why
+    own = families.choose(vocab_only["own"], None)
+    assert own.name == "gguf" and own.source == vocab_only["own"].chat_template
+
+
+def test_the_gemma_template_folds_the_system_prompt_into_the_first_turn():
+    from kvside.engine.families import GEMMA
+    from kvside.engine.template import ChatTemplate
+
+    text = ChatTemplate(GEMMA).render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                       {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+                                      add_generation_prompt=True)
+    assert text == ("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_chat_template_override_by_name_file_or_tokenizer_config(vocab_only, tmp_path):
+    import json
+
+    from kvside.engine import families
+
+    model = vocab_only["own"]
+    assert families.choose(model, "Llama3").name == "llama3"
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    chosen = families.choose(model, str(jinja))
+    assert chosen.name == str(jinja) and chosen.source.startswith("{% for m")
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "x"},
+                                                    {"name": "default", "template": "{{ messages }}"}]}))
+    assert families.choose(model, str(config)).source == "{{ messages }}"
+    for bad, why in (("nonsense", "neither a built-in"), (str(tmp_path / "missing.jinja"), "neither a built-in")):
+        with pytest.raises(InvalidRequest, match=why):
+            families.choose(model, bad)
+    (tmp_path / "empty.jinja").write_text("  ")
+    with pytest.raises(InvalidRequest, match="empty"):
+        families.choose(model, str(tmp_path / "empty.jinja"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InvalidRequest, match="holds no chat_template"):
+        families.choose(model, str(tmp_path / "bad.json"))
+
+
+def test_doctor_says_which_template_and_why(tiny_models, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KVSIDE_NATIVE": "off", "KVSIDE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "kvside.cli", "doctor", "--model", str(tiny_models["gemma3"])],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "gemma: the GGUF has none; its vocabulary has gemma's turn markers" in out.stdout
+    assert "sliding window of 32" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "kvside.cli", "doctor", "--model", str(tiny_models["llama"]),
+                          "--chat-template", "nope"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "neither a built-in template" in bad.stderr and "Traceback" not in bad.stderr

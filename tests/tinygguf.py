@@ -41,14 +41,15 @@ def vocab(markers: list[str]) -> tuple[list[str], list[float], list[int]]:
 
 
 def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None = "auto", seed: int = 0,
-          split_max_tensors: int = 0) -> Path:
+          split_max_tensors: int = 0, markers: list[str] | None = None) -> Path:
     """Write a tiny `arch` model to `path` (split into parts of at most `split_max_tensors` tensors
     when that is set). chat_template "auto" gives llama and qwen2 a ChatML template and leaves
     gemma3 and mamba without one (their families are then recognised from the vocabulary)."""
     if arch not in ARCHS:
         raise ValueError(f"no tiny model for {arch}")
     rng = np.random.default_rng(seed)
-    markers = {"gemma3": ["<start_of_turn>", "<end_of_turn>"]}.get(arch, ["<|im_start|>", "<|im_end|>"])
+    if markers is None:
+        markers = {"gemma3": ["<start_of_turn>", "<end_of_turn>"]}.get(arch, ["<|im_start|>", "<|im_end|>"])
     tokens, scores, types = vocab(markers)
     n_vocab, n_layer = len(tokens), 6 if arch == "gemma3" else 2
 
@@ -81,7 +82,7 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
     w.add_token_types(types)
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
-    w.add_eos_token_id(tokens.index(markers[1]))
+    w.add_eos_token_id(tokens.index(markers[1]) if len(markers) > 1 else 2)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(False)  # as Gemma's: text cut into pieces tokenizes as the whole does
     if chat_template == "auto":

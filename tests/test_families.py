@@ -123,8 +123,11 @@ def test_with_reprefill_a_rewritten_turn_gives_a_fresh_prefill_on_every_family(t
         edited = (history[:3] + [{"role": "user", "content": "what is the world of France?"}] + history[4:]
                   + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "and the world"}])
         events = []
-        tiny.bind_chat(edited, session=name, max_tokens=1, on_event=events.append, **GREEDY).wait()
+        done = tiny.bind_chat(edited, session=name, max_tokens=1, on_event=events.append, **GREEDY).wait()
         note = next(e.data for e in events if e.kind == "bound")
+        rebuilt = [n for n in done.notices if n["kind"] == "rebuilt"]
+        if rebuilt:  # the client is told, and nothing was counted as cached
+            assert done.usage.cached_tokens == 0 and "read again from the start" in rebuilt[0]["message"]
         assert note.get("edited_messages") or note.get("dropped_messages"), note
         tiny.check(name)
         prompt = chat_session(tiny, edited)  # the client's messages read whole
@@ -142,7 +145,7 @@ def test_with_reprefill_a_rewritten_turn_gives_a_fresh_prefill_on_every_family(t
             tiny.delete_session(fresh)
         log = [e["edit"] for e in tiny.edit_log(name)]
         if restored and tiny.arch == "gemma3":
-            assert "rebuilt" in log, log
+            assert "rebuilt" in log and rebuilt, log
         if tiny.arch in ("llama", "qwen2"):
             assert "rebuilt" not in log, log  # plain attention goes on from the rewrite
     finally:

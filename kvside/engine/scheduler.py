@@ -137,9 +137,12 @@ class Scheduler:
             # before what it still holds): the session is read again from its first token
             t0 = time.perf_counter()
             edits.reprefill(self.core, s)
-            s.log("rebuilt", reason=self.core._window_lost(s.ledger.next_pos) + ": read again from the start",
-                  tokens=len(s.ledger),
+            why = self.core._window_lost(s.ledger.next_pos)
+            s.log("rebuilt", reason=why + ": read again from the start", tokens=len(s.ledger),
                   t_s=round(time.perf_counter() - t0, 4))
+            text = f"{why}: the session's {len(s.ledger)} tokens were read again from the start"
+            notices.append({"kind": "rebuilt", "strategy": "reprefill", "message": text})
+            stream.put(Event("notice", text=text, data=notices[-1]))
         self.core.room_check(s, len(todo))
         rollback = {
             "start": s.ledger.next_pos,

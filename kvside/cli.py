@@ -372,9 +372,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import uvicorn
 
     from kvside.server.app import Daemon
+    from kvside.server.pool import ModelPool, parse_size
 
     if ns.host not in ("127.0.0.1", "localhost", "::1") and not ns.api_key:
         print("kvside: warning: listening beyond loopback without --api-key (see docs/security.md)", file=sys.stderr)
@@ -382,18 +385,42 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise KvsideError_usage("--max-upload must be at least 1 MB")
     if ns.reuse_chunk < 0 or ns.reuse_repair < 0:
         raise KvsideError_usage("--reuse-chunk and --reuse-repair must be 0 or more tokens")
+    if ns.max_models < 1:
+        raise KvsideError_usage("--max-models must be at least 1")
+    budget = None
+    if ns.memory_budget:
+        try:
+            budget = parse_size(ns.memory_budget)
+        except ValueError as exc:
+            raise KvsideError_usage(f"--memory-budget: {exc}") from None
     engine = _engine(ns, max_sessions=ns.max_sessions, persist=True)
-    watcher = None
+    watcher = pool = None
     try:
         watcher = _watch_docs(engine, ns.docs)
+        folder = Path(engine.call(lambda core: core.sessions_dir))
+
+        def other_model(name: str, sessions: Path):
+            from kvside.engine import Engine
+
+            return Engine(model=name, n_ctx=ns.n_ctx, max_sessions=ns.max_sessions, n_threads=ns.threads,
+                          n_gpu_layers=ns.n_gpu_layers, persist=True, sessions_dir=str(sessions),
+                          exact=bool(ns.exact), prune_tools=ns.prune_tools, reuse_chunk=ns.reuse_chunk,
+                          reuse_repair=ns.reuse_repair).start()
+
+        pool = ModelPool(engine, make_engine=other_model if ns.max_models > 1 else None, max_models=ns.max_models,
+                         memory_budget=budget, sessions_dir=folder).start()
         daemon = Daemon(engine, api_key=ns.api_key, host=ns.host, allow_hosts=tuple(ns.allow_host or ()),
                         allow_origins=tuple(ns.allow_origin or ()), max_upload=ns.max_upload << 20,
-                        reuse=not ns.no_reuse)
-        print(f"kvside serving {daemon.model_name} on http://{ns.host}:{ns.port}", file=sys.stderr)
+                        reuse=not ns.no_reuse, pool=pool)
+        print(f"kvside serving {daemon.model_name} on http://{ns.host}:{ns.port}"
+              + (f" (and up to {ns.max_models - 1} other installed models on demand)" if ns.max_models > 1 else ""),
+              file=sys.stderr)
         uvicorn.run(daemon.app, host=ns.host, port=ns.port, log_level="warning")
     finally:
         if watcher:
             watcher.stop()
+        if pool:
+            pool.close()
         engine.close()
         for failure in engine.close_failures:
             print(f"kvside: {failure}", file=sys.stderr)
@@ -634,6 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest session file a client may upload (PUT /kvside/sessions/NAME/file)")
     p.add_argument("--sessions", dest="sessions_dir", default=None, help="folder for saved sessions")
     p.add_argument("--max-sessions", type=int, default=4, help="sessions resident in the cache")
+    p.add_argument("--max-models", type=int, default=2, metavar="N",
+                   help="models loaded at once: requests may name any installed model, loaded on demand and "
+                        "unloaded least recently used first (1: this model only)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="most memory the loaded models may hold, weights and KV cache (e.g. 8G); idle models "
+                        "unload to make room")
     p.add_argument("--no-reuse", action="store_true", help="a fresh session per request (for comparison)")
     p.add_argument("--embedding-model", default=None, metavar="GGUF",
                    help="an embedding model (name or path) for /v1/embeddings and /api/embed; without it the chat "

@@ -34,6 +34,7 @@ from kvside.server import ollama_api as ollama
 from kvside.server import openai_api as oa
 from kvside.server.guard import Guard
 from kvside.server.metrics import CountRequests, Metrics
+from kvside.server.pool import ModelPool
 
 KEEPALIVE_S = 5.0
 FILE_SUFFIX = "/file"
@@ -59,8 +60,10 @@ class Daemon:
     def __init__(self, engine: Engine, *, api_key: str | None = None, host: str = "127.0.0.1",
                  allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = (),
                  max_body: int = 8 * 1024 * 1024, max_upload: int = 16 << 30, max_active: int = 32,
-                 reuse: bool = True, keepalive_s: float = KEEPALIVE_S):
-        self.engine = engine
+                 reuse: bool = True, keepalive_s: float = KEEPALIVE_S, pool: ModelPool | None = None):
+        self.engine = engine  # the model the daemon started with: sessions, tokenizer and llama-server's endpoints
+        # every model a request may name (one, unless --max-models allows more)
+        self.pool = pool or ModelPool(engine)
         info = self.info = engine.info()
         self.template = engine.call(llamacpp.template_facts)
         # the embedding model given with --embedding-model, if any (else the chat model embeds)
@@ -136,6 +139,12 @@ class Daemon:
         except UnicodeDecodeError:
             raise InvalidRequest("request body is not valid UTF-8") from None
         return parse_json(text)
+
+    async def engine_for(self, model: str | None, keep_alive: float | None = None):
+        """(name, engine) of the model a request names, loaded if it is installed and not loaded yet."""
+        if model is None or model in self.model_aliases:
+            return self.model_name, self.engine
+        return await asyncio.to_thread(self.pool.get, model, keep_alive)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_aliases:
@@ -270,6 +279,13 @@ class Daemon:
     async def models(self, request: HTTPRequest) -> JSONResponse:
         data = [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvside",
                  "meta": llamacpp.model_meta(self.info)}]
+        if self.pool.make_engine is not None:  # the other installed models, loaded on first use
+            from kvside.models import available
+
+            for ref in await asyncio.to_thread(available):
+                if ref.name != self.model_name:
+                    data.append({"id": ref.name, "object": "model", "created": 0, "owned_by": "kvside",
+                                 "meta": {"size": ref.size, "loaded": ref.name in self.pool.loaded}})
         if self.embedding:
             data.append({"id": self.embedding["model"], "object": "model", "created": 0, "owned_by": "kvside",
                          "meta": {"n_embd": self.embedding["n_embd"], "n_ctx": self.embedding["n_ctx"],
@@ -278,9 +294,9 @@ class Daemon:
 
     async def chat_completions(self, request: HTTPRequest):
         req = oa.parse_chat(await self._json(request))
-        self._check_model(req.model)
+        req.served, engine = await self.engine_for(req.model)
         explicit = self._explicit(request, req)
-        stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_chat(
+        stream, queue, note, first = await self._start(request, req.stream, lambda on_event: engine.bind_chat(
             req.messages, session=explicit, reuse=self.reuse, documents=req.documents, on_event=on_event,
             reply=req.reply, **req.params))
         name = note["session"]
@@ -293,10 +309,10 @@ class Daemon:
         finally:
             self._done()
         extra = {"kvside": {"notices": done.notices, **note}}
-        return JSONResponse(oa.chat_response(cid, self.model_name, done, extra), headers=headers)
+        return JSONResponse(oa.chat_response(cid, req.served, done, extra), headers=headers)
 
     async def _sse_chat(self, stream, queue, first, cid, req, note: dict):
-        model = self.model_name
+        model = req.served
         try:
             yield _data(oa.chat_chunk(cid, model, {"role": "assistant", "content": ""}, None))
             async for event in self._events(queue, first):
@@ -331,11 +347,11 @@ class Daemon:
 
     async def completions(self, request: HTTPRequest):
         req = oa.parse_completion(await self._json(request))
-        self._check_model(req.model)
-        return await self._text_request(request, req, "text_completion")
+        req.served, engine = await self.engine_for(req.model)
+        return await self._text_request(request, req, "text_completion", engine=engine)
 
     async def _text_request(self, request: HTTPRequest, req: oa.Request, shape: str, tokens=None,
-                            warm_up: bool = False, reuse: bool = True):
+                            warm_up: bool = False, reuse: bool = True, engine=None):
         """A text completion, answered in OpenAI's legacy shape (`shape` "text_completion") or
         llama-server's ("llama": /completion and /infill). `tokens`: the prompt's tokens as a
         function of the core, when the prompt is not req.prompt's text."""
@@ -344,7 +360,9 @@ class Daemon:
             tokens = lambda core: prompt.fim_tokens(core, req.prompt, req.suffix)  # noqa: E731
         if tokens is None and not req.prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        stream, queue, note, first = await self._start(request, req.stream, lambda on_event: self.engine.bind_text(
+        engine = engine or self.engine
+        req.served = req.served or self.model_name
+        stream, queue, note, first = await self._start(request, req.stream, lambda on_event: engine.bind_text(
             text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply,
             reuse=self.reuse and reuse, **req.params))
         headers = {"X-Kvside-Session": note["session"]}
@@ -356,14 +374,14 @@ class Daemon:
         finally:
             self._done()
         if shape == "llama":
-            return JSONResponse(llamacpp.completion_response(done, self.model_name, warm_up, oa.binding_facts(note)),
+            return JSONResponse(llamacpp.completion_response(done, req.served, warm_up, oa.binding_facts(note)),
                                 headers=headers)
-        body = oa.completion_chunk(cid, self.model_name, done.text, oa.finish_reason(done.finish_reason), done.logprobs)
+        body = oa.completion_chunk(cid, req.served, done.text, oa.finish_reason(done.finish_reason), done.logprobs)
         body["usage"] = oa.usage_of(done, note)
         return JSONResponse(body, headers=headers)
 
     async def _sse_text(self, stream, queue, first, cid, req, shape, note: dict, warm_up: bool):
-        model = self.model_name
+        model = req.served
         try:
             async for event in self._events(queue, first):
                 if event.kind == "text":

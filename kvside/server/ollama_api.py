@@ -21,6 +21,7 @@ from kvside.engine.session import check_name
 from kvside.engine.toolcalls import check_tools
 from kvside.errors import InvalidRequest
 from kvside.server import openai_api as oa
+from kvside.server.pool import parse_keep_alive
 
 # Copilot Chat's Ollama provider refuses servers older than 0.6.4; kvside speaks that API level.
 API_VERSION = "0.6.4"
@@ -237,6 +238,16 @@ class OllamaFront:
             self.d._check_model(name[: -len(":latest")] if name.endswith(":latest") else name)
         return name or self.d.model_name
 
+    async def route(self, body):
+        """(the name to answer under, the engine) for /api/chat and /api/generate: any installed model
+        when the daemon loads models on demand, kept loaded as `keep_alive` says."""
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if name is not None and not isinstance(name, str):
+            raise InvalidRequest("'model' must be a string", param="model")
+        keep_alive = parse_keep_alive(body.get("keep_alive")) if isinstance(body, dict) else None
+        _, engine = await self.d.engine_for(name, keep_alive)
+        return name or self.d.model_name, engine
+
     async def embed(self, request: HTTPRequest) -> JSONResponse:
         """POST /api/embed {model, input: str | [str], truncate=true}: unit vectors."""
         body = await self.d._json(request)
@@ -270,6 +281,15 @@ class OllamaFront:
 
     async def tags(self, request: HTTPRequest) -> JSONResponse:
         out = tags(self.d.info, [f"{self.d.model_name}:latest"])
+        if self.d.pool.make_engine is not None:  # every installed model can be asked for
+            from kvside.models import available
+
+            for ref in await asyncio.to_thread(available):
+                if ref.name != self.d.model_name:
+                    info = self.d.pool.infos.get(ref.name)
+                    out["models"].append({"name": f"{ref.name}:latest", "model": f"{ref.name}:latest",
+                                          "modified_at": now(), "size": ref.size, "digest": "",
+                                          "details": details(info) if info else {"format": "gguf"}})
         if self.d.embedding:  # Ollama lists embedding models beside chat models
             out["models"].append({"name": f"{self.d.embedding['model']}:latest",
                                   "model": f"{self.d.embedding['model']}:latest", "modified_at": now(), "size": 0,
@@ -279,7 +299,11 @@ class OllamaFront:
         return JSONResponse(out)
 
     async def ps(self, request: HTTPRequest) -> JSONResponse:
-        return JSONResponse(ps(self.d.info, f"{self.d.model_name}:latest"))
+        out = ps(self.d.info, f"{self.d.model_name}:latest")
+        for name, info in list(self.d.pool.infos.items()):
+            if name != self.d.model_name:
+                out["models"] += ps(info, f"{name}:latest")["models"]
+        return JSONResponse(out)
 
     async def show(self, request: HTTPRequest) -> JSONResponse:
         self.model(await self.d._json(request))
@@ -288,11 +312,11 @@ class OllamaFront:
 
     async def chat(self, request: HTTPRequest):
         body = await self.d._json(request)
-        model = self.model(body)
+        model, engine = await self.route(body)
         messages, params, streaming, spec = chat_request(body, self.d.info["n_ctx"])
         explicit = request.headers.get("x-kvside-session")
         t0 = time.perf_counter()
-        stream, queue, note, first = await self.d._start(request, streaming, lambda on_event: self.d.engine.bind_chat(
+        stream, queue, note, first = await self.d._start(request, streaming, lambda on_event: engine.bind_chat(
             messages, session=check_name(explicit) if explicit else None, reuse=self.d.reuse, on_event=on_event,
             reply=spec, **params))
 
@@ -308,7 +332,7 @@ class OllamaFront:
 
     async def generate(self, request: HTTPRequest):
         body = await self.d._json(request)
-        model = self.model(body)
+        model, engine = await self.route(body)
         text, suffix, params, streaming, raw = generate_request(body, self.d.info["n_ctx"])
         spec = reply_spec(body)
         if not text and suffix is None:  # Ollama answers an empty prompt by loading the model
@@ -321,12 +345,12 @@ class OllamaFront:
             tokens = (lambda core: prompt.fim_tokens(core, text, suffix)) if suffix is not None else None
             if spec.response_format is not None:
                 raise InvalidRequest("'format' needs a chat prompt (not raw or suffix)", param="format")
-            post = lambda on_event: self.d.engine.bind_text(text=text, tokens=tokens, session=session,  # noqa: E731
+            post = lambda on_event: engine.bind_text(text=text, tokens=tokens, session=session,  # noqa: E731
                                                           on_event=on_event, reuse=self.d.reuse, **params)
         else:
             system = body.get("system")
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            post = lambda on_event: self.d.engine.bind_chat(messages, session=session, reuse=self.d.reuse,  # noqa: E731
+            post = lambda on_event: engine.bind_chat(messages, session=session, reuse=self.d.reuse,  # noqa: E731
                                                           on_event=on_event, reply=spec, **params)
         stream, queue, note, first = await self.d._start(request, streaming, post)
 

@@ -37,6 +37,7 @@ class Request:
     suffix: str | None = None
     documents: list[str] = field(default_factory=list)
     reply: ReplySpec | None = None
+    served: str = ""  # the name of the model that answers (the daemon fills it in)
 
 
 def _typed(body: dict, name: str, types: tuple, default=None):

@@ -1,0 +1,161 @@
+"""Several models in one daemon (`kvside serve --max-models N --memory-budget SIZE`): a request's
+`model` picks any installed model, loaded on demand, unloaded least recently used first or when its
+keep-alive runs out; /v1/models and Ollama's tags list what is installed, /api/ps what is loaded;
+sessions stay with their model. Run as a user would: a `kvside serve` process on tiny GGUFs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tinygguf import write
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, home: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "KVSIDE_HOME": str(home), "KVSIDE_NATIVE": "off"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvside.cli", "serve", "--port", str(self.port),
+                                      "--n-ctx", "512", "--threads", "2", *args], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"kvside serve did not start: {self.proc.stderr.read()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def loaded(self) -> set[str]:
+        return {m["name"].removesuffix(":latest") for m in httpx.get(self.url + "/api/ps").json()["models"]}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A kvside home whose models folder holds three tiny models; the daemon starts on tiny-llama."""
+    home = tmp_path_factory.mktemp("pool-home")
+    (home / "models").mkdir()
+    for arch in ("llama", "qwen2", "gemma3"):
+        write(arch, home / "models" / f"tiny-{arch}.gguf", seed=7)
+    return home
+
+
+def chat(url: str, model: str, text: str = "hello", **extra) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": text}],
+                                                          "max_tokens": 3, "temperature": 0, **extra}, timeout=120)
+
+
+def test_any_installed_model_answers_and_the_least_recently_used_unloads(home):
+    d = Served(home, "--model", "tiny-llama", "--max-models", "2")
+    try:
+        listed = {m["id"] for m in httpx.get(d.url + "/v1/models").json()["data"]}
+        assert {"tiny-llama", "tiny-qwen2", "tiny-gemma3"} <= listed
+        tags = {m["name"] for m in httpx.get(d.url + "/api/tags").json()["models"]}
+        assert {"tiny-llama:latest", "tiny-qwen2:latest", "tiny-gemma3:latest"} <= tags
+        assert d.loaded() == {"tiny-llama"}
+        r = chat(d.url, "tiny-qwen2")
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "tiny-qwen2"
+        assert d.loaded() == {"tiny-llama", "tiny-qwen2"}
+        r = chat(d.url, "tiny-gemma3:latest")  # Ollama's spelling works on the OpenAI front too
+        assert r.status_code == 200, r.text
+        assert d.loaded() == {"tiny-llama", "tiny-gemma3"}  # qwen2 was the least recently used
+        assert chat(d.url, "tiny-llama").json()["model"] == "tiny-llama"  # the first model never unloads
+        missing = chat(d.url, "nothing-here")
+        assert missing.status_code == 404 and "not installed" in missing.json()["error"]["message"]
+        path = chat(d.url, str(home / "models" / "tiny-qwen2.gguf"))  # a request never opens a path
+        assert path.status_code == 404
+    finally:
+        d.stop()
+
+
+def test_keep_alive_zero_unloads_after_the_request(home):
+    d = Served(home, "--model", "tiny-llama", "--max-models", "3")
+    try:
+        r = httpx.post(d.url + "/api/chat", json={"model": "tiny-qwen2", "stream": False, "keep_alive": 0,
+                                                  "messages": [{"role": "user", "content": "hello"}],
+                                                  "options": {"num_predict": 2}}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "tiny-qwen2"
+        deadline = time.time() + 15
+        while time.time() < deadline and "tiny-qwen2" in d.loaded():
+            time.sleep(0.3)
+        assert d.loaded() == {"tiny-llama"}
+        kept = httpx.post(d.url + "/api/generate", json={"model": "tiny-gemma3", "prompt": "hello", "stream": False,
+                                                         "keep_alive": "10m", "options": {"num_predict": 2}}, timeout=120)
+        assert kept.status_code == 200, kept.text
+        time.sleep(2.5)
+        assert "tiny-gemma3" in d.loaded()
+        bad = httpx.post(d.url + "/api/chat", json={"model": "tiny-qwen2", "keep_alive": "soon",
+                                                    "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]
+    finally:
+        d.stop()
+
+
+def test_a_memory_budget_refuses_what_cannot_fit_and_makes_room_for_what_can(home):
+    # footprints at --n-ctx 512, 4 sessions: tiny-llama and tiny-qwen2 about 1.1 MB each with their KV
+    # cache, tiny-gemma3 (6 layers) about 3 MB
+    small = Served(home, "--model", "tiny-llama", "--max-models", "3", "--memory-budget", "2M")
+    try:
+        r = chat(small.url, "tiny-gemma3")
+        assert r.status_code == 503 and "does not fit in the memory budget" in r.json()["error"]["message"], r.text
+        assert small.loaded() == {"tiny-llama"}
+    finally:
+        small.stop()
+    roomy = Served(home, "--model", "tiny-llama", "--max-models", "3", "--memory-budget", "4.5M")
+    try:
+        assert chat(roomy.url, "tiny-qwen2").status_code == 200
+        assert roomy.loaded() == {"tiny-llama", "tiny-qwen2"}
+        assert chat(roomy.url, "tiny-gemma3").status_code == 200
+        assert roomy.loaded() == {"tiny-llama", "tiny-gemma3"}  # qwen2 made room, though --max-models allows 3
+    finally:
+        roomy.stop()
+
+
+def test_sessions_stay_with_their_model(home):
+    d = Served(home, "--model", "tiny-llama", "--max-models", "2")
+
+    def post(model: str, messages: list[dict]) -> httpx.Response:
+        return httpx.post(d.url + "/v1/chat/completions", headers={"X-Kvside-Session": "notes"},
+                          json={"model": model, "messages": messages, "max_tokens": 2, "temperature": 0}, timeout=120)
+
+    try:
+        first = post("tiny-qwen2", [{"role": "user", "content": "hello"}])
+        assert first.status_code == 200, first.text
+        reply = first.json()["choices"][0]["message"]["content"] or ""
+        names = {s["name"] for s in httpx.get(d.url + "/kvside/sessions").json()["sessions"]}
+        assert "notes" not in names  # the first model's sessions do not include the other model's
+        assert chat(d.url, "tiny-gemma3").status_code == 200  # qwen2 unloads, saving its sessions
+        assert list((home / "sessions" / "models" / "tiny-qwen2").glob("notes*")), list((home / "sessions").rglob("*"))
+        own = post("tiny-llama", [{"role": "user", "content": "hi"}])  # the same name: a session of its own
+        assert own.status_code == 200, own.text
+        back = post("tiny-qwen2", [{"role": "user", "content": "hello"}, {"role": "assistant", "content": reply},
+                                   {"role": "user", "content": "again"}])
+        assert back.status_code == 200, back.text
+        assert back.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # restored into qwen2, from its folder
+    finally:
+        d.stop()

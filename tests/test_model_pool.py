@@ -76,6 +76,9 @@ def test_any_installed_model_answers_and_the_least_recently_used_unloads(home):
         tags = {m["name"] for m in httpx.get(d.url + "/api/tags").json()["models"]}
         assert {"tiny-llama:latest", "tiny-qwen2:latest", "tiny-gemma3:latest"} <= tags
         assert d.loaded() == {"tiny-llama"}
+        shown = httpx.post(d.url + "/api/show", json={"model": "tiny-gemma3:latest"}).json()  # without loading it
+        assert shown["details"]["family"] == "gemma3" and "<start_of_turn>" in shown["template"]
+        assert d.loaded() == {"tiny-llama"}
         r = chat(d.url, "tiny-qwen2")
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "tiny-qwen2"

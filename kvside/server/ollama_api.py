@@ -306,7 +306,12 @@ class OllamaFront:
         return JSONResponse(out)
 
     async def show(self, request: HTTPRequest) -> JSONResponse:
-        self.model(await self.d._json(request))
+        body = await self.d._json(request)
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if self.d.pool.make_engine is not None and isinstance(name, str) and name.removesuffix(":latest") not in self.d.model_aliases:
+            info, source, fim = await asyncio.to_thread(self.d.pool.describe, name)
+            return JSONResponse(show(info, source, fim))
+        self.model(body)
         fim = await asyncio.to_thread(self.d.engine.call, prompt.has_fim)
         return JSONResponse(show(self.d.info, self.d.template["source"], fim))
 

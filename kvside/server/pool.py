@@ -175,6 +175,46 @@ class ModelPool:
         self.infos.pop(entry.name, None)
         entry.engine.close()  # saves its sessions (persist) before freeing the model
 
+    def describe(self, model: str | None) -> tuple[dict, str, bool]:
+        """(info, chat template source, has FIM tokens) of an installed model, without loading it
+        when it is not loaded (its vocabulary and metadata only: Ollama's /api/show is asked for
+        every listed model, and answering it must not unload the ones in use)."""
+        from kvside.engine import families, prompt
+        from kvside.engine.model import Model
+        from kvside.models import resolve
+
+        name = self.canonical(model)
+        entry = self.loaded.get(name)
+        if entry is not None:
+            def facts(core):
+                return core.template.source, prompt.has_fim(core)
+
+            source, fim = entry.engine.call(facts)
+            return self.infos[name], source, fim
+        ref = resolve(name)
+        m = Model(ref.path, vocab_only=True)
+        try:
+            # a vocabulary-only model has no shape to ask llama.cpp for (its accessors abort): the metadata says it
+            arch, meta = m.architecture, m.meta
+
+            def number(key: str) -> int:
+                try:
+                    return int(float(meta.get(key, 0)))
+                except ValueError:
+                    return 0
+
+            mi = {"architecture": arch, "n_ctx_train": number(f"{arch}.context_length"),
+                  "n_embd": number(f"{arch}.embedding_length"), "n_layer": number(f"{arch}.block_count"),
+                  "n_params": number("general.parameter_count"), "n_vocab": m.n_vocab, "size_bytes": ref.size,
+                  "fingerprint": m.fingerprint, "description": meta.get("general.name", name)}
+            n_ctx = min(self.infos[self.primary_name]["n_ctx"], mi["n_ctx_train"] or 1 << 30)
+            info = {"model_name": name, "model": mi, "n_ctx": n_ctx, "n_gpu_layers": 0}
+            source = families.choose(m, None).source
+            fim = min(lib_fim(m)) >= 0
+        finally:
+            m.close()
+        return info, source, fim
+
     def reap(self, now: float | None = None) -> list[str]:
         """Unload the idle models whose keep-alive has run out; returns their names."""
         now = time.time() if now is None else now
@@ -197,6 +237,12 @@ class ModelPool:
             for entry in list(self.loaded.values()):
                 if not entry.primary:
                     self._unload(entry)
+
+
+def lib_fim(m) -> tuple[int, int, int]:
+    from kvside._llama import lib
+
+    return lib.llama_vocab_fim_pre(m.vocab), lib.llama_vocab_fim_suf(m.vocab), lib.llama_vocab_fim_mid(m.vocab)
 
 
 def busy(engine) -> bool:

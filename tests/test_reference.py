@@ -83,7 +83,8 @@ def test_the_daemon_serves_it_and_does_not_count_it_as_an_edit(exact):
                        timeout=120).json()
         name = r["kvside"]["session"]
         out = httpx.post(f"{url}/kvside/sessions/{name}/fidelity", json={"tokens": 4}, timeout=120)
-        assert out.status_code == 200 and out.json()["kl"] < 1e-3
+        # unedited: batch-split rounding only (2e-4 to 1e-3 by CPU), well below an edit's 7e-3
+        assert out.status_code == 200 and out.json()["kl"] < 2e-3
         assert httpx.post(f"{url}/kvside/sessions/{name}/fidelity", json={"tokens": "four"}).status_code == 400
         assert httpx.post(f"{url}/kvside/sessions/nobody/fidelity", json={}).status_code == 404
         assert "fidelity" not in httpx.get(url + "/metrics").text

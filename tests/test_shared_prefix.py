@@ -65,20 +65,32 @@ def test_a_new_conversation_shares_the_system_prompt_and_answers_as_if_read(engi
 
 
 def test_editing_shared_cells_gives_the_session_its_own_copy(tmp_path):
-    """In an engine of its own, so the probe's cells land where they did before the edit: the
-    other session's logits are then bit for bit the same (without the copy, the roll moves the
-    shared cells under it: measured 1.0 off)."""
+    """Rolling a session whose first cells another session shares gives it copies of its own first:
+    the other session's cells stay byte for byte as they were (without the copy, the roll moves the
+    shared cells under it: its logits measured 1.0 off)."""
     with Engine(n_ctx=512, max_sessions=3, n_threads=2, exact=True, sessions_dir=str(tmp_path)) as engine:
         a, _ = ask(engine, chat("What does make chat do?"))
         b, _ = ask(engine, chat("What does make peer do?"))
         assert b.get("shared_from") == a["session"]
+        def cells_of_a(core):
+            core.settle()
+            return bytes(core.seq_state(core.get(a["session"]).seq))
+
+        held = engine.call(cells_of_a)
         before = engine.next_logits(a["session"], PROBE, all_logits=True)
         # roll b from the very front: its shared cells would move, so it gets its own first
         engine.roll(b["session"], drop=8, keep=0, strategy="shift")
         engine.check(b["session"])
         assert engine.call(lambda core: core.get(b["session"]).seq) not in shared_map(engine)
+        # a's cells are untouched: positions, keys and values byte for byte
+        assert engine.call(cells_of_a) == held
         after = engine.next_logits(a["session"], PROBE, all_logits=True)
-        assert np.array_equal(before, after)
+        # and the answers read from them agree: the probe's own cells may land elsewhere, which
+        # some CPUs' kernels round differently (bit-identical on one machine, up to 0.5 in the
+        # probe's third row on another)
+        assert (before.argmax(1) == after.argmax(1)).all()
+        cos = (before * after).sum(1) / np.linalg.norm(before, axis=1) / np.linalg.norm(after, axis=1)
+        assert cos.min() > 0.999
         engine.check(a["session"])
 
 

@@ -177,6 +177,13 @@ def test_a_prompt_over_the_window_is_refused_before_any_cache_changes(engine):
 def test_repair_computes_each_moved_runs_first_tokens_again(engine):
     bos, c = chunks(engine)
     engine.call(lambda core: setattr(core.config, "reuse_repair", 8))
+
+    def price(core, values):  # rates under which moving the run beats reading it again (as measured
+        saved = dict(core.costs.rates), core.costs.shift_s  # on an idle machine; a busy one may say not)
+        core.costs.rates, core.costs.shift_s = values
+        return saved
+
+    saved = engine.call(lambda core: price(core, ({(False, 0): 0.005, (True, 0): 0.0025}, 0.05)))
     try:
         note, _ = complete(engine, [bos] + c[2] + c[3] + c[5] + c[0][:20])
         second = [bos] + c[2] + c[1][:30] + c[5] + c[0][:20]
@@ -190,6 +197,7 @@ def test_repair_computes_each_moved_runs_first_tokens_again(engine):
         assert ledger.state[start:start + 8] == ["recomputed"] * 8 and ledger.state[start + 8] == "live"
     finally:
         engine.call(lambda core: setattr(core.config, "reuse_repair", 0))
+        engine.call(lambda core: price(core, saved))
 
 
 def test_runs_are_read_again_when_moving_them_costs_more(engine):

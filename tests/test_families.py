@@ -249,3 +249,27 @@ def test_doctor_says_which_template_and_why(tiny_models, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kvside.cli", "doctor", "--model", str(tiny_models["llama"]),
                           "--chat-template", "nope"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "neither a built-in template" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("strategy", ["shift", "recompute:8"])
+def test_a_roll_on_a_recurrent_state_reads_the_kept_tokens_again(tiny, strategy):
+    """A recurrent state cannot lose tokens from its middle (llama.cpp even says yes to such a
+    removal and removes nothing): the roll falls back to reading the kept tokens again, says so,
+    and the state equals a fresh read of them."""
+    if tiny.arch != "mamba":
+        pytest.skip("recurrent memories only")
+    name = tiny.new_session(system="")
+    try:
+        tiny.bind_chat(conversation(3) + [{"role": "user", "content": "hello"}], session=name, max_tokens=2,
+                       **GREEDY).wait()
+        report = tiny.roll(name, drop=20, strategy=strategy)
+        assert report["fallback"] and "recurrent" in report["fallback"], report
+        fresh = prefilled(tiny, tiny.ledger(name).tok)
+        try:
+            probe = probe_tokens(tiny)
+            np.testing.assert_allclose(tiny.next_logits(name, probe, all_logits=True),
+                                       tiny.next_logits(fresh, probe, all_logits=True), atol=1e-2)
+        finally:
+            tiny.delete_session(fresh)
+    finally:
+        tiny.delete_session(name)

@@ -54,6 +54,11 @@ class Memory:
     def rm(self, seq: int, p0: int, p1: int) -> None:
         """Remove seq's cells in [p0, p1); p1 < 0 means to the end. Raises when llama.cpp refuses
         (recurrent and hybrid memories cannot drop a middle span)."""
+        if self.recurrent and not (p0 <= 0 and p1 < 0) and p0 <= self.pos_max(seq):
+            # llama.cpp says yes to a span that misses the state's last position and removes
+            # nothing: the state still holds what was to go
+            raise EditError(f"this model's cache cannot remove positions {p0}..{p1} (its recurrent state can "
+                            "only go on from its end or start again)")
         if not lib.llama_memory_seq_rm(self.mem, seq, p0, p1):
             raise EditError(f"this model's cache cannot remove positions {p0}..{p1}"
                             + (" (its recurrent state can only go on from its end or start again)"
@@ -71,9 +76,9 @@ class Memory:
         """Whether tokens decoded into seq from position `pos` on see every cell they would see
         in a fresh prefill of the same cells: always on plain attention; on a sliding window, when
         the n_swa positions before `pos` lie at or above the sequence's floor; on a recurrent
-        state, only at its end or from nothing."""
-        if self.recurrent:
-            return pos == 0 or pos > self.pos_max(seq)
+        state, only after its end (an emptied sequence starts again from nothing)."""
+        if self.recurrent:  # (an empty sequence's last position is -1)
+            return pos > self.pos_max(seq)
         if not self.n_swa:
             return True
         return max(0, pos - self.n_swa + 1) >= self.floor.get(seq, 0)

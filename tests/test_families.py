@@ -273,3 +273,22 @@ def test_a_roll_on_a_recurrent_state_reads_the_kept_tokens_again(tiny, strategy)
             tiny.delete_session(fresh)
     finally:
         tiny.delete_session(name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_quick_runs_on_every_family(tiny_models, arch):
+    """`kvside eval --quick` on each memory kind: every protocol runs, a re-prefill measures zero
+    against itself, a recurrent state's rolls say they fell back, and composition is skipped where
+    nothing can be spliced."""
+    from kvside.bench import evaluate
+
+    result = evaluate.run(str(tiny_models[arch]), True, 2)
+    assert result["memory"] == {"gemma3": f"sliding window {WINDOW}", "mamba": "recurrent"}.get(arch, "attention")
+    rows = result["rolling"]
+    assert rows and all(r["kl"] == 0.0 for r in rows if r["strategy"] == "reprefill")
+    if arch == "mamba":
+        assert all(r["fallback"] for r in rows if r["strategy"] != "reprefill")
+        assert result["composition"] == []
+    else:
+        assert result["composition"] and all(r["kl"] < 1e-3 for r in result["composition"] if r["recompute"] == -1)
+    assert "memory:" in evaluate.tables(result)

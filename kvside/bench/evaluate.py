@@ -196,7 +196,9 @@ def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: Non
     engine = Engine(model=model, n_ctx=max(n_ctx, 1024), max_sessions=4, n_threads=n_threads, exact=True).start()
     try:
         info = engine.info()
-        result = {"model": info["model_name"], "quick": quick, "settings": cfg}
+        result = {"model": info["model_name"], "quick": quick, "settings": cfg,
+                  "memory": "recurrent" if info["recurrent"] else
+                  f"sliding window {info['sliding_window']}" if info["sliding_window"] else "attention"}
         result["noise_floor"] = noise_floor(engine, min(cfg["contexts"]), 16, cfg["steps"])
         log(f"noise floor: kl {result['noise_floor']['kl']:.2e}")
         result["rolling"] = rolling(engine, cfg, log)
@@ -205,19 +207,25 @@ def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: Non
         result["compaction"] = compaction(engine, cfg["steps"], log)
     finally:
         engine.close()
-    result["composition"] = bench_compose.run(model, cfg["docs"], cfg["doc_strategies"], cfg["steps"], n_threads)["results"]
+    if result["memory"] == "recurrent":  # a recurrent state cannot take spliced blocks (compose.attach)
+        result["composition"] = []
+    else:
+        result["composition"] = bench_compose.run(model, cfg["docs"], cfg["doc_strategies"], cfg["steps"],
+                                                  n_threads)["results"]
     result["t_total_s"] = time.perf_counter() - t0
     return result
 
 
 def tables(result: dict) -> str:
-    lines = [f"kvside eval: model {result['model']}{' (quick)' if result['quick'] else ''}"]
+    lines = [f"kvside eval: model {result['model']}{' (quick)' if result['quick'] else ''}, "
+             f"memory: {result.get('memory', 'attention')}"]
     nf = result["noise_floor"]
     lines.append(f"noise floor (seq_add +{nf['delta']} then -{nf['delta']}, ctx {nf['ctx']}): kl {nf['kl']:.3g}, "
                  f"max logit diff {nf['max_abs_diff']:.3g}, top1 {nf['top1']:.3f}")
     lines.append("\nrolling | ctx | keep | drop | strategy | t_edit_s | t_reprefill_s | speedup | kl | logit_cos | top1 | greedy_match | degeneration")
     for r in result["rolling"]:
-        lines.append(f"| {r['ctx']} | {r['keep']} | {r['drop']} | {r['strategy']} | {r['t_edit_s']:.3f} | "
+        strategy = r["strategy"] + (" (fell back to reprefill)" if r.get("fallback") else "")
+        lines.append(f"| {r['ctx']} | {r['keep']} | {r['drop']} | {strategy} | {r['t_edit_s']:.3f} | "
                      f"{r['t_reprefill_s']:.3f} | {r['speedup']:.1f} | {r['kl']:.4f} | {r['logit_cos']:.4f} | "
                      f"{r['top1']:.3f} | {r.get('greedy_match', '')} | {r.get('degeneration', 0):.3f}")
     kv = result["kv_analysis"]
@@ -229,6 +237,8 @@ def tables(result: dict) -> str:
     c = result["compaction"]
     lines.append(f"\ncompaction: recall {c['recall']}, kl vs full context {c['kl_vs_oracle']}")
     lines.append("\ncomposition | documents | recompute | t_attach_s | t_prefill_s | speedup | kl | logit_cos | top1")
+    if not result["composition"]:
+        lines.append("| (not applicable: a recurrent state cannot take spliced blocks) |")
     for r in result["composition"]:
         lines.append(f"| {r['documents']} | {r['recompute']} | {r['t_attach_s']:.3f} | {r['t_prefill_s']:.3f} | "
                      f"{r['speedup']:.1f} | {r['kl']:.4f} | {r['logit_cos']:.4f} | {r['top1']:.3f}")

@@ -211,6 +211,9 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
     strat = edits.Strategy.parse(strategy) if strategy is not None else None
     if strat is not None and strat.name == "reprefill":
         raise InvalidRequest("reprefill is not a composition strategy (prefill the text instead)")
+    if core.recurrent:  # nothing to splice: the state after the document depends on all of it
+        raise InvalidRequest("this model keeps a recurrent state, not cells per position: a compiled document "
+                             "cannot be spliced into it (send the document's text instead)")
     key, entry = find(name)
     blocks = load_blocks(core, entry)
     label = f"Document {entry.get('name', Path(key).name)}:\n"
@@ -247,7 +250,12 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
             set_seq_state(core.ctx, scratch, sessionfile.read_state(sf))
             core.mem.state_restored(scratch)
             core.mem.add(scratch, 0, -1, p0)  # RoPE repositioning: the block now starts at p0
-            core.mem.cp(scratch, s.seq, p0, p0 + len(toks))
+            # on a sliding window the block's state holds only its last cells in the windowed
+            # layers: the session's floor rises past the block's missing ones, except for the
+            # recompute of its first tokens, which attends to the session's cells before it and
+            # to the tokens it recomputes
+            block_floor = core.mem.floor.get(scratch)
+            core.mem.cp(scratch, s.seq, p0, p0 + len(toks), floor=False)
             core.mem.clear_seq(scratch)
             i0 = len(s.ledger)
             s.ledger.append(toks, msg.id, COMPOSED)
@@ -255,7 +263,9 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
                 k = len(toks) if recompute < 0 else min(recompute, len(toks))
                 if k:
                     recomputed += edits._recompute_window(core, s, i0, k)
+                core.mem.lift_floor(s.seq, None if k == len(toks) else block_floor)
             else:
+                core.mem.lift_floor(s.seq, block_floor)
                 chosen = None
                 if strat.needs_scores:
                     block = s.ledger.pos[i0:]

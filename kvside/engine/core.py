@@ -508,8 +508,10 @@ class Core:
     def _trial(self, s):
         """A sequence to try tokens on after s's cells, as it was afterwards: s's own, the tried
         cells removed after; for a recurrent state, which cannot give back what it read, a copy
-        of it in the scratch sequence."""
-        if not self.recurrent:
+        of it in the scratch sequence; for a sliding window, the scratch sequence sharing s's cells
+        (shared cells are never taken for others, and s's last position, by which llama.cpp
+        frees its old cells, does not move)."""
+        if not (self.recurrent or self.n_swa):
             start = s.ledger.next_pos
             try:
                 yield s.seq

@@ -112,12 +112,16 @@ class Memory:
         if delta:
             self.shift_pending = True
 
-    def cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+    def lift_floor(self, seq: int, floor: int | None) -> None:
+        if floor:
+            self.floor[seq] = max(self.floor.get(seq, 0), floor)
+
+    def cp(self, src: int, dst: int, p0: int, p1: int, floor: bool = True) -> None:
         """Share src's cells in [p0, p1) with dst. Shared cells have one position for both
         sequences: shifting one moves the other."""
         lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
-        if src in self.floor:
-            self.floor[dst] = max(self.floor.get(dst, 0), self.floor[src])
+        if floor:  # (a caller that knows which of the copied cells are whole says so itself)
+            self.lift_floor(dst, self.floor.get(src))
 
     def can_shift(self) -> bool:
         return bool(lib.llama_memory_can_shift(self.mem))

@@ -281,10 +281,16 @@ def pull(text: str, *, log=print) -> tuple[str, Path]:
                       "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         _write(data)
     if before:  # a newer revision replaces the old one: its files would only fill the disk
-        fresh = {d["path"] for d in done}
+        fresh_paths = {d["path"] for d in done}
+        fresh_blobs = {Path(d["path"]).resolve() for d in done}
         for f in before.get("files", []):
-            if f["path"] not in fresh:
-                _forget_download(Path(f["path"]))
+            old = Path(f["path"])
+            if f["path"] in fresh_paths:
+                continue
+            if old.resolve() in fresh_blobs:  # the same bytes under the new revision: only the old link goes
+                old.unlink(missing_ok=True)
+            else:
+                _forget_download(old)
     log(f"pulled {name}: use it as --model {name}")
     return name, Path(done[0]["path"])
 

@@ -178,3 +178,16 @@ def test_the_default_model_is_marked_and_can_be_chosen(env):
     assert f"* default: {REPO} (set by $KVSIDE_MODEL)" in chosen.stdout
     row = next(line for line in chosen.stdout.splitlines() if REPO in line and not line.startswith("* default"))
     assert row.startswith("*")
+
+
+def test_a_new_revision_replaces_the_old_one_and_keeps_unchanged_files(env, hub):
+    assert kvside(env, "pull", REPO).returncode == 0
+    first = Path(next(m for m in json.loads(kvside(env, "models", "--json").stdout) if m["source"] == "hub")["path"])
+    hub.repos[REPO].commit = "fedcba9876543210fedcba9876543210fedcba98"  # same files, a new commit
+    done = kvside(env, "pull", REPO)
+    assert done.returncode == 0 and "already pulled" not in done.stderr, done.stderr
+    second = Path(next(m for m in json.loads(kvside(env, "models", "--json").stdout) if m["source"] == "hub")["path"])
+    assert "fedcba98" in str(second) and second.is_file()  # the blob both revisions name is still there
+    assert not first.exists()  # the old revision's link is gone
+    ask = kvside(env, "ask", "--model", REPO, "-n", "2", "--temperature", "0", "hello")
+    assert ask.returncode == 0, ask.stderr

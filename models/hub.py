@@ -199,13 +199,20 @@ def list_files(repo: str, revision: str | None) -> tuple[str, list[HubFile]]:
     return info.sha or revision or "main", files
 
 
-def _digest_ok(path: Path, f: HubFile) -> bool:
+def _hasher(f: HubFile):
+    """The hash the hub publishes for f (LFS SHA-256, or the git blob id), fresh; None when it
+    publishes none (the size check is all there is then)."""
     if f.sha256:
-        h = hashlib.sha256()
-    elif f.git_sha1:
-        h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    else:
-        return True  # the hub published no checksum: the size check is all there is
+        return hashlib.sha256()
+    if f.git_sha1:
+        return hashlib.sha1(b"blob %d\0" % f.size)
+    return None
+
+
+def _digest_ok(path: Path, f: HubFile) -> bool:
+    h = _hasher(f)
+    if h is None:
+        return True
     with open(path, "rb") as src:
         while block := src.read(1 << 22):
             h.update(block)
@@ -268,7 +275,8 @@ def pull(text: str, *, log=print) -> tuple[str, Path]:
         except (OSError, httpx.HTTPError) as exc:
             raise PullError(f"downloading {f.path} failed: {exc} (run the same pull again to resume)") from None
         size = local.stat().st_size
-        if local_from_cache(local, fresh_downloads) and (size != f.size or not _digest_ok(local, f)):
+        from_cache = local not in fresh_downloads  # found in the hub's cache, not checked while downloading
+        if from_cache and (size != f.size or not _digest_ok(local, f)):
             _forget_download(local)
             raise PullError(f"{f.path}: the copy in the hub's cache does not match the hub's checksum; it was "
                             "removed, pull again")
@@ -299,21 +307,13 @@ class ChecksumMismatch(PullError):
     pass
 
 
-def local_from_cache(path: Path, fresh_downloads: set) -> bool:
-    """Whether a file was found in the hub's cache rather than downloaded (and checked) just now."""
-    return path not in fresh_downloads
-
-
 def _download(repo: str, commit: str, f: HubFile, log, fresh_downloads: set) -> Path:
     """The file in the hub's cache (snapshots/<commit>/<path>, a link to blobs/<etag>), downloaded
     or resumed when it is not there yet. Raises ChecksumMismatch (the partial file removed) when the
     bytes are not the ones the hub lists."""
-    import fcntl as _fcntl
-
-    import httpx
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.file_download import repo_folder_name
-    from huggingface_hub.utils import build_hf_headers, tqdm
+    from huggingface_hub.utils import build_hf_headers
 
     cached = try_to_load_from_cache(repo, f.path, revision=commit)
     if isinstance(cached, str):
@@ -331,9 +331,9 @@ def _download(repo: str, commit: str, f: HubFile, log, fresh_downloads: set) -> 
         blob.parent.mkdir(parents=True, exist_ok=True)
         part = blob.with_name(blob.name + ".incomplete")
         with open(part, "ab") as out:
-            _fcntl.flock(out, _fcntl.LOCK_EX)  # a second pull of the same file waits, then finds the blob
+            fcntl.flock(out, fcntl.LOCK_EX)  # a second pull of the same file waits, then finds the blob
             if not blob.is_file():
-                _transfer(meta.location or url, headers, part, out, f, tqdm, httpx)
+                _transfer(meta.location or url, headers, part, out, f)
                 os.replace(part, blob)
                 fresh_downloads.add(pointer)
     pointer.parent.mkdir(parents=True, exist_ok=True)
@@ -345,9 +345,12 @@ def _download(repo: str, commit: str, f: HubFile, log, fresh_downloads: set) -> 
     return pointer
 
 
-def _transfer(url: str, headers: dict, part: Path, out, f: HubFile, tqdm, httpx) -> None:
+def _transfer(url: str, headers: dict, part: Path, out, f: HubFile) -> None:
     """Append the rest of the file to `part` (from its current size), hashing everything it holds."""
-    h = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size) if f.git_sha1 else None
+    import httpx
+    from huggingface_hub.utils import tqdm
+
+    h = _hasher(f)
     have = part.stat().st_size
     if have > f.size:  # not a prefix of this file: start again
         out.truncate(0)
@@ -362,7 +365,7 @@ def _transfer(url: str, headers: dict, part: Path, out, f: HubFile, tqdm, httpx)
             if r.status_code == 200 and have:  # the server ignored the Range: take it from the start
                 out.truncate(0)
                 have = 0
-                h = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size) if f.git_sha1 else None
+                h = _hasher(f)
             elif r.status_code not in (200, 206):
                 raise PullError(f"the hub answered {r.status_code} for {f.path}")
             with tqdm(total=f.size, initial=have, unit="B", unit_scale=True, desc=f.path.rsplit("/", 1)[-1]) as bar:

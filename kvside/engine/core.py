@@ -420,7 +420,7 @@ class Core:
         if self.n_swa or self.recurrent:
             for seq, pos in batch.starts.items():
                 if not self.mem.window_ok(seq, pos):
-                    raise EditError(self._window_lost(pos))
+                    raise EditError(self.mem.window_lost(pos))
             self.mem.before_decode()
         t0 = time.perf_counter()
         rc = lib.llama_decode(self.ctx, batch.raw)
@@ -430,11 +430,6 @@ class Core:
             self.mem.shift_pending = False
             self.costs.record(batch.n, depth, seconds, shifted)
         return rc
-
-    def _window_lost(self, pos: int) -> str:
-        if self.recurrent:
-            return f"the recurrent state cannot go back to position {pos}"
-        return f"the sliding-window cache no longer holds the {self.n_swa} positions before {pos}"
 
     def unshare(self, seq: int) -> None:
         """Give seq copies of its own of every cell it holds (through a state copy), so cells it

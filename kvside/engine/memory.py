@@ -83,6 +83,12 @@ class Memory:
             return True
         return max(0, pos - self.n_swa + 1) >= self.floor.get(seq, 0)
 
+    def window_lost(self, pos: int) -> str:
+        """Why a decode from `pos` was refused (see window_ok), in words."""
+        if self.recurrent:
+            return f"the recurrent state cannot go back to position {pos}"
+        return f"the sliding-window cache no longer holds the {self.n_swa} positions before {pos}"
+
     def before_decode(self) -> None:
         """A llama_decode is about to look for free cells: any sequence's cells that are out of
         its own window may be taken (llama_kv_cache::find_slot), so each floor rises to there."""

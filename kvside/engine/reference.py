@@ -39,7 +39,7 @@ def against_reprefill(core, s, max_tokens: int = 64) -> dict:
         raise InvalidRequest("the last message's cells are not contiguous: nothing to teacher-force")
     if not core.mem.window_ok(s.seq, led.pos[split]):
         raise InvalidRequest(f"cannot teacher-force the last message on this session's own cells: "
-                             f"{core._window_lost(led.pos[split])}")
+                             f"{core.mem.window_lost(led.pos[split])}")
     if core.used_cells() + split + 2 * len(forced) > core.n_cells:
         raise CacheFull("no room in the cache to measure against a re-prefill now")
     t0 = time.perf_counter()

@@ -137,7 +137,7 @@ class Scheduler:
             # before what it still holds): the session is read again from its first token
             t0 = time.perf_counter()
             edits.reprefill(self.core, s)
-            why = self.core._window_lost(s.ledger.next_pos)
+            why = self.core.mem.window_lost(s.ledger.next_pos)
             s.log("rebuilt", reason=why + ": read again from the start", tokens=len(s.ledger),
                   t_s=round(time.perf_counter() - t0, 4))
             text = f"{why}: the session's {len(s.ledger)} tokens were read again from the start"

@@ -31,6 +31,12 @@ def _engine_args(p: argparse.ArgumentParser, n_ctx: int = 2048) -> None:
     p.add_argument("--prune-tools", type=_prune_spec, default=None, metavar="keep_last=N",
                    help="agents: when the window fills, mask old tool results (keeping the last N) before "
                         "rolling whole turns away")
+    p.add_argument("--checkpoints", type=int, default=8, metavar="N",
+                   help="models whose cache cannot go back (recurrent, sliding window): context checkpoints kept "
+                        "per session at message boundaries, so an edit reads from the nearest (0: none)")
+    p.add_argument("--swa-cache", choices=["full", "window"], default="full",
+                   help="sliding-window models (Gemma 3, gpt-oss): the windowed layers' cache at full size (every "
+                        "edit can shift cells) or at the window's size (far less memory; rolls read again)")
 
 
 def _prune_spec(text: str) -> int:
@@ -65,6 +71,19 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _memory_row(info: dict) -> str:
+    """What the model's cache allows, for doctor."""
+    if not (info["recurrent"] or info["sliding_window"]):
+        return "plain attention: every edit in place"
+    kind = ("recurrent state" if info["recurrent"] else
+            f"sliding window of {info['sliding_window']} on some layers"
+            + ("" if info["swa_full"] else " (cache at the window's size: no shifts)"))
+    n = info["checkpoints"]
+    back = (f"edits that go back read from the nearest of {n} context checkpoints per session, else from the start"
+            if n else "edits that go back read the session again (--checkpoints 0)")
+    return f"{kind}: {back}"
+
+
 def _sampling(ns: argparse.Namespace) -> dict:
     keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_tokens", "stop")
     return {k: getattr(ns, k) for k in keys if getattr(ns, k, None) is not None}
@@ -78,6 +97,7 @@ def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False
         n_gpu_layers=ns.n_gpu_layers, persist=persist, sessions_dir=getattr(ns, "sessions_dir", None),
         exact=bool(getattr(ns, "exact", False)), prune_tools=getattr(ns, "prune_tools", None),
         reuse_chunk=getattr(ns, "reuse_chunk", 64), reuse_repair=getattr(ns, "reuse_repair", 16), embedding_model=getattr(ns, "embedding_model", None),
+        checkpoints=getattr(ns, "checkpoints", 8), swa_full=getattr(ns, "swa_cache", "full") == "full",
     ).start()
 
 
@@ -142,9 +162,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         ("chat template", f"{info['chat_template']['name']}: {info['chat_template']['why']}"),
         ("rope type", model["rope_type"]),
         ("can_shift", info["can_shift"]),
-        ("memory", "recurrent state: edits that go back read the session again" if info["recurrent"] else
-         f"sliding window of {info['sliding_window']} on some layers: edits that go back past it read the "
-         "session again" if info["sliding_window"] else "plain attention: every edit in place"),
+        ("memory", _memory_row(info)),
         ("n_ctx / cells", f"{info['n_ctx']} per session, {info['n_cells']} cells"),
         ("threads", info["n_threads"]),
     ]
@@ -405,7 +423,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             return Engine(model=name, n_ctx=ns.n_ctx, max_sessions=ns.max_sessions, n_threads=ns.threads,
                           n_gpu_layers=ns.n_gpu_layers, persist=True, sessions_dir=str(sessions),
                           exact=bool(ns.exact), prune_tools=ns.prune_tools, reuse_chunk=ns.reuse_chunk,
-                          reuse_repair=ns.reuse_repair).start()
+                          reuse_repair=ns.reuse_repair, checkpoints=ns.checkpoints,
+                          swa_full=ns.swa_cache == "full").start()
 
         pool = ModelPool(engine, make_engine=other_model if ns.max_models > 1 else None, max_models=ns.max_models,
                          memory_budget=budget, sessions_dir=folder).start()

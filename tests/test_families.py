@@ -112,7 +112,8 @@ def test_with_reprefill_a_rewritten_turn_gives_a_fresh_prefill_on_every_family(t
     session's next-token logits equal a fresh prefill of the client's messages. On a sliding-window
     cache that went through a save and restore, the cells before the rewritten turn are gone from
     the windowed layers; reading from the rewrite would attend to nothing there, so the session is
-    read again from its first token (the edit log says `rebuilt`)."""
+    read again from its first token (the edit log says `rebuilt`); while resident, from the context
+    checkpoint before the rewritten turn."""
     name = tiny.new_session(system="")
     tiny.set_roll_strategy(name, "reprefill")
     try:
@@ -126,8 +127,10 @@ def test_with_reprefill_a_rewritten_turn_gives_a_fresh_prefill_on_every_family(t
         done = tiny.bind_chat(edited, session=name, max_tokens=1, on_event=events.append, **GREEDY).wait()
         note = next(e.data for e in events if e.kind == "bound")
         rebuilt = [n for n in done.notices if n["kind"] == "rebuilt"]
-        if rebuilt:  # the client is told, and nothing was counted as cached
-            assert done.usage.cached_tokens == 0 and "read again from the start" in rebuilt[0]["message"]
+        if rebuilt:  # the client is told, and only what came back from a checkpoint counts as cached
+            restored = rebuilt[0]["from_checkpoint"]
+            assert done.usage.cached_tokens == restored
+            assert ("from a checkpoint" if restored else "from the start") in rebuilt[0]["message"]
         assert note.get("edited_messages") or note.get("dropped_messages"), note
         tiny.check(name)
         prompt = chat_session(tiny, edited)  # the client's messages read whole
@@ -245,7 +248,13 @@ def test_doctor_says_which_template_and_why(tiny_models, tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "gemma: the GGUF has none; its vocabulary has gemma's turn markers" in out.stdout
-    assert "sliding window of 32" in out.stdout
+    assert "sliding window of 32" in out.stdout and "nearest of 8 context checkpoints" in out.stdout
+    small = subprocess.run([sys.executable, "-m", "kvside.cli", "doctor", "--model", str(tiny_models["gemma3"]),
+                            "--swa-cache", "window", "--checkpoints", "3"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert small.returncode == 0, small.stderr
+    assert "window's size: no shifts" in small.stdout and "nearest of 3 context checkpoints" in small.stdout
+    assert any(line.split()[:2] == ["can_shift", "False"] for line in small.stdout.splitlines())
     bad = subprocess.run([sys.executable, "-m", "kvside.cli", "doctor", "--model", str(tiny_models["llama"]),
                           "--chat-template", "nope"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "neither a built-in template" in bad.stderr and "Traceback" not in bad.stderr

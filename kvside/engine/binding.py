@@ -75,10 +75,13 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
     have, want = [_key(m) for m in held], [_key(m) for m in incoming]
     kept, dropped, replaced, cells, inserted = 0, [], [], 0, []
     cut_held, cut_want = len(held), len(want)
+    last_equal = None  # (held index, incoming index) of the client's last message, when held
     for tag, i1, i2, j1, j2 in SequenceMatcher(None, have, want, autojunk=False).get_opcodes():
         if tag == "equal":
             kept += i2 - i1
             cells += sum(m.get("n_cells", 1) for m in held[i1:i2])
+            if j2 == len(want):
+                last_equal = (i2 - 1, j2 - 1)
         elif cut_at_change and tag in ("delete", "replace") and any(_live(m) for m in held[i1:i2]):
             cut_held, cut_want = i1, j1
             break
@@ -98,6 +101,14 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
         else:  # an insertion, or a change running to the end: everything from here is read anew
             cut_held, cut_want = i1, j1
             break
+    if cut_want == len(want) and last_equal is not None and dropped and kept > 1:
+        # nothing after what the session holds, but what followed it is gone: the client asks
+        # for another reply (a regenerate). Its last message is read again after what precedes it
+        # (a cache that cannot go back returns to the checkpoint taken there: checkpoints.py).
+        cut_held, cut_want = last_equal
+        kept -= 1
+        cells -= held[cut_held].get("n_cells", 1)
+        dropped = [i for i in dropped if i not in {m["id"] for m in held[cut_held:]}]
     new = incoming[cut_want:]
     resent = set(want[cut_want:])
     gone = list(dropped)  # what the client no longer sends

@@ -69,6 +69,15 @@ class EngineConfig:
     # of each moved run, the first tokens computed again after its new context (measured on
     # llama.vscode's trace: `kvside bench fim`, docs/benchmarks.md)
     reuse_repair: int = 16
+    # caches that cannot go back (recurrent states, sliding windows): context checkpoints kept per
+    # session, taken at message boundaries, so an edit that goes back reads from the nearest one
+    # instead of from the first token (checkpoints.py; 0: none)
+    checkpoints: int = 8
+    # sliding-window models (Gemma 3, gpt-oss): the windowed layers' cache at full size, so every
+    # edit can move cells (llama.cpp shifts an iSWA cache only when both parts have one size), or
+    # at the window's size (a fraction of the memory; rolls and masks then read again, from the
+    # nearest checkpoint)
+    swa_full: bool = True
     # embeddings: an embedding GGUF (name or path) run in its own context; None: the chat model's
     # hidden states, mean-pooled (a context made on the first request)
     embedding_model: str | None = None
@@ -161,6 +170,8 @@ class Core:
             raise InvalidRequest(f"n_ctx {config.n_ctx} is above what {model_name} was trained for ({info.n_ctx_train})")
         if not 1 <= config.max_sessions <= 63:
             raise InvalidRequest("max_sessions must be between 1 and 63")
+        if config.checkpoints < 0:
+            raise InvalidRequest("checkpoints must be 0 or more")
 
     def _new_context(self, config: EngineConfig):
         params = lib.llama_context_default_params()
@@ -169,6 +180,7 @@ class Core:
         params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_seq_max
         params.kv_unified = True  # cells can move between sequences (seq_cp, forks, blocks)
+        params.swa_full = config.swa_full
         params.no_perf = True
         # Measured on CPU: with flash attention (llama.cpp's default) a row's result depends on
         # where its cells sit in the cache (a re-prefill or a restore into other cells moved
@@ -331,7 +343,8 @@ class Core:
         if self.recurrent:
             return None
         if self.n_swa:
-            in_window = next(p for p in positions if p >= hi + 1 - self.n_swa)
+            # (what the next token sees: a restored state may lack the window's oldest cell)
+            in_window = next(p for p in positions if p >= hi + 2 - self.n_swa)
             if not positions[0] <= lo <= in_window:
                 return (f"the cache starts at {lo}: not between the ledger's first position {positions[0]} "
                         f"and the window's {in_window}")

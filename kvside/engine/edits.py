@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from kvside.engine import deviation, native, prompt
+from kvside.engine import checkpoints, deviation, native, prompt
 from kvside.engine.jobs import JOB_CHUNK, finish
 from kvside.engine.ledger import ERRATUM, LIVE, RECOMPUTED, SUMMARY
 from kvside.engine.session import (
@@ -115,21 +115,37 @@ def head_size(s: Session) -> int:
 
 # -- the rebuild every edit can fall back to --------------------------------------------------------
 def reprefill_steps(core, s: Session, chunk: int = JOB_CHUNK):
-    """Rebuild s's cells densely from its ledger's tokens (positions 0..n-1), `chunk` tokens
-    at a time (a generator: see Core.start_job)."""
+    """Rebuild s's cells from its ledger's tokens, `chunk` tokens at a time (a generator: see
+    Core.start_job). Where the cache cannot go back (a recurrent state, a sliding window) and a
+    context checkpoint still follows the ledger's first cells, those come back from it and only
+    the rest is read (checkpoints.py); otherwise everything is read from position 0. What is read
+    lies densely after what came back. Returns how many cells came back from a checkpoint."""
     led = s.ledger
-    core.mem.clear_seq(s.seq)
     tokens = list(led.tok)
+    start = 0
+    cp = checkpoints.best(s)
+    if cp is not None:
+        try:
+            checkpoints.restore(core, s, cp)
+            start = cp.n
+        except KvsideError:
+            start = 0  # read everything
+    if not start:
+        core.mem.clear_seq(s.seq)
+    p0 = led.pos[start - 1] + 1 if start else 0
     try:
-        yield from core.decode_steps(s.seq, tokens, 0, chunk)
+        yield from core.decode_steps(s.seq, tokens[start:], p0, chunk)
     except KvsideError:
+        core.mem.clear_seq(s.seq)
         led.truncate(0)
         raise EditError(f"session {s.name!r} could not be rebuilt; its cache was cleared") from None
-    led.pos = list(range(len(tokens)))
+    led.pos = led.pos[:start] + list(range(p0, p0 + len(tokens) - start))
+    return start
 
 
-def reprefill(core, s: Session) -> None:
-    finish(reprefill_steps(core, s, core.n_batch))
+def reprefill(core, s: Session) -> int:
+    """reprefill_steps at once; returns how many cells came back from a checkpoint."""
+    return finish(reprefill_steps(core, s, core.n_batch))
 
 
 # -- roll -------------------------------------------------------------------------------------------
@@ -167,6 +183,7 @@ def roll_steps(core, s: Session, drop: int, keep: int | None = None, strategy: s
     p_head_end = (led.pos[keep - 1] + 1) if keep else 0  # the window moves to follow the head
     n_dropped = end - keep
     fallback = None
+    restored = 0  # cells a rebuild took from a context checkpoint
     snapshot = led.copy()
     chosen = None
     if strat.needs_scores and end < len(led) and core.mem.can_shift():
@@ -176,8 +193,8 @@ def roll_steps(core, s: Session, drop: int, keep: int | None = None, strategy: s
             if strat.name != "reprefill":
                 fallback = "reprefill (this cache cannot shift positions)"
             led.remove(p_drop, p_rest, reason)
-            yield from reprefill_steps(core, s, chunk)
-            recomputed = len(led)
+            restored = yield from reprefill_steps(core, s, chunk)
+            recomputed = len(led) - restored
         else:
             core.mem.rm(s.seq, p_drop, p_rest)
             led.remove(p_drop, p_rest, reason)
@@ -190,8 +207,8 @@ def roll_steps(core, s: Session, drop: int, keep: int | None = None, strategy: s
         fallback = f"reprefill ({exc.message})"
         s.ledger = led = snapshot  # the cache may be half-edited: rebuild it from the ledger
         led.remove(p_drop, p_rest, reason)
-        yield from reprefill_steps(core, s, chunk)
-        recomputed = len(led)
+        restored = yield from reprefill_steps(core, s, chunk)
+        recomputed = len(led) - restored
     for m in s.messages:
         if m.id in dropped_msgs and m.id not in kept_after:
             m.state = MSG_ROLLED
@@ -206,6 +223,8 @@ def roll_steps(core, s: Session, drop: int, keep: int | None = None, strategy: s
     }
     if fallback:
         report["fallback"] = fallback
+    if restored:
+        report["from_checkpoint"] = restored
     s.log("roll", **report)
     return report
 
@@ -411,7 +430,7 @@ def mask_steps(core, s: Session, messages: list[int] | None = None, span: tuple[
         after = [p for p in led.pos[first:] if p not in removed]
         if after:
             chosen = deviation.choose(deviation.scores(core, s.seq, removed, after), strat.frac)
-    recomputed = 0
+    recomputed = restored = 0
     try:
         if close_gap and not core.mem.can_shift():
             raise EditError("this cache cannot shift positions")
@@ -422,8 +441,8 @@ def mask_steps(core, s: Session, messages: list[int] | None = None, span: tuple[
                 core.mem.add(s.seq, p1, -1, p0 - p1)
                 led.shift(p1, -1, p0 - p1)
         if strat.name == "reprefill":
-            yield from reprefill_steps(core, s, chunk)
-            recomputed = len(led)
+            restored = yield from reprefill_steps(core, s, chunk)
+            recomputed = len(led) - restored
         else:
             recomputed = repair(core, s, first, len(led), strat, chosen)
     except EditError as exc:
@@ -431,7 +450,8 @@ def mask_steps(core, s: Session, messages: list[int] | None = None, span: tuple[
         s.ledger = led = snapshot  # the cache may be half-edited: rebuild it from the ledger
         for p0, p1 in reversed(spans):
             led.remove(p0, p1, reason)
-        yield from reprefill_steps(core, s, chunk)
+        restored = yield from reprefill_steps(core, s, chunk)
+        recomputed = len(led) - restored
     for m in s.messages:
         if m.id in ids and not led.positions_of({m.id}):
             m.state = state
@@ -440,6 +460,8 @@ def mask_steps(core, s: Session, messages: list[int] | None = None, span: tuple[
               "n_cells": len(led), "next_pos": led.next_pos, "t_edit_s": time.perf_counter() - t0}
     if fallback:
         report["fallback"] = fallback
+    if restored:
+        report["from_checkpoint"] = restored
     s.log("mask", **report)
     return report
 
@@ -493,6 +515,8 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
         return {"replaced": msg_id, "cells": False}
     if s.pending and s.pending_msg == msg_id:
         return None  # its last token is not in the cache yet: read it anew
+    if not core.mem.window_ok(s.seq, led.pos[idx[0]]):
+        return None  # a recurrent state or a sliding window cannot be written into its past
     old = [led.tok[i] for i in idx]
     tokens = message_tokens(core, s, msg_id, new)
     ops = SequenceMatcher(None, old, tokens, autojunk=False).get_opcodes()
@@ -568,6 +592,8 @@ def insert_messages(core, s: Session, before_id: int, new: list[dict]) -> dict |
     idx = [k for k, mm in enumerate(led.msg) if mm == before_id]
     if not idx or (s.pending and s.pending_msg in {m.id for m in order[:i]}):
         return None
+    if not core.mem.window_ok(s.seq, led.pos[idx[0]]):
+        return None  # a recurrent state or a sliding window cannot be written into its past
     msgs = [Message.from_request(-1, version) for version in new]
     segs = core.template.segments([m.as_template() for m in order[:i]], [m.as_template() for m in msgs]
                                   + [order[i].as_template()], add_generation_prompt=False, tools=s.tools)
@@ -816,6 +842,7 @@ def fork(core, s: Session, name: str | None = None, on_device: bool | None = Non
     child.messages = [Message(**m.to_dict()) for m in s.messages]
     child.pending, child.pending_msg, child.closing = list(s.pending), s.pending_msg, s.closing
     child.defaults, child.roll_strategy, child.tools = s.defaults, s.roll_strategy, list(s.tools)
+    child.checkpoints = list(s.checkpoints)  # a checkpoint is never changed, only replaced: shared
     child.edit_log = list(s.edit_log)
     report = {"parent": s.name, "child": child.name, "on_device": on_device, "bytes_through_host": size,
               "t_edit_s": time.perf_counter() - t0}

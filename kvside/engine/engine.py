@@ -409,6 +409,8 @@ class Engine:
                 "can_shift": core.mem.can_shift(),
                 "sliding_window": core.n_swa,
                 "recurrent": core.recurrent,
+                "swa_full": core.config.swa_full,
+                "checkpoints": core.config.checkpoints if (core.recurrent or core.n_swa) else 0,
             }
 
         return self.call(facts)

@@ -100,9 +100,11 @@ class Memory:
                 self.floor[seq] = max(self.floor.get(seq, 0), top + 2 - self.n_swa)
 
     def state_restored(self, seq: int) -> None:
-        """seq was set from a state blob: a state read keeps only the cells inside the window."""
+        """seq was set from a state blob: a state keeps only the cells inside the window, and
+        loading it keeps only those the next token sees (measured on a window-sized cache: the
+        oldest cell of the saved window does not come back)."""
         if self.n_swa:
-            self.floor[seq] = max(0, self.pos_max(seq) + 1 - self.n_swa)
+            self.floor[seq] = max(0, self.pos_max(seq) + 2 - self.n_swa)
 
     def add(self, seq: int, p0: int, p1: int, delta: int) -> None:
         """Shift positions in [p0, p1) by delta; llama.cpp re-rotates the keys (RoPE) lazily."""

@@ -9,7 +9,7 @@ import codecs
 import time
 from dataclasses import dataclass, field
 
-from kvside.engine import edits, prompt
+from kvside.engine import checkpoints, edits, prompt
 from kvside.engine.costs import SMALL_BATCH
 from kvside.engine.decode import decode_error
 from kvside.engine.reply import ReplyReader, ReplySpec, constraint
@@ -53,6 +53,8 @@ class _Gen:
     reader: ReplyReader | None = None  # splits a chat reply into content, reasoning and tool calls
     logprobs: list[dict] = field(default_factory=list)  # per token, when asked for
     unsent_logprobs: int = 0  # of those, not yet carried by an event
+    # ledger lengths at which the prefill stops for a context checkpoint (checkpoints.marks)
+    marks: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -132,16 +134,21 @@ class Scheduler:
         if rolled:
             notices.append(self._notice(stream, rolled))
         rebuilt = not self.core.mem.window_ok(s.seq, s.ledger.next_pos)
+        restored = 0
         if rebuilt:
             # a sliding-window or recurrent cache cannot go on from here (an edit went back
-            # before what it still holds): the session is read again from its first token
+            # before what it still holds): the session is read again from its latest context
+            # checkpoint that still applies, else from its first token
             t0 = time.perf_counter()
-            edits.reprefill(self.core, s)
             why = self.core.mem.window_lost(s.ledger.next_pos)
-            s.log("rebuilt", reason=why + ": read again from the start", tokens=len(s.ledger),
-                  t_s=round(time.perf_counter() - t0, 4))
-            text = f"{why}: the session's {len(s.ledger)} tokens were read again from the start"
-            notices.append({"kind": "rebuilt", "strategy": "reprefill", "message": text})
+            restored = edits.reprefill(self.core, s)
+            whence = f"from a checkpoint after {restored} tokens" if restored else "from the start"
+            s.log("rebuilt", reason=f"{why}: read again {whence}", tokens=len(s.ledger),
+                  from_checkpoint=restored, t_s=round(time.perf_counter() - t0, 4))
+            text = (f"{why}: {len(s.ledger) - restored} of the session's {len(s.ledger)} tokens were read "
+                    f"again {whence}")
+            notices.append({"kind": "rebuilt", "strategy": "reprefill", "from_checkpoint": restored,
+                            "message": text})
             stream.put(Event("notice", text=text, data=notices[-1]))
         self.core.room_check(s, len(todo))
         rollback = {
@@ -163,7 +170,8 @@ class Scheduler:
                                      think=think)
         gen.rollback_first_msg = new[0].id if new else -1
         gen.notices.extend(notices)
-        gen.usage.cached_tokens = 0 if rebuilt else len(s.ledger)
+        gen.usage.cached_tokens = restored if rebuilt else len(s.ledger)
+        gen.marks = checkpoints.marks(self.core, s, todo_msg)
         gen.usage.prompt_tokens = len(s.ledger) + len(todo)
         s.busy = True
         s.last_used = time.time()
@@ -205,6 +213,9 @@ class Scheduler:
         for g, toks, msgs, idx in slots:
             for tok, msg in _runs(toks, msgs):
                 g.session.ledger.append(tok, msg)
+            if g.marks and len(g.session.ledger) == g.marks[0]:
+                g.marks.pop(0)
+                checkpoints.take(self.core, g.session)
             if idx >= 0:
                 if g.phase == PREFILL:
                     g.phase = DECODE
@@ -224,7 +235,7 @@ class Scheduler:
             if g.phase == PREFILL and len(g.todo) >= SMALL_BATCH:
                 self.gens.remove(g)
                 self.gens.append(g)  # round-robin among long prompts
-                return [self._add_prefill(g, min(len(g.todo), self.core.n_batch))]
+                return [self._add_prefill(g, self._prefill_size(g, self.core.n_batch))]
         return []
 
     def _plan_small(self) -> list:
@@ -234,9 +245,17 @@ class Scheduler:
                 idx = self.core.batch.add(g.next_token, g.session.ledger.next_pos, g.session.seq, True)
                 slots.append((g, [g.next_token], [g.reply_id], idx))
         for g in self.gens:
-            if g.phase == PREFILL and 0 < len(g.todo) and self.core.batch.n + len(g.todo) < SMALL_BATCH:
-                slots.append(self._add_prefill(g, len(g.todo)))
+            n = self._prefill_size(g, len(g.todo))
+            if g.phase == PREFILL and 0 < n and self.core.batch.n + n < SMALL_BATCH:
+                slots.append(self._add_prefill(g, n))
         return slots
+
+    @staticmethod
+    def _prefill_size(g: _Gen, most: int) -> int:
+        """How many of g's prompt tokens the next chunk takes: at most `most`, and not past its
+        next checkpoint."""
+        n = min(len(g.todo), most)
+        return min(n, g.marks[0] - len(g.session.ledger)) if g.marks else n
 
     def _add_prefill(self, g: _Gen, n: int):
         pos0 = g.session.ledger.next_pos

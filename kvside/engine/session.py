@@ -106,6 +106,9 @@ class Session:
     # system turn, so they are part of the cached prefix and every later turn renders with them.
     tools: list[dict] = field(default_factory=list)
     prune_tools: int | None = None  # the tool-result policy: keep the last N when the window fills
+    # context checkpoints (checkpoints.py): where this model's cache cannot go back, copies of
+    # what it cannot give back, taken at message boundaries; in memory only, never saved
+    checkpoints: list = field(default_factory=list)
 
     def next_message_id(self) -> int:
         return max((m.id for m in self.messages), default=-1) + 1
@@ -138,4 +141,5 @@ class Session:
             "created": self.created,
             "last_used": self.last_used,
             "edits": len(self.edit_log),
+            "checkpoints": [c.n for c in self.checkpoints],
         }

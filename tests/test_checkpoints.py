@@ -1,6 +1,7 @@
 """Context checkpoints on caches that cannot go back (tiny random-weight GGUFs, tinygguf.py): a
-sliding window (gemma3, five of six layers keep the last 32 positions) and a recurrent state
-(mamba). A client that regenerates a reply or rewrites its last message sends a history that goes
+sliding window (gemma3, five of six layers keep the last 32 positions), a recurrent state (mamba)
+and a hybrid (lfm2: recurrent short-convolution layers beside an attention layer, whose cells are
+cut after the checkpoint's position). A client that regenerates a reply or rewrites its last message sends a history that goes
 back before what such a cache still holds; kvside restores the checkpoint it took at that message
 boundary and reads only from there, where without checkpoints it reads the whole session again.
 Either way the session's next-token logits equal a fresh prefill of the client's messages."""
@@ -14,7 +15,7 @@ from kvside.engine import Engine
 from test_families import GREEDY, WINDOW, conversation, prefilled, probe_tokens
 from tinygguf import write
 
-CACHES = ("gemma3", "mamba")
+CACHES = ("gemma3", "mamba", "lfm2")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Every cache edit on every kind of llama.cpp memory, on tiny random-weight GGUFs (tinygguf.py):
 plain attention (llama, qwen2), interleaved sliding-window attention (gemma3: five of six layers
-keep only the last 32 positions) and a recurrent state (mamba: no cells to remove or move).
+keep only the last 32 positions), a recurrent state (mamba: no cells to remove or move) and a hybrid
+(lfm2: short-convolution layers with a recurrent state beside an attention layer).
 
 What must hold on each: after every edit the ledger equals the cache and the session goes on;
 with `reprefill` as the strategy an edited session's next-token logits equal a fresh prefill of the
@@ -19,6 +20,7 @@ from test_diff_binding import chat_session
 from tinygguf import ARCHS, write
 
 GREEDY = dict(temperature=0.0, repeat_penalty=1.0)
+RECURRENT = ("mamba", "lfm2")
 WINDOW = 32
 
 
@@ -52,9 +54,9 @@ def test_each_family_is_recognised_and_described(tiny):
     info = tiny.info()
     assert info["model"]["architecture"] == tiny.arch
     template = info["chat_template"]["name"]
-    assert template == {"llama": "gguf", "qwen2": "gguf", "gemma3": "gemma", "mamba": "chatml"}[tiny.arch]
+    assert template == {"llama": "gguf", "qwen2": "gguf", "gemma3": "gemma", "mamba": "chatml", "lfm2": "gguf"}[tiny.arch]
     assert info["sliding_window"] == (WINDOW if tiny.arch == "gemma3" else 0)
-    assert info["recurrent"] == (tiny.arch == "mamba")
+    assert info["recurrent"] == (tiny.arch in RECURRENT)
 
 
 def test_every_edit_leaves_the_cache_equal_to_the_ledger(tiny):
@@ -79,7 +81,7 @@ def test_every_edit_leaves_the_cache_equal_to_the_ledger(tiny):
         tiny.evict(name)
         tiny.chat(name, "hello again", max_tokens=3, **GREEDY).wait()  # restored from its file
         tiny.check(name)
-        if tiny.arch in ("gemma3", "mamba"):  # its own cells before the reply are not all there to force it on
+        if tiny.arch in ("gemma3", *RECURRENT):  # its own cells before the reply are not all there to force it on
             with pytest.raises(InvalidRequest, match="sliding-window|recurrent"):
                 tiny.fidelity(name, tokens=3)
         else:
@@ -265,7 +267,7 @@ def test_a_roll_on_a_recurrent_state_reads_the_kept_tokens_again(tiny, strategy)
     """A recurrent state cannot lose tokens from its middle (llama.cpp even says yes to such a
     removal and removes nothing): the roll falls back to reading the kept tokens again, says so,
     and the state equals a fresh read of them."""
-    if tiny.arch != "mamba":
+    if tiny.arch not in RECURRENT:
         pytest.skip("recurrent memories only")
     name = tiny.new_session(system="")
     try:
@@ -292,10 +294,11 @@ def test_eval_quick_runs_on_every_family(tiny_models, arch):
     from kvside.bench import evaluate
 
     result = evaluate.run(str(tiny_models[arch]), True, 2)
-    assert result["memory"] == {"gemma3": f"sliding window {WINDOW}", "mamba": "recurrent"}.get(arch, "attention")
+    assert result["memory"] == {"gemma3": f"sliding window {WINDOW}", "mamba": "recurrent",
+                                "lfm2": "recurrent"}.get(arch, "attention")
     rows = result["rolling"]
     assert rows and all(r["kl"] == 0.0 for r in rows if r["strategy"] == "reprefill")
-    if arch == "mamba":
+    if arch in RECURRENT:
         assert all(r["fallback"] for r in rows if r["strategy"] != "reprefill")
         assert result["composition"] == []
     else:

@@ -1,7 +1,8 @@
 """Tiny random-weight GGUFs, one per architecture family kvside must handle, written with the
 `gguf` package: llama (plain attention), qwen2 (attention with biases), gemma3 (interleaved
-sliding-window attention: five of six layers see only the last `window` positions) and mamba
-(recurrent: no KV cells at all, one state per sequence). They answer nonsense, quickly; what they
+sliding-window attention: five of six layers see only the last `window` positions), mamba
+(recurrent: no KV cells at all, one state per sequence) and lfm2 (a hybrid: short-convolution
+layers with a recurrent state, and one attention layer with cells per position). They answer nonsense, quickly; what they
 exercise is every cache edit's machinery on each kind of llama.cpp memory.
 
 The vocabulary is a small SentencePiece one (bytes, single characters, a few words) with each
@@ -21,7 +22,8 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-ARCHS = ("llama", "qwen2", "gemma3", "mamba")
+ARCHS = ("llama", "qwen2", "gemma3", "mamba", "lfm2")
+LFM2_ATTENTION = (2,)  # its attention layers; the others are short convolutions
 WORDS = ["the", "a", "is", "of", "and", "to", "in", "you", "what", "hello", "world", "capital", "France", "Paris",
          "user", "assistant", "system", "model", "tool", "call"]
 
@@ -51,7 +53,7 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
     if markers is None:
         markers = {"gemma3": ["<start_of_turn>", "<end_of_turn>"]}.get(arch, ["<|im_start|>", "<|im_end|>"])
     tokens, scores, types = vocab(markers)
-    n_vocab, n_layer = len(tokens), 6 if arch == "gemma3" else 2
+    n_vocab, n_layer = len(tokens), {"gemma3": 6, "lfm2": 4}.get(arch, 2)
 
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     w.add_name(f"tiny-{arch}")
@@ -70,7 +72,11 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
     else:
         w.add_feed_forward_length(N_FF)
         w.add_head_count(N_HEAD)
-        w.add_head_count_kv(N_HEAD_KV)
+        if arch == "lfm2":  # no KV heads: a short-convolution layer
+            w.add_head_count_kv([N_HEAD_KV if i in LFM2_ATTENTION else 0 for i in range(n_layer)])
+            w.add_uint32("lfm2.shortconv.l_cache", 3)
+        else:
+            w.add_head_count_kv(N_HEAD_KV)
         w.add_key_length(HEAD_DIM)
         w.add_value_length(HEAD_DIM)
         w.add_rope_freq_base(10000.0)
@@ -86,7 +92,7 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
     w.add_add_bos_token(True)
     w.add_add_space_prefix(False)  # as Gemma's: text cut into pieces tokenizes as the whole does
     if chat_template == "auto":
-        chat_template = CHATML if arch in ("llama", "qwen2") else None
+        chat_template = CHATML if arch in ("llama", "qwen2", "lfm2") else None
     if chat_template:
         w.add_chat_template(chat_template)
 
@@ -95,7 +101,7 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
         w.add_tensor(name, data)
 
     tensor("token_embd.weight", n_vocab, N_EMBD)
-    tensor("output_norm.weight", N_EMBD, value=1.0)
+    tensor("token_embd_norm.weight" if arch == "lfm2" else "output_norm.weight", N_EMBD, value=1.0)
     for i in range(n_layer):
         b = f"blk.{i}"
         tensor(f"{b}.attn_norm.weight", N_EMBD, value=1.0)
@@ -111,10 +117,24 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
             tensor(f"{b}.ssm_d", d_inner, value=1.0)
             tensor(f"{b}.ssm_out.weight", N_EMBD, d_inner)
             continue
-        tensor(f"{b}.attn_q.weight", N_HEAD * HEAD_DIM, N_EMBD)
-        tensor(f"{b}.attn_k.weight", N_HEAD_KV * HEAD_DIM, N_EMBD)
-        tensor(f"{b}.attn_v.weight", N_HEAD_KV * HEAD_DIM, N_EMBD)
-        tensor(f"{b}.attn_output.weight", N_EMBD, N_HEAD * HEAD_DIM)
+        if arch == "lfm2" and i not in LFM2_ATTENTION:
+            tensor(f"{b}.shortconv.conv.weight", N_EMBD, 3)
+            tensor(f"{b}.shortconv.in_proj.weight", 3 * N_EMBD, N_EMBD)
+            tensor(f"{b}.shortconv.out_proj.weight", N_EMBD, N_EMBD)
+        else:
+            tensor(f"{b}.attn_q.weight", N_HEAD * HEAD_DIM, N_EMBD)
+            tensor(f"{b}.attn_k.weight", N_HEAD_KV * HEAD_DIM, N_EMBD)
+            tensor(f"{b}.attn_v.weight", N_HEAD_KV * HEAD_DIM, N_EMBD)
+            tensor(f"{b}.attn_output.weight", N_EMBD, N_HEAD * HEAD_DIM)
+        if arch == "lfm2":
+            if i in LFM2_ATTENTION:
+                tensor(f"{b}.attn_q_norm.weight", HEAD_DIM, value=1.0)
+                tensor(f"{b}.attn_k_norm.weight", HEAD_DIM, value=1.0)
+            tensor(f"{b}.ffn_norm.weight", N_EMBD, value=1.0)
+            tensor(f"{b}.ffn_gate.weight", N_FF, N_EMBD)
+            tensor(f"{b}.ffn_up.weight", N_FF, N_EMBD)
+            tensor(f"{b}.ffn_down.weight", N_EMBD, N_FF)
+            continue
         if arch == "qwen2":
             tensor(f"{b}.attn_q.bias", N_HEAD * HEAD_DIM)
             tensor(f"{b}.attn_k.bias", N_HEAD_KV * HEAD_DIM)

@@ -22,7 +22,7 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-ARCHS = ("llama", "qwen2", "gemma3", "mamba", "lfm2")
+ARCHS = ("llama", "qwen2", "gemma3", "mamba", "lfm2", "qwen2vl")
 LFM2_ATTENTION = (2,)  # its attention layers; the others are short convolutions
 WORDS = ["the", "a", "is", "of", "and", "to", "in", "you", "what", "hello", "world", "capital", "France", "Paris",
          "user", "assistant", "system", "model", "tool", "call"]
@@ -82,6 +82,8 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
         w.add_rope_freq_base(10000.0)
         if arch == "gemma3":
             w.add_sliding_window(window)
+        if arch == "qwen2vl":  # multi-section RoPE: 4 positions per token (text repeats its position)
+            w.add_rope_dimension_sections([4, 2, 2, 0])
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -92,7 +94,7 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
     w.add_add_bos_token(True)
     w.add_add_space_prefix(False)  # as Gemma's: text cut into pieces tokenizes as the whole does
     if chat_template == "auto":
-        chat_template = CHATML if arch in ("llama", "qwen2", "lfm2") else None
+        chat_template = CHATML if arch in ("llama", "qwen2", "lfm2", "qwen2vl") else None
     if chat_template:
         w.add_chat_template(chat_template)
 
@@ -135,7 +137,7 @@ def write(arch: str, path: Path, *, window: int = 32, chat_template: str | None 
             tensor(f"{b}.ffn_up.weight", N_FF, N_EMBD)
             tensor(f"{b}.ffn_down.weight", N_EMBD, N_FF)
             continue
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2vl"):
             tensor(f"{b}.attn_q.bias", N_HEAD * HEAD_DIM)
             tensor(f"{b}.attn_k.bias", N_HEAD_KV * HEAD_DIM)
             tensor(f"{b}.attn_v.bias", N_HEAD_KV * HEAD_DIM)

@@ -199,16 +199,19 @@ def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: Non
         result = {"model": info["model_name"], "quick": quick, "settings": cfg,
                   "memory": "recurrent" if info["recurrent"] else
                   f"sliding window {info['sliding_window']}" if info["sliding_window"] else "attention"}
-        result["noise_floor"] = noise_floor(engine, min(cfg["contexts"]), 16, cfg["steps"])
-        log(f"noise floor: kl {result['noise_floor']['kl']:.2e}")
+        # (a cache that cannot shift has no re-rotation to measure: its edits read again)
+        result["noise_floor"] = (noise_floor(engine, min(cfg["contexts"]), 16, cfg["steps"])
+                                 if info["can_shift"] else None)
+        if result["noise_floor"]:
+            log(f"noise floor: kl {result['noise_floor']['kl']:.2e}")
         result["rolling"] = rolling(engine, cfg, log)
         result["kv_analysis"] = kv_analysis(engine, cfg["kv_ctx"], cfg["kv_ctx"] // 4, 4)
         log(f"kv analysis: {result['kv_analysis'].get('mean')}")
         result["compaction"] = compaction(engine, cfg["steps"], log)
     finally:
         engine.close()
-    if result["memory"] == "recurrent":  # a recurrent state cannot take spliced blocks (compose.attach)
-        result["composition"] = []
+    if result["memory"] == "recurrent" or not info["can_shift"]:
+        result["composition"] = []  # nothing can be spliced or moved into place (compose.attach)
     else:
         result["composition"] = bench_compose.run(model, cfg["docs"], cfg["doc_strategies"], cfg["steps"],
                                                   n_threads)["results"]
@@ -220,8 +223,11 @@ def tables(result: dict) -> str:
     lines = [f"kvside eval: model {result['model']}{' (quick)' if result['quick'] else ''}, "
              f"memory: {result.get('memory', 'attention')}"]
     nf = result["noise_floor"]
-    lines.append(f"noise floor (seq_add +{nf['delta']} then -{nf['delta']}, ctx {nf['ctx']}): kl {nf['kl']:.3g}, "
-                 f"max logit diff {nf['max_abs_diff']:.3g}, top1 {nf['top1']:.3f}")
+    if nf is None:
+        lines.append("noise floor: none (this cache cannot shift positions: every edit that moves cells reads again)")
+    else:
+        lines.append(f"noise floor (seq_add +{nf['delta']} then -{nf['delta']}, ctx {nf['ctx']}): kl {nf['kl']:.3g}, "
+                     f"max logit diff {nf['max_abs_diff']:.3g}, top1 {nf['top1']:.3f}")
     lines.append("\nrolling | ctx | keep | drop | strategy | t_edit_s | t_reprefill_s | speedup | kl | logit_cos | top1 | greedy_match | degeneration")
     for r in result["rolling"]:
         strategy = r["strategy"] + (" (fell back to reprefill)" if r.get("fallback") else "")

@@ -214,6 +214,10 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
     if core.recurrent:  # nothing to splice: the state after the document depends on all of it
         raise InvalidRequest("this model keeps a recurrent state, not cells per position: a compiled document "
                              "cannot be spliced into it (send the document's text instead)")
+    if not core.mem.can_shift():  # a block is moved to its place by a RoPE shift
+        raise InvalidRequest("this model's cache cannot shift positions (multi-section RoPE, or a sliding window "
+                             "sized to the window): a compiled document cannot be moved into place (send the "
+                             "document's text instead)")
     key, entry = find(name)
     blocks = load_blocks(core, entry)
     label = f"Document {entry.get('name', Path(key).name)}:\n"

@@ -107,7 +107,11 @@ class Memory:
             self.floor[seq] = max(0, self.pos_max(seq) + 2 - self.n_swa)
 
     def add(self, seq: int, p0: int, p1: int, delta: int) -> None:
-        """Shift positions in [p0, p1) by delta; llama.cpp re-rotates the keys (RoPE) lazily."""
+        """Shift positions in [p0, p1) by delta; llama.cpp re-rotates the keys (RoPE) lazily.
+        Raises where the cache cannot shift (multi-section RoPE, a window-sized sliding window):
+        llama.cpp would abort the process at the next decode."""
+        if delta and not self.can_shift():
+            raise EditError("this model's cache cannot shift positions")
         if delta:
             self.before_write(seq, p0)
         lib.llama_memory_seq_add(self.mem, seq, p0, p1, delta)

@@ -405,3 +405,26 @@ def test_a_message_inserted_in_the_middle_is_decoded_into_room_made_there(exact,
             exact.delete_session(fresh)
     finally:
         exact.delete_session(name)
+
+
+def test_a_regenerated_reply_binds_to_its_session_and_reads_only_the_last_message(exact):
+    """A client asking for another answer sends its history again without the reply it got: the
+    session that gave that reply answers again, its reply and the last message dropped, the last
+    message read anew after everything before it (no new session, no re-read of the history).
+    With `reprefill` as the strategy the result equals a fresh prefill of the client's messages."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a river."}]
+    first = exact.bind_chat(history, max_tokens=6, **GREEDY).wait()
+    history += [{"role": "assistant", "content": first.text or "ok"}, {"role": "user", "content": "And a lake?"}]
+    second = exact.bind_chat(history, max_tokens=6, **GREEDY).wait()
+    assert second.session == first.session
+    before = len(exact.ledger(second.session))
+    events = []
+    again = exact.bind_chat(history, max_tokens=6, on_event=events.append, **GREEDY).wait()
+    note = next(e.data for e in events if e.kind == "bound")
+    assert again.session == first.session and len(note["dropped_messages"]) == 2, note
+    last = exact.messages(again.session)[-2]
+    assert last["content"] == "And a lake?" and last["state"] == "live"
+    read = again.usage.prompt_tokens - again.usage.cached_tokens
+    assert 0 < read < 20 and again.usage.cached_tokens < before  # the last message and the generation prompt
+    assert again.text == second.text  # greedy: the same answer to the same prompt
+    exact.check(again.session)

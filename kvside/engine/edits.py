@@ -504,21 +504,31 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
     longer than reading this message and everything after it again (the binding then cuts the
     match here), by the engine's measured decode rates (costs.py): each changed stretch is a small
     decode of its own, growing the message shifts the tail, the strategy repairs what follows."""
-    from difflib import SequenceMatcher
-
-    t0 = time.perf_counter()
     m = s.message(msg_id)
-    led = s.ledger
-    idx = [i for i, mm in enumerate(led.msg) if mm == msg_id]
-    if not idx:  # no cells (rolled or masked): only the history changes
+    if msg_id not in s.ledger.msg:  # no cells (rolled or masked): only the history changes
         _update_message(m, new)
         return {"replaced": msg_id, "cells": False}
     if s.pending and s.pending_msg == msg_id:
         return None  # its last token is not in the cache yet: read it anew
-    if not core.mem.window_ok(s.seq, led.pos[idx[0]]):
+    report = rewrite_cells(core, s, msg_id, message_tokens(core, s, msg_id, new))
+    if report is not None:
+        _update_message(m, new)
+    return report
+
+
+def rewrite_cells(core, s: Session, msg_id: int, tokens: list[int], kind: str = "replace") -> dict | None:
+    """Make the cells of message msg_id hold `tokens` (see replace_message): the unchanged
+    tokens keep their cells, the rest are removed or decoded into the hole. Returns None,
+    changing nothing, when that would cost more than reading the message and what follows again,
+    or when the cache cannot be written there."""
+    from difflib import SequenceMatcher
+
+    t0 = time.perf_counter()
+    led = s.ledger
+    idx = [i for i, mm in enumerate(led.msg) if mm == msg_id]
+    if not idx or not core.mem.window_ok(s.seq, led.pos[idx[0]]):
         return None  # a recurrent state or a sliding window cannot be written into its past
     old = [led.tok[i] for i in idx]
-    tokens = message_tokens(core, s, msg_id, new)
     ops = SequenceMatcher(None, old, tokens, autojunk=False).get_opcodes()
     kept = sum(i2 - i1 for tag, i1, i2, _, _ in ops if tag == "equal")
     growth = sum(max(0, (j2 - j1) - (i2 - i1)) for tag, i1, i2, j1, j2 in ops if tag != "equal")
@@ -558,7 +568,6 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
             led.insert(start, tokens[j1:j2], msg_id)
             inserted += need
         first_changed = start
-    _update_message(m, new)
     recomputed = 0
     if strat.name == "reprefill":
         reprefill(core, s)
@@ -573,8 +582,85 @@ def replace_message(core, s: Session, msg_id: int, new: dict) -> dict | None:
     report = {"replaced": msg_id, "kept_tokens": kept, "removed": removed, "inserted": inserted,
               "shifted": shifted, "strategy": str(strat), "recomputed": recomputed, **cost,
               "t_edit_s": time.perf_counter() - t0}
-    s.log("replace", **report)
+    s.log(kind, **report)
     return report
+
+
+@dataclass
+class Restyle:
+    """What appending messages takes when the chat template renders earlier turns differently
+    once they follow (see restyle)."""
+    segments: list[str]  # the text each new message adds
+    reread: list[tuple[int, str]]  # held messages whose cells went, to be read again first
+    report: dict | None  # None when no earlier turn changed
+
+
+def restyle(core, s: Session, new: list[Message]) -> Restyle:
+    """Prepare s for appending `new`. Templates of reasoning models (Qwen3 and others) show an
+    assistant turn's reasoning, or an empty think block, only until the next user message: once
+    it comes, the earlier turns render without it, and llama.cpp reads the whole prompt again.
+    Here the held turns whose text changed are edited in place like any client edit (the dropped
+    think block's cells go, the later cells keep their KV; rewrite_cells). Where a turn cannot be
+    edited (a recurrent state, a sliding window, or an edit dearer than reading), its cells and
+    those after it go and the turns are read again before the new messages."""
+    order = [m for m in s.messages if m.kind != "text"]
+    k, texts = core.template.layout([m.as_template() for m in order], [m.as_template() for m in new],
+                                    tools=s.tools)
+    held, segments = texts[: len(order) - k], texts[len(order) - k:]
+    t0 = time.perf_counter()
+    led = s.ledger
+    edited, cut = [], None
+    for m, text in zip(order[k:], held):
+        cells = [i for i, mm in enumerate(led.msg) if mm == m.id]
+        pending = m.id == s.pending_msg
+        if not cells and not pending:
+            continue  # not in the cache (rolled, masked): nothing there to change
+        bos = cells and cells[0] == 0 and core.model.add_bos and led.tok[0] == core.model.bos
+        tokens = [led.tok[i] for i in cells[1 if bos else 0:]]
+        suffix = (core.model.detokenize(s.pending, special=True) + s.closing) if pending else ""
+        if core.model.detokenize(tokens, special=True) + suffix == text:
+            continue
+        # a reply's last token and closing text wait to be read with the next prompt: they stay
+        # when the new text still ends with them, else the cells take the whole new text
+        keep_pending = pending and text.endswith(suffix)
+        body = text[: len(text) - len(suffix)] if keep_pending else text
+        report = None
+        if cells:
+            want = ([core.model.bos] if bos else []) + \
+                core.model.tokenize(body, add_special=False, parse_special=True)
+            report = rewrite_cells(core, s, m.id, want, kind="restyle")
+        if report is None:
+            cut = m
+            break
+        if pending and not keep_pending:
+            core.clear_pending(s)
+        edited.append(report)
+    reread: list[tuple[int, str]] = []
+    if cut is not None:
+        # from this turn on, the cells go and the turns' new text is read again
+        live = {m.id for m in order if m.id in led.msg or m.id == s.pending_msg}
+        first = led.msg.index(cut.id) if cut.id in led.msg else len(led)
+        if first < len(led):
+            p0 = led.pos[first]
+            try:
+                core.mem.rm(s.seq, p0, -1)
+            except EditError:
+                pass  # a recurrent state cannot drop its end: the reply's start rebuilds it from a checkpoint
+            led.remove(p0, -1, "restyled")
+        core.clear_pending(s)
+        j = order.index(cut)
+        for m, text in zip(order[j:], held[j - k:]):
+            if m.id in live and text:
+                reread.append((m.id, text))
+    if not edited and cut is None:
+        return Restyle(segments, [], None)
+    report = {"restyled": [r["replaced"] for r in edited], "removed": sum(r["removed"] for r in edited),
+              "inserted": sum(r["inserted"] for r in edited),
+              "recomputed": sum(r["recomputed"] for r in edited),
+              "reread_messages": [m for m, _ in reread],
+              "t_edit_s": time.perf_counter() - t0}
+    s.log("restyle", **report)
+    return Restyle(segments, reread, report)
 
 
 def insert_messages(core, s: Session, before_id: int, new: list[dict]) -> dict | None:

@@ -12,17 +12,25 @@ from kvside.errors import InvalidRequest
 
 def chat_pieces(
     core, s: Session, new: list[Message], *, generation: bool, history: list[dict] | None = None,
-    fresh: bool | None = None,
+    fresh: bool | None = None, restyled=None,
 ) -> list[tuple[int, list[int]]]:
     """Token pieces (message id, tokens) that append `new` (and the reply's generation prompt)
     to what the session's cache holds. `fresh`: render as for an empty session (BOS first) even
-    though cells are already there (a shared prefix of the same pieces)."""
+    though cells are already there (a shared prefix of the same pieces). `restyled`: what
+    edits.restyle made of the held turns the template renders differently once `new` follows:
+    the new messages' text, and held turns to read again first."""
     hist = s.template_history() if history is None else list(history)
     texts: list[tuple[int, str]] = []
     if s.closing:
         texts.append((s.pending_msg, s.closing))
+    if restyled is not None:
+        texts += restyled.reread
     if new:
-        segs = core.template.segments(hist, [m.as_template() for m in new], add_generation_prompt=False, tools=s.tools)
+        if restyled is not None:
+            segs = restyled.segments
+        else:
+            segs = core.template.segments(hist, [m.as_template() for m in new], add_generation_prompt=False,
+                                          tools=s.tools)
         if segs is None:
             raise TemplateError("this model's chat template rewrites earlier turns; kvside needs one that appends")
         texts += [(m.id, seg) for m, seg in zip(new, segs)]

@@ -14,7 +14,7 @@ from kvside.engine.costs import SMALL_BATCH
 from kvside.engine.decode import decode_error
 from kvside.engine.reply import ReplyReader, ReplySpec, constraint
 from kvside.engine.sampling import Sampler, SamplingParams, StopMatcher
-from kvside.engine.session import Message, Session
+from kvside.engine.session import MSG_DROPPED, Message, Session
 from kvside.engine.stream import Completion, Event, Stream, Usage
 from kvside.errors import EditError, InvalidRequest, KvsideError
 
@@ -94,7 +94,10 @@ class Scheduler:
             # the system prompt is never rolled away, nor the turn that carries the tool definitions
             new[0].pinned = True
         history = s.template_history() + [m.as_template() for m in new]
-        pieces = prompt.chat_pieces(self.core, s, new, generation=True, fresh=True if shared else None)
+        # a template that renders earlier turns differently once these follow: edit them first
+        restyled = edits.restyle(self.core, s, new)
+        pieces = prompt.chat_pieces(self.core, s, new, generation=True, fresh=True if shared else None,
+                                    restyled=restyled)
         reply_id = next_id + len(new)
         pieces[-1] = (reply_id, pieces[-1][1])
         gen_prompt = self.core.model.detokenize(pieces[-1][1], special=True)
@@ -102,8 +105,22 @@ class Scheduler:
             if s.ledger.tok != [t for _, toks in pieces for t in toks][:shared]:
                 raise KvsideError("the shared prefix does not match the prompt")  # a bug, never the client's
             pieces = _drop_front(pieces, shared)
+        notice = self._restyled_notice(restyled.report) if restyled.report else None
         self._start(s, pieces, params, stream, reply_id, "chat", history, new, spec,
-                    think=gen_prompt.rstrip().endswith("<think>"))
+                    think=gen_prompt.rstrip().endswith("<think>"), notices=[notice] if notice else [],
+                    reread=[m for m, _ in restyled.reread])
+        if restyled.report:  # cells the edit decoded were computed for this request, not reused
+            self.discount_cached(s, restyled.report["inserted"] + restyled.report["recomputed"])
+
+    @staticmethod
+    def _restyled_notice(report: dict) -> dict:
+        text = (f"the chat template renders {len(report['restyled']) + len(report['reread_messages'])} earlier "
+                f"turn(s) differently now (a reasoning model's template drops their reasoning): "
+                f"{report['removed']} cells removed in place")
+        if report["reread_messages"]:
+            text += f", {len(report['reread_messages'])} turn(s) read again"
+        return {"kind": "restyled", "strategy": "edit", **{k: report[k] for k in
+                ("restyled", "removed", "inserted", "recomputed", "reread_messages")}, "message": text}
 
     def start_text(self, name: str, text: str, params: SamplingParams, stream: Stream,
                    spec: ReplySpec | None = None) -> None:
@@ -126,10 +143,13 @@ class Scheduler:
         pieces = [(msg_id, list(tokens))]
         self._start(s, pieces, params, stream, msg_id + 1, "text", [], new, spec)
 
-    def _start(self, s, pieces, params, stream, reply_id, mode, history, new, spec=None, think=False) -> None:
+    def _start(self, s, pieces, params, stream, reply_id, mode, history, new, spec=None, think=False,
+               notices: list[dict] = (), reread: list[int] = ()) -> None:
         todo = [t for _, toks in pieces for t in toks]
         todo_msg = [m for m, toks in pieces for _ in toks]
-        notices = []
+        notices = list(notices)
+        for n in notices:
+            stream.put(Event("notice", text=n["message"], data=n))
         rolled = edits.auto_roll(self.core, s, len(todo) + 1, protect={m.id for m in new})
         if rolled:
             notices.append(self._notice(stream, rolled))
@@ -157,6 +177,7 @@ class Scheduler:
             "pending": list(s.pending),
             "pending_msg": s.pending_msg,
             "closing": s.closing,
+            "reread": list(reread),  # held turns whose cells this prompt reads again
         }
         s.messages.extend(new)
         self.core.clear_pending(s)
@@ -436,6 +457,9 @@ class Scheduler:
         s.ledger.truncate(rb["start"])
         del s.messages[rb["n_messages"] :]
         s.pending, s.pending_msg, s.closing = rb["pending"], rb["pending_msg"], rb["closing"]
+        for m in s.messages:
+            if m.id in rb["reread"] and m.id not in s.ledger.msg:
+                m.state = MSG_DROPPED  # its cells went with the restyle: a client that sends it again gets it read
 
     def _fail(self, g: _Gen, error: KvsideError) -> None:
         """End g with an error. A prompt not fully read is undone; a reply already under way is

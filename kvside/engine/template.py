@@ -44,7 +44,6 @@ def _plain_history(messages: list[dict], tools: list[dict] | None) -> list[dict]
         m = dict(m)
         calls = m.pop("tool_calls", None)
         m.pop("tool_call_id", None)
-        m.pop("reasoning_content", None)
         if calls:
             text = "\n".join(
                 "<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
@@ -131,3 +130,40 @@ class ChatTemplate:
             cuts.append(max(n, cuts[-1]))
         cuts.append(len(full))
         return [full[a:b] for a, b in zip(cuts, cuts[1:])]
+
+    def layout(self, history: list[dict], new: list[dict], *,
+               tools: list[dict] | None = None) -> tuple[int, list[str]]:
+        """Where `history` stops rendering the same once `new` follows it, and the text of each
+        message from there on. Returns (k, texts): history[:k] renders as it did, and texts holds
+        what history[k:] + new render to now, one per message. Append-only templates give
+        k == len(history) (the texts are those of segments()); templates that rewrite earlier
+        turns give a smaller k: Qwen3 and other reasoning models' templates show an assistant
+        turn's reasoning (or an empty think block) only while no user message follows it."""
+        full = self.render(history + new, add_generation_prompt=False, tools=tools)
+        k = len(history)
+        while k and not full.startswith(self.render(history[:k], add_generation_prompt=False, tools=tools)):
+            k -= 1
+        held = history[:k]
+        rest = history[k:] + new
+        cuts = [len(self.render(held, add_generation_prompt=False, tools=tools))]
+        for i in range(1, len(rest)):
+            part = self.render(held + rest[:i], add_generation_prompt=False, tools=tools)
+            # a rewritten held turn ends where its surviving text ends; between new messages the
+            # cut is where the prefix stops agreeing (a closing a later message moves goes with it)
+            end = _end_in(part, full) if i <= len(history) - k else len(os.path.commonprefix([part, full]))
+            cuts.append(max(end, cuts[-1]))
+        cuts.append(len(full))
+        return k, [full[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _end_in(part: str, full: str) -> int:
+    """Where in `full` the text of `part` ends: the end of their common prefix, or, when `full`
+    rewrote part of it (a think block dropped), just after the first place past that prefix
+    where the longest run of part's last characters (up to 48) appears."""
+    n = len(os.path.commonprefix([part, full]))
+    for size in range(min(len(part) - n, 48), 0, -1):  # the longest of its last characters that survived
+        tail = part[len(part) - size:]
+        j = full.find(tail, max(n - size + 1, 0))  # ending past the common prefix
+        if j >= 0:
+            return j + size
+    return n

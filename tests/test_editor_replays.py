@@ -8,6 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import LiveDaemon
+from kvside.engine import Engine
+
 DATA = Path(__file__).parent / "data" / "editors"
 CHAT_SHAPES = ["zed", "continue", "cline", "copilot", "llama_vscode_chat"]
 FINISH = {"stop", "length", "tool_calls"}
@@ -89,19 +92,33 @@ def test_usage_says_what_binding_edited(daemon_url):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 3
 
 
-@pytest.mark.parametrize("client", ["cline", "placeholder"])
-def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, client):
-    """`kvside bench serve --client` at toy size against this daemon: once the client drops (cline) or
-    elides (placeholder), the next turns still come from the cache."""
+@pytest.fixture(scope="module")
+def wide_daemon_url(tmp_path_factory):
+    with Engine(n_ctx=2048, max_sessions=2, n_threads=2, sessions_dir=str(tmp_path_factory.mktemp("wide"))) as e:
+        live = LiveDaemon(e)
+        yield live.url
+        live.stop()
+
+
+@pytest.mark.parametrize("client", ["cline", "placeholder", "edit", "tools", "shared"])
+def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, wide_daemon_url, client):
+    """`kvside bench serve --client` at toy size against this daemon: once the client drops (cline),
+    elides (placeholder), edits its task message (edit) or its tools (tools), the next turns still
+    come from the cache; two agents with the same system prompt and tools (shared) each keep theirs,
+    and the second one's first turn reuses the first one's system prompt."""
     from kvside.bench.serve import agent_run
 
-    rows = list(agent_run(daemon_url, turns=5, budget_chars=1500, max_tokens=4, client=client, explicit=False))
+    turns = 8 if client == "shared" else 5
+    url = wide_daemon_url if client in ("tools", "shared") else daemon_url  # tool definitions take ~400 tokens
+    rows = list(agent_run(url, turns=turns, budget_chars=1500, max_tokens=4, client=client, explicit=False))
     # the first turn may share the system prompt with an earlier conversation, nothing more
-    assert len(rows) == 5 and rows[0]["cached_tokens"] < 0.5 * rows[0]["prompt_tokens"]
-    late = rows[-1]
-    assert late["cached_tokens"] > 0.5 * late["prompt_tokens"], rows
+    assert len(rows) == turns and rows[0]["cached_tokens"] < 0.5 * rows[0]["prompt_tokens"]
+    for late in rows[-2:]:
+        assert late["cached_tokens"] > 0.5 * late["prompt_tokens"], rows
     if client == "cline":
         assert any(r["dropped_exchanges"] for r in rows)
+    if client == "shared":
+        assert rows[1]["agent"] == 1 and rows[1]["cached_tokens"] > 0.5 * rows[1]["prompt_tokens"], rows
 
 
 def test_continue_llamacpp_provider_streams_completion(daemon_url):

@@ -172,13 +172,38 @@ CLIENTS = {
     "cline": "keeps the first task message, drops the oldest exchange after it when over budget",
     "placeholder": "replaces tool outputs older than the last two by a short placeholder (micro-compaction)",
     "clock": "a clock in the system prompt changes every turn; drops the oldest exchange when over budget",
+    "edit": "adds a requirement to its first (task) message every third turn; drops as cline does",
+    "tools": "sends tool definitions and enables one more tool every third turn; drops as cline does",
+    "shared": "two agents with the same long system prompt and tools take turns, one session each; "
+              "each drops as cline does",
 }
 TOOL_WORDS = ("build step finished in 0.{k} s; module {m} compiled with 0 warnings; cache hit for {n} "
               "objects; linked target lib{m}.so; tests collected {n} passed {n} skipped 0; ")
+TASKS = ("Build the project step by step and report problems.",
+         "Review the test suite module by module and report flaky tests.")
+RULES = (" Repository rules: keep functions short and named for what they do; every change comes with a test; "
+         "never edit generated files under build/; run the linter before each commit; prefer the standard "
+         "library; document public functions; report failures with the command that produced them; ask before "
+         "deleting files; keep commits small with honest messages; the main branch must always build.")
 
 
 def _tool_output(i: int) -> str:
     return " ".join(TOOL_WORDS.format(k=(i * 7 + j) % 10, m=f"m{i}_{j}", n=10 + i + j) for j in range(3))
+
+
+def _tool(name: str, what: str) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": f"{what} Returns plain text; fails with a message when the path is outside "
+                                     "the workspace.",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "A workspace path."},
+                                                        "detail": {"type": "string", "description": "What to focus on."}},
+                       "required": ["path"]}}}
+
+
+TOOLS = [_tool("read_file", "Read a file of the workspace."), _tool("list_dir", "List a folder of the workspace."),
+         _tool("run_tests", "Run the tests under a path."), _tool("search_code", "Search the code under a path."),
+         _tool("git_diff", "Show the uncommitted changes under a path."),
+         _tool("build", "Build the target at a path."), _tool("lint", "Lint the files under a path.")]
 
 
 def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client: str, explicit: bool,
@@ -186,29 +211,45 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
     """An agent chat under one client behaviour (CLIENTS), one turn per step: yields each turn's
     row. With `explicit`, the session is named and only the new turn is sent: the cost of reading
     the new turn alone, the floor. From turn `measure_from` on, each reply is also scored against
-    a re-prefill of the session's tokens."""
-    task = {"role": "user", "content": "Build the project step by step and report problems."}
-    history: list[dict] = [task]
-    headers = {"X-Kvside-Session": "bench-explicit"} if explicit else None
+    a re-prefill of the session's tokens. In `shared` two agents alternate turns."""
+    agents = 2 if client == "shared" else 1
+    histories: list[list[dict]] = [[{"role": "user", "content": TASKS[a]}] for a in range(agents)]
     for i in range(turns):
-        system = SYSTEM if client != "clock" else f"{SYSTEM} Current time: 10:{i:02d}."
+        a, k = i % agents, i // agents  # whose turn, and its own turn number
+        history = histories[a]
+        headers = {"X-Kvside-Session": f"bench-explicit-{a}"} if explicit else None
+        system = SYSTEM
+        if client == "clock":
+            system = f"{SYSTEM} Current time: 10:{i:02d}."
+        elif client == "shared":
+            system = SYSTEM + RULES
+        tools = TOOLS[: 3 + k // 3] if client == "tools" else TOOLS if client == "shared" else None
+        if client == "edit":
+            history[0] = {"role": "user", "content": TASKS[0] + "".join(
+                f" Also check module m{j}_0." for j in range(3, k + 1, 3))}
         tool = {"role": "tool", "content": _tool_output(i)}
         history.append(tool)
         if client == "placeholder":
-            tools = [k for k, m in enumerate(history) if m["role"] == "tool"]
-            for k in tools[:-2]:
-                history[k] = {"role": "tool", "content": "[output elided]"}
+            outputs = [j for j, m in enumerate(history) if m["role"] == "tool"]
+            for j in outputs[:-2]:
+                history[j] = {"role": "tool", "content": "[output elided]"}
         dropped = 0
         while client != "placeholder" and sum(len(m["content"]) for m in history) > budget_chars and len(history) > 3:
-            first = 1 if client == "cline" else 0  # cline keeps its task message
+            first = 0 if client in ("front", "clock") else 1  # the others keep their task message
             del history[first : first + 2]
             dropped += 1
         messages = [{"role": "system", "content": system}] + history
-        sent = messages if not explicit or i == 0 else [tool]
-        r = _stream(base, {"messages": sent, "max_tokens": max_tokens, "temperature": 0}, headers)
+        first_turn = k == 0
+        body = {"messages": messages if not explicit or first_turn else [tool], "max_tokens": max_tokens,
+                "temperature": 0}
+        if tools and (first_turn or not explicit):  # a named session keeps the tools it started with
+            body["tools"], body["tool_choice"] = tools, "none"
+        r = _stream(base, body, headers)
         history.append({"role": "assistant", "content": r["text"] or "ok"})
         row = {"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
                "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped}
+        if agents > 1:
+            row["agent"] = a
         if measure_from is not None and i >= measure_from:
             row.update(_fidelity(base, r["session"]))
         yield row
@@ -314,8 +355,10 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
     try:
         for kind in configs if turns else []:  # --turns 0: the load run alone
             home = tempfile.mkdtemp(prefix="kvside-bench-serve-")
+            # `shared`: a session (a slot) for each of the two agents
             servers[kind] = _start("llama-server" if kind == "llama-server" else
-                                   ("kvside-noreuse" if kind == "kvside-noreuse" else "kvside"), path, n_ctx, threads, home)
+                                   ("kvside-noreuse" if kind == "kvside-noreuse" else "kvside"), path, n_ctx, threads, home,
+                                   sessions=2 if client == "shared" else 1)
         traces = {}
         for kind, (_, base) in servers.items():
             explicit = kind == "kvside-explicit"

@@ -428,3 +428,33 @@ def test_a_regenerated_reply_binds_to_its_session_and_reads_only_the_last_messag
     assert 0 < read < 20 and again.usage.cached_tokens < before  # the last message and the generation prompt
     assert again.text == second.text  # greedy: the same answer to the same prompt
     exact.check(again.session)
+
+
+def test_a_message_that_grows_when_positions_ran_out_closes_the_holes_and_is_edited_in_place(exact):
+    """A long agent chat whose client drops exchanges leaves holes: its positions run out long
+    before its cells do. A message that grows there closes the holes (one shift) and is edited in
+    place, instead of everything after it being read again."""
+    task = "Run the tests."
+    output = "collected 42 items\n" + "test_x.py::test_ok PASSED\n" * 42
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": task},
+               {"role": "tool", "content": output}, {"role": "assistant", "content": "All 40 tests passed."},
+               {"role": "user", "content": "Good. Anything else?"}]
+    name = chat_session(exact, history)
+    try:
+        def edit(core):
+            s = core.get(name)
+            edits.mask(core, s, messages=[2])  # a hole of the tool output's width
+            before = s.ledger.next_pos
+            grown = {"role": "user", "content": task + " Then run the linter on every module and report each warning"
+                                                       " with its file, its line and the rule that raised it."}
+            growth = len(edits.message_tokens(core, s, 1, grown)) - s.ledger.msg.count(1)
+            assert before + growth >= core.n_ctx > len(s.ledger) + growth  # no positions left, cells enough
+            return edits.replace_message(core, s, 1, grown), before, s.ledger.next_pos
+
+        report, before, after = exact.call(edit)
+        assert report is not None and report["inserted"] > 0, report
+        assert after < before  # the holes were closed
+        assert [e["edit"] for e in exact.edit_log(name)][-2:] == ["close_gaps", "replace"]
+        exact.check(name)
+    finally:
+        exact.delete_session(name)

@@ -538,8 +538,9 @@ def rewrite_cells(core, s: Session, msg_id: int, tokens: list[int], kind: str = 
     if cost["edit_s"] >= cost["reread_s"]:
         return None
     # room for what grows, checked before anything changes (an edit must not stop half-way)
-    if growth and (led.next_pos + growth >= core.n_ctx or not core.mem.can_shift()):
+    if growth and not _room_to_grow(core, s, growth):
         return None
+    idx = [i for i, mm in enumerate(led.msg) if mm == msg_id]  # (closing the holes moved them)
     positions = [led.pos[i] for i in idx]
     removed = inserted = shifted = 0
     first_changed = None
@@ -691,7 +692,7 @@ def insert_messages(core, s: Session, before_id: int, new: list[dict]) -> dict |
         return None
     pieces = [core.model.tokenize(text, add_special=False, parse_special=True) for text in segs[:len(new)]]
     n = sum(len(p) for p in pieces)
-    if not n or led.next_pos + n >= core.n_ctx or not core.mem.can_shift():
+    if not n:
         return None
     strat = Strategy.parse(s.roll_strategy)
     costs, depth = core.costs, core.used_cells()
@@ -702,6 +703,15 @@ def insert_messages(core, s: Session, before_id: int, new: list[dict]) -> dict |
         costs.read(strat.repaired(later, len(led) + n), depth)
     reread_s = costs.read(n + later, depth - later)
     if edit_s >= reread_s or core.used_cells() + n > core.n_cells:
+        return None
+    if grow and led.next_pos + grow >= core.n_ctx:
+        if not _room_to_grow(core, s, grow):
+            return None
+        # the holes are closed: the cells after the insertion point move up by all of it
+        idx = [k for k, mm in enumerate(led.msg) if mm == before_id]
+        start = led.pos[idx[0] - 1] + 1 if idx[0] else 0
+        grow = n
+    elif grow and not core.mem.can_shift():
         return None
     if grow:
         core.mem.add(s.seq, led.pos[idx[0]], -1, grow)
@@ -728,6 +738,21 @@ def insert_messages(core, s: Session, before_id: int, new: list[dict]) -> dict |
               "t_edit_s": time.perf_counter() - t0}
     s.log("insert", **report)
     return report
+
+
+def _room_to_grow(core, s: Session, n: int) -> bool:
+    """Whether the session's cells can move up by n positions: below the window's end, after
+    closing the holes earlier masks left (a long agent chat whose client drops exchanges runs out
+    of positions long before it runs out of cells) when that is what it takes."""
+    led = s.ledger
+    if not core.mem.can_shift():
+        return False
+    if led.next_pos + n < core.n_ctx:
+        return True
+    if len(led) + n >= core.n_ctx:
+        return False
+    close_gaps(core, s)
+    return True
 
 
 def edit_cost(core, s: Session, idx: list[int], new_len: int, stretches: list[int], grows: bool,

@@ -105,7 +105,8 @@ def _stream(base: str, body: dict, headers: dict | None = None) -> dict:
     timings = {}
     body = dict(body, stream=True, stream_options={"include_usage": True})
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=headers, timeout=300) as r:
-        r.raise_for_status()
+        if r.status_code >= 400:
+            raise RuntimeError(f"{base} answered {r.status_code}: {r.read().decode(errors='replace')[:300]}")
         session = r.headers.get("x-kvside-session")
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -233,8 +234,11 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
             outputs = [j for j, m in enumerate(history) if m["role"] == "tool"]
             for j in outputs[:-2]:
                 history[j] = {"role": "tool", "content": "[output elided]"}
+        # the client's budget is for the whole prompt: what the tools and a longer system prompt take
+        # leaves less for the history
+        room = budget_chars - (len(json.dumps(tools)) + len(system) - len(SYSTEM) if tools else 0)
         dropped = 0
-        while client != "placeholder" and sum(len(m["content"]) for m in history) > budget_chars and len(history) > 3:
+        while client != "placeholder" and sum(len(m["content"]) for m in history) > room and len(history) > 3:
             first = 0 if client in ("front", "clock") else 1  # the others keep their task message
             del history[first : first + 2]
             dropped += 1

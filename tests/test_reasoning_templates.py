@@ -76,9 +76,9 @@ def test_layout_finds_the_turns_a_template_rewrites():
     k, texts = t.layout(held, [{"role": "user", "content": "q2"}])
     assert k == 1 and texts == ["<|im_start|>assistant\na1<|im_end|>\n", "<|im_start|>user\nq2<|im_end|>\n"]
     assert t.segments(held, [{"role": "user", "content": "q2"}], add_generation_prompt=False) is None
-    # another assistant turn does not end the reasoning: nothing held changes
-    k, texts = t.layout(held, [{"role": "assistant", "content": "a2"}])
-    assert k == 2 and texts == ["<|im_start|>assistant\n<think>\n\n</think>\n\na2<|im_end|>\n"]
+    # a tool result does not end the reasoning: nothing held changes
+    k, texts = t.layout(held, [{"role": "tool", "content": "ok"}])
+    assert k == 2 and texts == ["<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n"]
     # an append-only template: layout is segments
     chatml = ChatTemplate(None)
     assert chatml.layout(held, [{"role": "user", "content": "q2"}]) == \
@@ -154,3 +154,25 @@ def test_a_cache_that_cannot_go_back_reads_the_turn_again_from_its_checkpoint(ti
         assert_cache_is_the_prompt(tiny, name, client, exact=bool(restyled["reread_messages"]))
     finally:
         tiny.delete_session(name)
+
+
+@pytest.mark.parametrize("sent_back", [True, False])
+def test_a_reply_sent_back_without_its_reasoning_loses_its_think_block(default, sent_back):
+    """In a tool loop the template keeps a turn's think block while its reasoning is sent back;
+    most clients send none back, and then the turn renders without it (llama.cpp reads the whole
+    prompt again): kvside takes the client's version and edits the cells to match."""
+    name = default.new_session(system="")
+    events = []
+    try:
+        first = [{"role": "user", "content": "What is the capital of France?"}]
+        done = default.bind_chat(first, session=name, max_tokens=12, **GREEDY).wait()
+        reply = {"role": "assistant", "content": done.text}
+        if sent_back:
+            reply["reasoning_content"] = done.reasoning
+        client = first + [reply, {"role": "tool", "content": "Paris"}]
+        default.bind_chat(client, session=name, max_tokens=2, on_event=events.append, **GREEDY).wait()
+        restyled = [e.data for e in events if e.kind == "notice" and e.data["kind"] == "restyled"]
+        assert bool(restyled) == (not sent_back)
+        assert_cache_is_the_prompt(default, name, client, exact=False)
+    finally:
+        default.delete_session(name)

@@ -391,6 +391,28 @@ def _retooled(core, messages: list[dict], tools: list[dict]) -> Match | None:
     return match
 
 
+def _take_client_reasoning(s, messages: list[dict]) -> list[int]:
+    """Held replies the client sends back with other reasoning than the session keeps (most
+    clients send none back): the session takes the client's, and returns their ids, for the
+    template renders them differently (a reasoning model's turns in a tool loop show their think
+    block only with their reasoning; edits.restyle then edits the cells to match)."""
+    sent: dict[tuple, list[str]] = {}
+    for m in messages:
+        if m.get("role") == "assistant":
+            sent.setdefault(_key(m), []).append(m.get("reasoning_content") or "")
+    changed = []
+    for m in s.messages:
+        if m.role != "assistant" or m.state != "live" or m.kind not in CHAT_KINDS:
+            continue
+        versions = sent.get(_key(m.to_dict()))
+        if versions:
+            reasoning = versions.pop(0)
+            if reasoning != m.reasoning:
+                m.reasoning = reasoning
+                changed.append(m.id)
+    return changed
+
+
 def bind_and_start(core, messages: list[dict], params: dict, stream, *, session: str | None = None,
                    reuse: bool = True, documents: list[str] = (), reply=None) -> dict:
     """Choose the session that answers `messages`, edit it to match, and start the reply, all in
@@ -455,9 +477,11 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
                     if key not in held:
                         attached.append(compose.attach(core, s, doc))
                 note["attached"] = attached
+            recheck = _take_client_reasoning(s, messages) if match is not None else []
             stream.session = s.name
             stream.put(Event("bound", data=note))
-            core.start_chat(s.name, new, sampling, stream, reply, shared=note.get("shared_tokens", 0))
+            core.start_chat(s.name, new, sampling, stream, reply, shared=note.get("shared_tokens", 0),
+                            recheck=recheck)
             # cells decoded by the edits were computed for this request: not cached
             core.scheduler.discount_cached(s, note.get("inserted_tokens", 0) + note.get("recomputed_tokens", 0))
     except BaseException:

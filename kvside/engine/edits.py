@@ -596,17 +596,21 @@ class Restyle:
     report: dict | None  # None when no earlier turn changed
 
 
-def restyle(core, s: Session, new: list[Message]) -> Restyle:
+def restyle(core, s: Session, new: list[Message], recheck: list[int] = ()) -> Restyle:
     """Prepare s for appending `new`. Templates of reasoning models (Qwen3 and others) show an
     assistant turn's reasoning, or an empty think block, only until the next user message: once
     it comes, the earlier turns render without it, and llama.cpp reads the whole prompt again.
     Here the held turns whose text changed are edited in place like any client edit (the dropped
     think block's cells go, the later cells keep their KV; rewrite_cells). Where a turn cannot be
     edited (a recurrent state, a sliding window, or an edit dearer than reading), its cells and
-    those after it go and the turns are read again before the new messages."""
+    those after it go and the turns are read again before the new messages. `recheck`: held
+    messages changed since their cells were read (a reply sent back without its reasoning), whose
+    text is compared too."""
     order = [m for m in s.messages if m.kind != "text"]
+    ids = [m.id for m in order]
+    start = min((ids.index(i) for i in recheck if i in ids), default=None)
     k, texts = core.template.layout([m.as_template() for m in order], [m.as_template() for m in new],
-                                    tools=s.tools)
+                                    tools=s.tools, start=start)
     held, segments = texts[: len(order) - k], texts[len(order) - k:]
     t0 = time.perf_counter()
     led = s.ledger

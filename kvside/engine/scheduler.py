@@ -68,9 +68,10 @@ class Scheduler:
         return bool(self.gens)
 
     def start_chat(self, name: str, messages: list[dict], params: SamplingParams, stream: Stream,
-                   spec: ReplySpec | None = None, shared: int = 0) -> None:
+                   spec: ReplySpec | None = None, shared: int = 0, recheck: list[int] = ()) -> None:
         """`shared`: the session is new and its cache already holds the first `shared` tokens of
-        this prompt (binding.share_prefix); they are not read again."""
+        this prompt (binding.share_prefix); they are not read again. `recheck`: held messages the
+        client changed in a way the template may render differently (edits.restyle)."""
         s = self.core.get(name)
         spec = spec or ReplySpec()
         new = []
@@ -95,7 +96,7 @@ class Scheduler:
             new[0].pinned = True
         history = s.template_history() + [m.as_template() for m in new]
         # a template that renders earlier turns differently once these follow: edit them first
-        restyled = edits.restyle(self.core, s, new)
+        restyled = edits.restyle(self.core, s, new, recheck)
         pieces = prompt.chat_pieces(self.core, s, new, generation=True, fresh=True if shared else None,
                                     restyled=restyled)
         reply_id = next_id + len(new)

@@ -131,16 +131,17 @@ class ChatTemplate:
         cuts.append(len(full))
         return [full[a:b] for a, b in zip(cuts, cuts[1:])]
 
-    def layout(self, history: list[dict], new: list[dict], *,
-               tools: list[dict] | None = None) -> tuple[int, list[str]]:
+    def layout(self, history: list[dict], new: list[dict], *, tools: list[dict] | None = None,
+               start: int | None = None) -> tuple[int, list[str]]:
         """Where `history` stops rendering the same once `new` follows it, and the text of each
         message from there on. Returns (k, texts): history[:k] renders as it did, and texts holds
         what history[k:] + new render to now, one per message. Append-only templates give
         k == len(history) (the texts are those of segments()); templates that rewrite earlier
         turns give a smaller k: Qwen3 and other reasoning models' templates show an assistant
-        turn's reasoning (or an empty think block) only while no user message follows it."""
+        turn's reasoning (or an empty think block) only while no user message follows it.
+        `start`: k is at most this (texts from there on are wanted whatever the template does)."""
         full = self.render(history + new, add_generation_prompt=False, tools=tools)
-        k = len(history)
+        k = len(history) if start is None else min(start, len(history))
         while k and not full.startswith(self.render(history[:k], add_generation_prompt=False, tools=tools)):
             k -= 1
         held = history[:k]

@@ -223,3 +223,14 @@ def test_best_match_pairs_an_edited_system_prompt_when_the_front_is_also_dropped
 def test_best_match_keeps_the_new_turn_new_after_a_changed_block():
     m = best_match({"s": held(SYS, U1, A1)}, msgs(SYS, ("user", "q1, edited"), A1, U2))
     assert [i for i, _ in m.replaced] == [1] and m.new == msgs(U2)
+
+
+def test_best_match_follows_a_client_that_dropped_more_than_it_kept_but_runs_on_from_the_last_reply():
+    """An agent with a tight budget (its tool definitions just grew) keeps its task message and the
+    last exchange only: it is this conversation trimmed, since it holds this session's last reply."""
+    T1, R1, T2, R2, T3, R3 = (("tool", "out 1"), ("assistant", "r1"), ("tool", "out 2"), ("assistant", "r2"),
+                              ("tool", "out 3"), ("assistant", "r3"))
+    m = best_match({"s": held(SYS, U1, T1, R1, T2, R2, T3, R3)}, msgs(SYS, U1, T3, R3, ("tool", "out 4")))
+    assert m is not None and m.dropped == [2, 3, 4, 5] and m.new == msgs(("tool", "out 4"))
+    # the same head with an earlier reply of this session last is not enough: another client's
+    assert best_match({"s": held(SYS, U1, T1, R1, T2, R2, T3, R3)}, msgs(SYS, U1, T1, R1, ("tool", "x"))) is None

@@ -183,9 +183,10 @@ def test_repair_computes_each_moved_runs_first_tokens_again(engine):
         core.costs.rates, core.costs.shift_s = values
         return saved
 
+    note, _ = complete(engine, [bos] + c[2] + c[3] + c[5] + c[0][:20])
+    # priced after the first prompt is read: its decodes would move the rates learned so far
     saved = engine.call(lambda core: price(core, ({(False, 0): 0.005, (True, 0): 0.0025}, 0.05)))
     try:
-        note, _ = complete(engine, [bos] + c[2] + c[3] + c[5] + c[0][:20])
         second = [bos] + c[2] + c[1][:30] + c[5] + c[0][:20]
         note, done = complete(engine, second)
         assert note["moved_runs"] == 1 and note["recomputed_tokens"] == 8

@@ -76,8 +76,10 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
     kept, dropped, replaced, cells, inserted = 0, [], [], 0, []
     cut_held, cut_want = len(held), len(want)
     last_equal = None  # (held index, incoming index) of the client's last message, when held
+    equal_blocks = []
     for tag, i1, i2, j1, j2 in SequenceMatcher(None, have, want, autojunk=False).get_opcodes():
         if tag == "equal":
+            equal_blocks.append((i1, i2, j1))
             kept += i2 - i1
             cells += sum(m.get("n_cells", 1) for m in held[i1:i2])
             if j2 == len(want):
@@ -127,13 +129,25 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
     # conversation's cache to save a few tokens. llama-server's slot choice asks the same.
     # A kept system prompt does not count (it is what other conversations share). Messages cut
     # off but sent again after the cut are read again, not dropped by the client.
+    # A client whose history runs on from this session's last message (its latest reply, then the
+    # client's new turn) is this conversation trimmed, however much it dropped at once (a tight
+    # budget after its tools grew): another conversation does not hold this one's last reply.
     head = 1 if have and want and have[0] == want[0] and have[0][0] == "system" else 0
-    if gone and len(gone) > kept - head:
+    if gone and len(gone) > kept - head and not _runs_on(held, equal_blocks, cut_want):
         return None
     size = {m["id"]: m.get("n_cells", 1) for m in held}
     inserted = [(i, msgs) for i, msgs in inserted if i not in dropped]  # before a message that goes: read
     return Match("", kept + len(replaced), dropped, new, replaced, inserted=inserted, reused_cells=cells,
                  dropped_cells=sum(size[i] for i in dropped))
+
+
+def _runs_on(held: list[dict], equal_blocks: list[tuple[int, int, int]], first_new: int) -> bool:
+    """Whether the session's last live message is kept, as the client's message right before its
+    new ones (equal_blocks: (held start, held end, incoming start) of the unchanged runs)."""
+    last = next((i for i in range(len(held) - 1, -1, -1) if _live(held[i])), None)
+    if last is None or held[last].get("role") != "assistant":
+        return False
+    return any(i1 <= last < i2 and j1 + last - i1 == first_new - 1 for i1, i2, j1 in equal_blocks)
 
 
 def _similarity(a: tuple, b: tuple) -> float:

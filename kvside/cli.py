@@ -524,10 +524,20 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from kvside.bench import evaluate
 
     log = (lambda m: print(m, file=sys.stderr)) if ns.verbose else (lambda m: None)
-    result = evaluate.run(ns.model, ns.quick, ns.threads, log)
-    if ns.plot:
-        result["figures"] = evaluate.plot(result, ns.plot)
-    print(json.dumps(result, indent=2) if ns.json else evaluate.tables(result))
+    # one run compares models: each is evaluated in turn, one engine at a time
+    models = [m.strip() for m in ns.model.split(",") if m.strip()] if ns.model else [None]
+    results = []
+    for model in models:
+        result = evaluate.run(model, ns.quick, ns.threads, log)
+        if ns.plot:
+            result["figures"] = evaluate.plot(result, os.path.join(ns.plot, result["model"]) if len(models) > 1 else ns.plot)
+        results.append(result)
+    if ns.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"models": results}, indent=2))
+    else:
+        print("\n\n".join(evaluate.tables(r) for r in results))
+        if len(results) > 1:
+            print("\n" + evaluate.comparison(results))
     return 0
 
 
@@ -713,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("eval", help="fidelity of every edit against a re-prefill, on any GGUF")
-    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--model", "-m", default=None, help="a model, or several separated by commas to compare them")
     p.add_argument("--quick", action="store_true", help="a small grid (a few minutes on CPU)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG figures")

@@ -208,13 +208,59 @@ def test_compact_mask_and_restart(engine):
         engine.delete_session(name)
 
 
-def test_compact_writes_its_own_summary(engine):
+def test_compact_writes_its_own_summary_and_keeps_the_numbers(engine):
+    """Whatever the model writes, the summary that stands for the turns holds the number the user
+    gave: the model's notes, with the user's sentence appended where they lost it, or notes taken
+    from the turns when the model wrote nothing usable."""
     name = engine.new_session()
-    engine.chat(name, "I am planning a trip to Rome in May.", max_tokens=24, **GREEDY).wait()
+    engine.chat(name, "I am planning a trip to Rome in May. My booking code is 58213.", max_tokens=24, **GREEDY).wait()
     report = engine.compact(name, up_to=1)
-    assert report["summary"]
+    assert report["summary_source"] in ("model", "model+extract", "extract")
+    assert "58213" in report["summary"]
     engine.check(name)
     engine.delete_session(name)
+
+
+def test_compact_with_an_empty_summary_leaves_no_note(engine):
+    for mode in ("mask", "restart"):
+        name = engine.new_session(system="You are a helpful assistant.")
+        engine.chat(name, "The passkey is 4417.", max_tokens=8, **GREEDY).wait()
+        engine.chat(name, "Remember it.", max_tokens=8, **GREEDY).wait()
+        report = engine.compact(name, up_to=2, summary="", mode=mode)
+        engine.check(name)
+        led = engine.ledger(name)
+        assert report["summary_message"] is None and "summary" not in led.state and not {1, 2} & set(led.msg)
+        assert [m["kind"] for m in engine.messages(name)].count("summary") == 0
+        engine.delete_session(name)
+
+
+class _Said:
+    def __init__(self, role, content):
+        self.role, self.content = role, content
+
+
+def test_a_refused_or_empty_summary_is_replaced_by_notes_from_the_turns():
+    from kvside.engine.edits import checked_summary, summary_problem
+
+    turns = [_Said("user", "My passkey is 73914. Please remember it."), _Said("assistant", "Sure, 73914."),
+             _Said("user", "My cat is called Pixel."), _Said("user", "What is the weather like?"),
+             _Said("user", "i live in lisbon")]
+    assert summary_problem("I'm sorry, but I can't assist with that.") == "refusal"
+    assert summary_problem("I\u2019m sorry, I cannot help.") == "refusal"
+    assert summary_problem("") == "empty" and summary_problem("Okay.") == "empty"
+    assert summary_problem("The user has a cat called Pixel and a passkey.") is None
+    text, source = checked_summary("I'm sorry, but I can't assist with that.", turns, 400)
+    assert source == "extract"
+    assert "My passkey is 73914." in text and "My cat is called Pixel." in text and "i live in lisbon." in text
+    assert "weather" not in text and "Sure" not in text  # questions and the assistant's words are not facts
+    # notes that lost a number get the user's sentence that holds it
+    text, source = checked_summary("The user has a cat called Pixel.", turns, 400)
+    assert source == "model+extract" and text.endswith("Also said: My passkey is 73914.")
+    assert checked_summary("The passkey is 73914; the cat is Pixel.", turns, 400) == \
+        ("The passkey is 73914; the cat is Pixel.", "model")
+    # the budget keeps the latest sentences
+    text, _ = checked_summary("", turns, 40)
+    assert "lisbon" in text and "73914" not in text
 
 
 def test_prune_and_erratum(engine):

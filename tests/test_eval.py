@@ -53,7 +53,8 @@ def test_sections_are_complete(quick):
     # keys differ mostly by RoPE: undoing it brings them close to the re-prefill's
     assert kv["mean"]["k_unroped_before"] > kv["mean"]["k_raw_before"]
     comp = result["compaction"]
-    assert set(comp["recall"]) == {"oracle", "mask", "restart"} and comp["summary"]
+    assert set(comp["recall"]) == {"oracle", "mask", "mask+summary", "restart+summary", "restart"}
+    assert comp["facts"] == 5 and comp["chats"][0]["summary"] and set(comp["kl_vs_oracle"]) == set(comp["recall"]) - {"oracle"}
     assert {r["documents"] for r in result["composition"]} == {1, 3}
     assert all(Path(f).is_file() for f in result["figures"])
 
@@ -65,8 +66,8 @@ def test_the_fixtures_are_the_corpus(tmp_path, monkeypatch):
     names = [p.name for p in corpus.documents()]
     assert len(names) == 8 and names == sorted(names)
     assert "Skerry Point" in corpus.text()
-    facts = corpus.compaction()["facts"]
-    assert any(f["expect"] == "73914" for f in facts)  # the passkey
+    facts = [f for chat in corpus.compaction()["chats"] for f in chat["facts"]]
+    assert len(facts) >= 20 and any(f["expect"] == "73914" for f in facts)  # the passkey
     monkeypatch.setenv("KVSIDE_FIXTURES", str(tmp_path / "nowhere"))
     with pytest.raises(KvsideError, match="text fixtures"):
         corpus.text()

@@ -78,56 +78,65 @@ def noise_floor(engine: Engine, ctx: int, delta: int, steps: int) -> dict:
 
 
 # -- 2. compaction ------------------------------------------------------------------------------------
-def compaction(engine: Engine, steps: int, log) -> dict:
-    """The chat in tests/data/compaction.json: facts, filler, then questions after compaction."""
-    fixture = corpus.compaction()
-    facts = [(f["say"], f["expect"]) for f in fixture["facts"]]
-    filler = fixture["filler"]
-    questions = [(f["ask"], f["expect"]) for f in fixture["facts"]]
+# What stands for the fact turns once they are compacted: the full context (oracle); masked, with
+# nothing in their place or with the summary appended after the later turns (whose KV saw the
+# facts); a re-prefill of the later turns with the summary, or without anything.
+COMPACTIONS = {"oracle": None, "mask": ("mask", ""), "mask+summary": ("mask", None),
+               "restart+summary": ("restart", None), "restart": ("restart", "")}
+
+
+def compaction(engine: Engine, steps: int, log, chats: int | None = None) -> dict:
+    """The chats in tests/data/compaction.json: facts, filler, then questions after compaction."""
+    fixture = corpus.compaction()["chats"][:chats]
+    results = {"chats": [], "questions": []}
+    for chat in fixture:
+        out = _compaction_chat(engine, chat, steps, log)
+        results["chats"].append({k: out[k] for k in ("summary", "summary_source")})
+        results["questions"] += out["questions"]
+    qs = results["questions"]
+    results["facts"] = len(qs)
+    results["recall"] = {m: round(sum(q["recall"][m] for q in qs) / len(qs), 3) for m in COMPACTIONS}
+    results["kl_vs_oracle"] = {m: float(np.mean([q["kl_vs_oracle"][m] for q in qs])) for m in COMPACTIONS if m != "oracle"}
+    return results
+
+
+def _compaction_chat(engine: Engine, chat: dict, steps: int, log) -> dict:
     greedy = dict(temperature=0.0, repeat_penalty=1.0, max_tokens=40)
     base = engine.new_session(system=SYSTEM)
+    variants: dict[str, str] = {}
     try:
-        for text, _ in facts:
+        for text in [f["say"] for f in chat["facts"]] + chat["filler"]:
             engine.chat(base, text, **greedy).wait()
-        for text in filler:
-            engine.chat(base, text, **greedy).wait()
-        fact_ids = [m["id"] for m in engine.messages(base) if m["role"] != "system"][: 2 * len(facts)]
-        summary = engine.call(lambda core: edits.write_summary(core, core.get(base), fact_ids, 96))
-        results = {"summary": summary, "questions": []}
-        variants = {}
-        for mode in ("oracle", "mask", "restart"):
+        fact_ids = [m["id"] for m in engine.messages(base) if m["role"] != "system"][: 2 * len(chat["facts"])]
+        summary, source = engine.call(lambda core: edits.write_summary(core, core.get(base), fact_ids, 96))
+        log(f"compaction summary ({source}): {summary!r}")
+        for mode, how in COMPACTIONS.items():
             name = engine.fork(base)
-            if mode != "oracle":
-                engine.compact(name, up_to=fact_ids[-1], summary=summary, mode=mode)
+            if how is not None:
+                engine.compact(name, up_to=fact_ids[-1], summary=summary if how[1] is None else how[1], mode=how[0])
             variants[mode] = name
-        for q, expect in questions:
+        questions = []
+        for fact in chat["facts"]:
+            q = fact["ask"]
             answers, logits = {}, {}
+            probes = {mode: engine.call(lambda core, n=name: _question_tokens(core, core.get(n), q))
+                      for mode, name in variants.items()}
             for mode, name in variants.items():
-                probe = engine.call(lambda core, n=name: _question_tokens(core, core.get(n), q))
-                ref_answer = None
-                answers[mode] = engine.call(lambda core, n=name, p=probe: core.model.detokenize(core.greedy(n, p, 24)))
-            oracle_cont = engine.call(lambda core: core.greedy(variants["oracle"], _question_tokens(core, core.get(variants["oracle"]), q), steps))
+                answers[mode] = engine.call(lambda core, n=name, p=probes[mode]: core.model.detokenize(core.greedy(n, p, 24)))
+            oracle_cont = engine.call(lambda core: core.greedy(variants["oracle"], probes["oracle"], steps))
             for mode, name in variants.items():
-                probe = engine.call(lambda core, n=name: _question_tokens(core, core.get(n), q))
-                forced = probe + oracle_cont[:-1]
-                rows = engine.next_logits(name, forced, all_logits=True)[len(probe) - 1:]
-                logits[mode] = rows
-            entry = {"question": q, "expect": expect,
-                     "recall": {m: expect in a.lower() for m, a in answers.items()},
+                rows = engine.next_logits(name, probes[mode] + oracle_cont[:-1], all_logits=True)
+                logits[mode] = rows[len(probes[mode]) - 1:]
+            entry = {"question": q, "expect": fact["expect"],
+                     "recall": {m: fact["expect"] in a.lower() for m, a in answers.items()},
                      "answers": answers,
-                     "kl_vs_oracle": {m: compare(logits[m], logits["oracle"])["kl"] for m in ("mask", "restart")},
-                     "kl_mask_vs_restart": compare(logits["mask"], logits["restart"])["kl"]}
-            results["questions"].append(entry)
-            log(f"compaction {q!r}: recall {entry['recall']} kl vs oracle {entry['kl_vs_oracle']}")
-            del ref_answer
+                     "kl_vs_oracle": {m: compare(logits[m], logits["oracle"])["kl"] for m in variants if m != "oracle"}}
+            questions.append(entry)
+            log(f"compaction {q!r}: recall {entry['recall']}")
+        return {"summary": summary, "summary_source": source, "questions": questions}
+    finally:
         for name in variants.values():
             engine.delete_session(name)
-        n = len(questions)
-        results["recall"] = {m: sum(e["recall"][m] for e in results["questions"]) / n for m in variants}
-        results["kl_vs_oracle"] = {m: float(np.mean([e["kl_vs_oracle"][m] for e in results["questions"]]))
-                                   for m in ("mask", "restart")}
-        return results
-    finally:
         engine.delete_session(base)
 
 
@@ -193,7 +202,7 @@ def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: Non
     cfg = settings(quick)
     t0 = time.perf_counter()
     n_ctx = max(cfg["contexts"]) + cfg["steps"] + cfg["free_run"] + 16
-    engine = Engine(model=model, n_ctx=max(n_ctx, 1024), max_sessions=4, n_threads=n_threads, exact=True).start()
+    engine = Engine(model=model, n_ctx=max(n_ctx, 1024), max_sessions=len(COMPACTIONS) + 1, n_threads=n_threads, exact=True).start()
     try:
         info = engine.info()
         result = {"model": info["model_name"], "quick": quick, "settings": cfg,
@@ -207,7 +216,7 @@ def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: Non
         result["rolling"] = rolling(engine, cfg, log)
         result["kv_analysis"] = kv_analysis(engine, cfg["kv_ctx"], cfg["kv_ctx"] // 4, 4)
         log(f"kv analysis: {result['kv_analysis'].get('mean')}")
-        result["compaction"] = compaction(engine, cfg["steps"], log)
+        result["compaction"] = compaction(engine, cfg["steps"], log, chats=1 if quick else None)
     finally:
         engine.close()
     if result["memory"] == "recurrent" or not info["can_shift"]:
@@ -241,13 +250,36 @@ def tables(result: dict) -> str:
         for k, v in kv["mean"].items():
             lines.append(f"  {k}: {v:.4f}")
     c = result["compaction"]
-    lines.append(f"\ncompaction: recall {c['recall']}, kl vs full context {c['kl_vs_oracle']}")
+    lines.append(f"\ncompaction ({c['facts']} planted facts) | recall | kl vs full context")
+    for mode, recall in c["recall"].items():
+        kl = c["kl_vs_oracle"].get(mode)
+        lines.append(f"| {mode} | {recall:.2f} | {'-' if kl is None else f'{kl:.3f}'}")
+    lines.append("summaries: " + "; ".join(f"{ch['summary_source']}: {ch['summary'][:80]!r}" for ch in c["chats"]))
     lines.append("\ncomposition | documents | recompute | t_attach_s | t_prefill_s | speedup | kl | logit_cos | top1")
     if not result["composition"]:
         lines.append("| (not applicable: a recurrent state cannot take spliced blocks) |")
     for r in result["composition"]:
         lines.append(f"| {r['documents']} | {r['recompute']} | {r['t_attach_s']:.3f} | {r['t_prefill_s']:.3f} | "
                      f"{r['speedup']:.1f} | {r['kl']:.4f} | {r['logit_cos']:.4f} | {r['top1']:.3f}")
+    return "\n".join(lines)
+
+
+def comparison(results: list[dict]) -> str:
+    """One table across models: per model, the noise floor, the worst roll short of a re-prefill
+    (lowest top1), compaction recall per mode, and the composition without recompute."""
+    modes = list(COMPACTIONS)
+    lines = ["models | noise kl | worst roll (drop, strategy): kl / top1 | recall " + " / ".join(modes) +
+             " | compose 3 docs, no recompute: kl / top1"]
+    for r in results:
+        nf = r["noise_floor"]
+        rolls = [x for x in r["rolling"] if x["strategy"] != "reprefill" and not x.get("fallback")]
+        worst = min(rolls, key=lambda x: x["top1"]) if rolls else None
+        roll = f"{worst['drop']}, {worst['strategy']}: {worst['kl']:.4f} / {worst['top1']:.3f}" if worst else "-"
+        recall = " / ".join(f"{r['compaction']['recall'][m]:.2f}" for m in modes)
+        plain = [x for x in r["composition"] if x["documents"] == 3 and x["recompute"] in (0, "none", "0")]
+        comp = f"{plain[0]['kl']:.4f} / {plain[0]['top1']:.3f}" if plain else "-"
+        lines.append(f"| {r['model']} | {nf['kl']:.2e} | {roll} | {recall} | {comp}" if nf else
+                     f"| {r['model']} | - | {roll} | {recall} | {comp}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ session is rebuilt from its ledger: it is never left half-edited.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -827,7 +828,15 @@ def erratum(core, s: Session, text: str) -> dict:
 
 # -- compaction -------------------------------------------------------------------------------------
 SUMMARY_TOKENS_PER_STEP = 8  # summary tokens written between two decode steps of the generations
-SUMMARY_PROMPT = "Summarize the conversation so far in a few sentences. Keep names, numbers and facts."
+# The instruction frames the turns as a document to take notes from: asked to "summarize the
+# conversation", instruction-tuned models answered a transcript holding a passkey with "I'm sorry, but
+# I can't assist with that." (Qwen2.5-Coder-0.5B-Instruct, docs/results.md).
+SUMMARY_PROMPT = ("Below is the start of a conversation between a user and an assistant. The assistant will "
+                  "no longer see it, only your notes. Write short notes of every fact in it: names, numbers, "
+                  "places, dates, preferences and decisions, each with what it is about.")
+# what an instruction model says instead of doing the task
+REFUSALS = ("i'm sorry", "i am sorry", "i can't", "i cannot", "i can not", "i'm unable", "i am unable",
+            "as an ai", "i apologize", "i'm not able", "i am not able")
 
 
 def compact(core, s: Session, up_to: int, summary: str | None = None, mode: str = "mask",
@@ -851,32 +860,40 @@ def compact_steps(core, s: Session, up_to: int, summary: str | None = None, mode
     if not targets:
         raise InvalidRequest(f"nothing to compact up to message {up_to}")
     t0 = time.perf_counter()
+    source = "given"
     if summary is None:
-        summary = yield from write_summary_steps(core, s, targets, max_summary_tokens,
-                                                 core.job_seq if seq is None else seq, chunk)
+        summary, source = yield from write_summary_steps(core, s, targets, max_summary_tokens,
+                                                         core.job_seq if seq is None else seq, chunk)
     if mode == "mask":
-        msg, note = append_note(core, s, "system", f"Summary of earlier turns: {summary}", "summary", SUMMARY)
+        # an empty summary compacts to nothing: the turns are masked and no note takes their place
+        msg = append_note(core, s, "system", f"Summary of earlier turns: {summary}", "summary", SUMMARY)[0] \
+            if summary else None
         masked = mask(core, s, messages=targets, close_gap=close_gap, reason="compacted", state=MSG_SUMMARIZED)
-        report = {"mode": mode, "summary": summary, "summary_message": msg.id, "masked": masked["masked"],
-                  "messages": targets}
+        report = {"mode": mode, "summary": summary, "summary_message": msg.id if msg else None,
+                  "masked": masked["masked"], "messages": targets}
     else:
         report = yield from _restart_steps(core, s, targets, summary, chunk)
+    report["summary_source"] = source
     report["t_edit_s"] = time.perf_counter() - t0
     s.log("compact", **report)
     return report
 
 
-def write_summary(core, s: Session, targets: list[int], max_tokens: int) -> str:
+def write_summary(core, s: Session, targets: list[int], max_tokens: int) -> tuple[str, str]:
     return finish(write_summary_steps(core, s, targets, max_tokens, core.scratch_seq, core.n_batch))
 
 
 def write_summary_steps(core, s: Session, targets: list[int], max_tokens: int, seq: int, chunk: int = JOB_CHUNK):
-    """Have the model summarize the target messages, greedily, in sequence `seq` (cleared
-    before and after); yields between prompt chunks and every few summary tokens."""
+    """Have the model write notes of the target messages, greedily, in sequence `seq` (cleared
+    before and after); yields between prompt chunks and every few summary tokens. Returns
+    (summary, source): the model's notes ("model"), with the user's own sentences that hold a
+    number the notes lost appended ("model+extract"), or, when the model refused, wrote nothing
+    or echoed the instruction, notes extracted from the turns themselves ("extract")."""
     from kvside.engine.sampling import Sampler, SamplingParams
 
-    lines = [f"{s.message(i).role}: {s.message(i).content}" for i in targets]
-    prompt = [{"role": "user", "content": SUMMARY_PROMPT + "\n\n" + "\n".join(lines)}]
+    msgs = [s.message(i) for i in targets]
+    lines = [f"{m.role}: {m.content}" for m in msgs]
+    prompt = [{"role": "user", "content": SUMMARY_PROMPT + "\n\n" + "\n".join(lines) + "\n\nNotes:"}]
     text = core.template.render(prompt, add_generation_prompt=True)
     tokens = core.model.tokenize(text, add_special=core.model.add_bos, parse_special=True)
     room = core.n_ctx - max_tokens - 1
@@ -901,7 +918,68 @@ def write_summary_steps(core, s: Session, targets: list[int], max_tokens: int, s
     finally:
         sampler.close()
         core.mem.clear_seq(seq)
-    return core.model.detokenize(out).strip()
+    return checked_summary(core.model.detokenize(out).strip(), msgs, budget_chars=4 * max_tokens)
+
+
+def checked_summary(written: str, msgs: list, budget_chars: int) -> tuple[str, str]:
+    """The summary to keep, and where it came from (see write_summary_steps)."""
+    said = [m for m in msgs if m.role in ("user", "tool")]
+    if summary_problem(written) is not None:
+        return extract_notes(said, budget_chars), "extract"
+    lost = [t for t in _fact_sentences(said) if any(n not in written for n in re.findall(r"\d[\d.,:/-]*\d|\d", t))]
+    if not lost:
+        return written, "model"
+    return written + " Also said: " + _fit(lost, budget_chars - len(written)), "model+extract"
+
+
+def summary_problem(text: str) -> str | None:
+    """Why a written summary cannot stand for the turns: None when it can."""
+    if len(text.split()) < 3:
+        return "empty"
+    head = text[:160].lower().replace("\u2019", "'")
+    if any(r in head for r in REFUSALS):
+        return "refusal"
+    if SUMMARY_PROMPT[:40].lower() in text.lower():
+        return "echo"
+    return None
+
+
+def extract_notes(msgs: list, budget_chars: int) -> str:
+    """Notes from the turns themselves, for when the model writes none: the sentences that state
+    something (a number, a name, something of the user's own), in the user's words."""
+    picked = _fact_sentences(msgs)
+    return "Notes from earlier turns: " + _fit(picked, budget_chars) if picked else ""
+
+
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
+_OWN = re.compile(r"\b(my|mine|i am|i'm|i live|i work|i like|i prefer|i use|i have|call me|we|our|remember)\b", re.I)
+
+
+def _fact_sentences(msgs: list) -> list[str]:
+    """Statements (not questions) holding a number, a capitalised name past their first word, or
+    something the user says of themselves."""
+    out = []
+    for m in msgs:
+        for raw in _SENTENCE.findall(m.content or ""):
+            t = raw.strip()
+            if len(t) < 4 or t.endswith("?"):
+                continue
+            words = t.split()
+            if re.search(r"\d", t) or any(w[:1].isupper() for w in words[1:]) or _OWN.search(t):
+                out.append(t if t[-1] in ".!" else t + ".")
+    return list(dict.fromkeys(out))
+
+
+def _fit(sentences: list[str], budget_chars: int) -> str:
+    """As many sentences as fit, the latest kept when not all do (what was said last is what the
+    summarized turns ended with)."""
+    kept, size = [], 0
+    for t in reversed(sentences):
+        if size + len(t) + 1 > max(budget_chars, 0) and kept:
+            break
+        kept.append(t)
+        size += len(t) + 1
+    return " ".join(reversed(kept))
 
 
 def _restart_steps(core, s: Session, targets: list[int], summary: str, chunk: int = JOB_CHUNK):
@@ -910,11 +988,12 @@ def _restart_steps(core, s: Session, targets: list[int], summary: str, chunk: in
     summary_msg = Message(s.next_message_id(), "system", f"Summary of earlier turns: {summary}", kind="summary")
     pinned = [m for m in keep if m.pinned]
     later = [m for m in keep if not m.pinned]
-    order = pinned + [summary_msg] + later
+    order = pinned + ([summary_msg] if summary else []) + later  # an empty summary: the turns just go
     for m in s.messages:
         if m.id in targets:
             m.state = MSG_SUMMARIZED
-    s.messages.append(summary_msg)
+    if summary:
+        s.messages.append(summary_msg)
     old_cells = len(s.ledger)
     s.ledger.remove(0, -1, "restarted")
     core.mem.clear_seq(s.seq)
@@ -927,7 +1006,7 @@ def _restart_steps(core, s: Session, targets: list[int], summary: str, chunk: in
         yield from core.decode_steps(s.seq, toks, start, chunk)
         s.ledger.append(toks, m.id, SUMMARY if m is summary_msg else LIVE)
         hist.append(m.as_template())
-    return {"mode": "restart", "summary": summary, "summary_message": summary_msg.id,
+    return {"mode": "restart", "summary": summary, "summary_message": summary_msg.id if summary else None,
             "reprefilled": len(s.ledger), "cells_before": old_cells, "messages": targets}
 
 

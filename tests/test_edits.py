@@ -253,11 +253,13 @@ def test_a_refused_or_empty_summary_is_replaced_by_notes_from_the_turns():
     assert source == "extract"
     assert "My passkey is 73914." in text and "My cat is called Pixel." in text and "i live in lisbon." in text
     assert "weather" not in text and "Sure" not in text  # questions and the assistant's words are not facts
-    # notes that lost a number get the user's sentence that holds it
+    # notes that lost a number, a name or what a statement states get the user's sentences that hold it
     text, source = checked_summary("The user has a cat called Pixel.", turns, 400)
-    assert source == "model+extract" and text.endswith("Also said: My passkey is 73914.")
-    assert checked_summary("The passkey is 73914; the cat is Pixel.", turns, 400) == \
-        ("The passkey is 73914; the cat is Pixel.", "model")
+    assert source == "model+extract" and text.endswith("Also said: My passkey is 73914. i live in lisbon.")
+    text, source = checked_summary("Passkey 73914. Lives in Lisbon.", turns, 400)
+    assert source == "model+extract" and text.endswith("Also said: My cat is called Pixel.")
+    assert checked_summary("The passkey is 73914; the cat is Pixel; lives in Lisbon.", turns, 400) == \
+        ("The passkey is 73914; the cat is Pixel; lives in Lisbon.", "model")
     # the budget keeps the latest sentences
     text, _ = checked_summary("", turns, 40)
     assert "lisbon" in text and "73914" not in text

@@ -886,8 +886,8 @@ def write_summary(core, s: Session, targets: list[int], max_tokens: int) -> tupl
 def write_summary_steps(core, s: Session, targets: list[int], max_tokens: int, seq: int, chunk: int = JOB_CHUNK):
     """Have the model write notes of the target messages, greedily, in sequence `seq` (cleared
     before and after); yields between prompt chunks and every few summary tokens. Returns
-    (summary, source): the model's notes ("model"), with the user's own sentences that hold a
-    number the notes lost appended ("model+extract"), or, when the model refused, wrote nothing
+    (summary, source): the model's notes ("model"), with the user's own statements whose number,
+    name or object the notes lost appended ("model+extract"), or, when the model refused, wrote nothing
     or echoed the instruction, notes extracted from the turns themselves ("extract")."""
     from kvside.engine.sampling import Sampler, SamplingParams
 
@@ -926,7 +926,8 @@ def checked_summary(written: str, msgs: list, budget_chars: int) -> tuple[str, s
     said = [m for m in msgs if m.role in ("user", "tool")]
     if summary_problem(written) is not None:
         return extract_notes(said, budget_chars), "extract"
-    lost = [t for t in _fact_sentences(said) if any(n not in written for n in re.findall(r"\d[\d.,:/-]*\d|\d", t))]
+    notes = written.lower()
+    lost = [t for t in _fact_sentences(said) if any(k.lower() not in notes for k in _key_words(t))]
     if not lost:
         return written, "model"
     return written + " Also said: " + _fit(lost, budget_chars - len(written)), "model+extract"
@@ -968,6 +969,17 @@ def _fact_sentences(msgs: list) -> list[str]:
             if re.search(r"\d", t) or any(w[:1].isupper() for w in words[1:]) or _OWN.search(t):
                 out.append(t if t[-1] in ".!" else t + ".")
     return list(dict.fromkeys(out))
+
+
+def _key_words(sentence: str) -> list[str]:
+    """What notes of a statement must keep: its numbers, the names in it (capitalised past the
+    first word) and its last word, where a statement of fact usually puts what it states ("my
+    favourite fruit is mango")."""
+    words = re.findall(r"[\w'-]+", sentence)
+    numbers = re.findall(r"\d[\d.,:/-]*\d|\d", sentence)
+    names = [w for w in words[1:] if w[:1].isupper() and w.lower() not in ("i", "i'm")]
+    last = [words[-1]] if words and len(words[-1]) > 2 else []
+    return list(dict.fromkeys(numbers + names + last))
 
 
 def _fit(sentences: list[str], budget_chars: int) -> str:

@@ -1,6 +1,13 @@
-"""Composable document blocks: a document's KV is computed once (positions 0..n-1, no context),
-stored with its tokens, the model fingerprint and a content hash, and spliced into any session
-at any offset by shifting it there (RoPE repositioning) instead of prefilling it again.
+"""Composable document blocks: a document's KV is computed once, stored with its tokens, the model
+fingerprint and a content hash, and spliced into any session at any offset by shifting it there
+(RoPE repositioning) instead of prefilling it again.
+
+Each block is computed after a short context that is dropped before the splice: the chat's opening
+of a document message (its first token is the attention sink every real session has) and the last
+tokens of the block before it. Computed alone, a block's first tokens become its sink; spliced
+after a session they no longer are one, and every later cell of the block had attended to them:
+that, more than the missing view of the other documents, is what a composed cache got wrong
+(docs/results.md, Composition).
 
 Files: $KVSIDE_HOME/blocks/<sha>-<i>.kvb (one per chunk, the session-file layout with format
 'kvside-block') and index.json (document path -> content hash and block files), replaced
@@ -21,6 +28,7 @@ from kvside.engine.jobs import JOB_CHUNK, finish
 from kvside.engine.ledger import COMPOSED
 from kvside.engine.session import Message, Session
 from kvside.engine.state import set_seq_state
+from kvside.engine.template import TemplateError
 from kvside.errors import InvalidRequest, KvsideError
 from kvside.home import subdir
 from kvside.sessionfile import SessionFileError
@@ -28,6 +36,9 @@ from kvside.sessionfile import SessionFileError
 BLOCK_FORMAT = "kvside-block"
 MAX_BYTES = 1024 * 1024
 BLOCK_TOKENS = 512
+OVERLAP = 32  # tokens of the previous block a block is computed after (then dropped)
+# Bumped when how blocks are computed changes: blocks compiled otherwise are compiled again.
+RECIPE = 2
 SENTINEL = "\x00kvside-document\x00"
 
 
@@ -111,11 +122,14 @@ def compile_steps(core, path: Path, block_tokens: int = BLOCK_TOKENS, progress=N
     index = load_index()
     entry = index.get(key)
     fp = core.model.fingerprint
-    if entry and entry["sha256"] == sha and entry["fingerprint"] == fp and \
+    if entry and entry["sha256"] == sha and entry["fingerprint"] == fp and entry.get("recipe") == RECIPE and \
             all((blocks_dir() / f).is_file() for f in entry["blocks"]):
         return {"document": key, "reused": True, "blocks": len(entry["blocks"]), "tokens": entry["tokens"]}
     tokens = core.model.tokenize(text, add_special=False, parse_special=False)
-    size = min(block_tokens, core.n_ctx - 1)
+    opening = block_context(core)
+    size = min(block_tokens, core.n_ctx - 1 - len(opening) - OVERLAP)
+    if size < 1:
+        raise DocumentError(f"a context of {core.n_ctx} tokens is too small to compile documents in")
     chunks = [tokens[i : i + size] for i in range(0, len(tokens), size)]
     files: list[str] = []
     seq = core.job_seq if seq is None else seq
@@ -124,13 +138,15 @@ def compile_steps(core, path: Path, block_tokens: int = BLOCK_TOKENS, progress=N
         for i, block in enumerate(chunks):
             if i:
                 yield
+            context = opening + (chunks[i - 1][-OVERLAP:] if i else [])
             core.mem.clear_seq(seq)
-            yield from core.decode_steps(seq, block, 0, chunk)
+            yield from core.decode_steps(seq, context + block, 0, chunk)
             state = core.seq_state(seq)
             name = f"{sha[:16]}-{fp[:8]}-{i}.kvb"
+            # the state holds the context's cells too (positions 0..context-1): attach drops them
             header = {"document": key, "name": path.name, "sha256": sha, "chunk": i, "n_chunks": len(chunks),
-                      "tokens": block, "model_fingerprint": fp, "model_name": core.model_name,
-                      "type_k": core.type_k, "type_v": core.type_v}
+                      "tokens": block, "context": len(context), "model_fingerprint": fp,
+                      "model_name": core.model_name, "type_k": core.type_k, "type_v": core.type_v}
             sessionfile.write(blocks_dir() / name, header, state, fmt=BLOCK_FORMAT)
             files.append(name)
             if progress:
@@ -146,13 +162,26 @@ def compile_steps(core, path: Path, block_tokens: int = BLOCK_TOKENS, progress=N
     index = load_index()
     old = index.get(key, {}).get("blocks", [])
     index[key] = {"sha256": sha, "fingerprint": fp, "blocks": files, "tokens": len(tokens),
-                  "name": path.name, "compiled": time.time()}
+                  "name": path.name, "compiled": time.time(), "recipe": RECIPE}
     _save_index(index)
     for f in old:
         if f not in files:
             (blocks_dir() / f).unlink(missing_ok=True)
     return {"document": key, "reused": False, "blocks": len(files), "tokens": len(tokens),
             "t_compile_s": time.perf_counter() - t0}
+
+
+def block_context(core) -> list[int]:
+    """What every block is computed after: the template's opening of a user message that holds a
+    document (with the BOS where the model has one), up to where the document's text begins."""
+    try:
+        text = core.template.render([{"role": "user", "content": "Document:\n" + SENTINEL}],
+                                    add_generation_prompt=False)
+    except TemplateError:  # a template that cannot render a lone user message: a plain opening
+        text = ""
+    head = text.split(SENTINEL, 1)[0] if SENTINEL in text else ""
+    tokens = core.model.tokenize(head, add_special=core.model.add_bos, parse_special=True)
+    return tokens or core.model.tokenize("Document:\n", add_special=core.model.add_bos, parse_special=False)
 
 
 def forget_document(path: Path) -> bool:
@@ -253,7 +282,10 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
             core.mem.clear_seq(scratch)
             set_seq_state(core.ctx, scratch, sessionfile.read_state(sf))
             core.mem.state_restored(scratch)
-            core.mem.add(scratch, 0, -1, p0)  # RoPE repositioning: the block now starts at p0
+            context = sf.header.get("context", 0)
+            if context:  # the cells the block was computed after are not part of it
+                core.mem.rm(scratch, 0, context)
+            core.mem.add(scratch, context, -1, p0 - context)  # RoPE repositioning: the block now starts at p0
             # on a sliding window the block's state holds only its last cells in the windowed
             # layers: the session's floor rises past the block's missing ones, except for the
             # recompute of its first tokens, which attends to the session's cells before it and
@@ -273,7 +305,7 @@ def attach(core, s: Session, name: str, recompute: int = 0, strategy: str | None
                 chosen = None
                 if strat.needs_scores:
                     block = s.ledger.pos[i0:]
-                    chosen = deviation.choose(deviation.scores(core, s.seq, (0, p0), block), strat.frac)
+                    chosen = deviation.choose(deviation.scores(core, s.seq, (edits.SINK, p0), block), strat.frac)
                 recomputed += edits.repair(core, s, i0, len(s.ledger), strat, chosen)
         p = s.ledger.next_pos
         core.decode_now(s.seq, tail, p, logits="none")

@@ -528,7 +528,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     models = [m.strip() for m in ns.model.split(",") if m.strip()] if ns.model else [None]
     results = []
     for model in models:
-        result = evaluate.run(model, ns.quick, ns.threads, log)
+        result = evaluate.run(model, ns.quick, ns.threads, log, only=tuple(ns.only.split(",")) if ns.only else evaluate.SECTIONS)
         if ns.plot:
             result["figures"] = evaluate.plot(result, os.path.join(ns.plot, result["model"]) if len(models) > 1 else ns.plot)
         results.append(result)
@@ -725,6 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="fidelity of every edit against a re-prefill, on any GGUF")
     p.add_argument("--model", "-m", default=None, help="a model, or several separated by commas to compare them")
     p.add_argument("--quick", action="store_true", help="a small grid (a few minutes on CPU)")
+    p.add_argument("--only", default=None, metavar="SECTIONS",
+                   help="comma-separated sections to run: noise, rolling, kv, compaction, composition")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG figures")
     p.add_argument("--threads", type=int, default=None)

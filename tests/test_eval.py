@@ -71,3 +71,20 @@ def test_the_fixtures_are_the_corpus(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSIDE_FIXTURES", str(tmp_path / "nowhere"))
     with pytest.raises(KvsideError, match="text fixtures"):
         corpus.text()
+
+
+def test_one_run_compares_models_section_by_section():
+    kvside = str(Path(sys.executable).with_name("kvside"))
+    run = lambda *args: subprocess.run([kvside, "eval", *args], capture_output=True, text=True, timeout=600,  # noqa: E731
+                                       env=dict(os.environ))
+    proc = run("--only", "noise", "-m", "smollm2-135m,smollm2-135m", "--threads", "2", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)["models"]
+    assert [r["model"] for r in results] == ["smollm2-135m"] * 2
+    for r in results:
+        assert r["sections"] == ["noise"] and r["noise_floor"]["kl"] < 0.05
+        assert r["rolling"] is None and r["compaction"] is None and r["composition"] is None
+    table = run("--only", "noise", "-m", "smollm2-135m,smollm2-135m", "--threads", "2")
+    assert table.returncode == 0 and "models | noise kl" in table.stdout and "rolling |" not in table.stdout
+    bad = run("--only", "noise,bogus")
+    assert bad.returncode != 0 and "unknown eval section(s) bogus" in bad.stderr and "Traceback" not in bad.stderr

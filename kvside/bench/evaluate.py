@@ -16,6 +16,7 @@ from kvside.bench import corpus
 from kvside.bench import roll as bench_roll
 from kvside.bench.fidelity import compare
 from kvside.engine import Engine, edits, kvstate, native, prompt
+from kvside.errors import InvalidRequest
 
 SYSTEM = "You are a helpful assistant. Read carefully and answer precisely."
 
@@ -198,32 +199,44 @@ def kv_analysis(engine: Engine, ctx: int, drop: int, keep: int) -> dict:
 
 
 # -- the whole eval -----------------------------------------------------------------------------------
-def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: None) -> dict:
+SECTIONS = ("noise", "rolling", "kv", "compaction", "composition")
+
+
+def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: None,
+        only: tuple[str, ...] = SECTIONS) -> dict:
+    """Every section of the eval, or those in `only`; a section left out is None in the result."""
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        raise InvalidRequest(f"unknown eval section(s) {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
     cfg = settings(quick)
     t0 = time.perf_counter()
     n_ctx = max(cfg["contexts"]) + cfg["steps"] + cfg["free_run"] + 16
     engine = Engine(model=model, n_ctx=max(n_ctx, 1024), max_sessions=len(COMPACTIONS) + 1, n_threads=n_threads, exact=True).start()
+    result = dict.fromkeys(("noise_floor", "rolling", "kv_analysis", "compaction", "composition"))
     try:
         info = engine.info()
-        result = {"model": info["model_name"], "quick": quick, "settings": cfg,
-                  "memory": "recurrent" if info["recurrent"] else
-                  f"sliding window {info['sliding_window']}" if info["sliding_window"] else "attention"}
+        result.update({"model": info["model_name"], "quick": quick, "settings": cfg, "sections": list(only),
+                       "memory": "recurrent" if info["recurrent"] else
+                       f"sliding window {info['sliding_window']}" if info["sliding_window"] else "attention"})
         # (a cache that cannot shift has no re-rotation to measure: its edits read again)
-        result["noise_floor"] = (noise_floor(engine, min(cfg["contexts"]), 16, cfg["steps"])
-                                 if info["can_shift"] else None)
-        if result["noise_floor"]:
+        if "noise" in only and info["can_shift"]:
+            result["noise_floor"] = noise_floor(engine, min(cfg["contexts"]), 16, cfg["steps"])
             log(f"noise floor: kl {result['noise_floor']['kl']:.2e}")
-        result["rolling"] = rolling(engine, cfg, log)
-        result["kv_analysis"] = kv_analysis(engine, cfg["kv_ctx"], cfg["kv_ctx"] // 4, 4)
-        log(f"kv analysis: {result['kv_analysis'].get('mean')}")
-        result["compaction"] = compaction(engine, cfg["steps"], log, chats=1 if quick else None)
+        if "rolling" in only:
+            result["rolling"] = rolling(engine, cfg, log)
+        if "kv" in only:
+            result["kv_analysis"] = kv_analysis(engine, cfg["kv_ctx"], cfg["kv_ctx"] // 4, 4)
+            log(f"kv analysis: {result['kv_analysis'].get('mean')}")
+        if "compaction" in only:
+            result["compaction"] = compaction(engine, cfg["steps"], log, chats=1 if quick else None)
     finally:
         engine.close()
-    if result["memory"] == "recurrent" or not info["can_shift"]:
-        result["composition"] = []  # nothing can be spliced or moved into place (compose.attach)
-    else:
-        result["composition"] = bench_compose.run(model, cfg["docs"], cfg["doc_strategies"], cfg["steps"],
-                                                  n_threads)["results"]
+    if "composition" in only:
+        if result["memory"] == "recurrent" or not info["can_shift"]:
+            result["composition"] = []  # nothing can be spliced or moved into place (compose.attach)
+        else:
+            result["composition"] = bench_compose.run(model, cfg["docs"], cfg["doc_strategies"], cfg["steps"],
+                                                      n_threads)["results"]
     result["t_total_s"] = time.perf_counter() - t0
     return result
 
@@ -231,34 +244,40 @@ def run(model: str | None, quick: bool, n_threads: int | None, log=lambda m: Non
 def tables(result: dict) -> str:
     lines = [f"kvside eval: model {result['model']}{' (quick)' if result['quick'] else ''}, "
              f"memory: {result.get('memory', 'attention')}"]
+    only = result.get("sections", SECTIONS)
     nf = result["noise_floor"]
-    if nf is None:
+    if "noise" not in only:
+        pass
+    elif nf is None:
         lines.append("noise floor: none (this cache cannot shift positions: every edit that moves cells reads again)")
     else:
         lines.append(f"noise floor (seq_add +{nf['delta']} then -{nf['delta']}, ctx {nf['ctx']}): kl {nf['kl']:.3g}, "
                      f"max logit diff {nf['max_abs_diff']:.3g}, top1 {nf['top1']:.3f}")
-    lines.append("\nrolling | ctx | keep | drop | strategy | t_edit_s | t_reprefill_s | speedup | kl | logit_cos | top1 | greedy_match | degeneration")
-    for r in result["rolling"]:
+    if result["rolling"] is not None:
+        lines.append("\nrolling | ctx | keep | drop | strategy | t_edit_s | t_reprefill_s | speedup | kl | logit_cos | top1 | greedy_match | degeneration")
+    for r in result["rolling"] or []:
         strategy = r["strategy"] + (" (fell back to reprefill)" if r.get("fallback") else "")
         lines.append(f"| {r['ctx']} | {r['keep']} | {r['drop']} | {strategy} | {r['t_edit_s']:.3f} | "
                      f"{r['t_reprefill_s']:.3f} | {r['speedup']:.1f} | {r['kl']:.4f} | {r['logit_cos']:.4f} | "
                      f"{r['top1']:.3f} | {r.get('greedy_match', '')} | {r.get('degeneration', 0):.3f}")
-    kv = result["kv_analysis"]
+    kv = result["kv_analysis"] or {}
     if "mean" in kv:
         lines.append(f"\nK/V analysis (ctx {kv['ctx']}, drop {kv['drop']}, keep {kv['keep']}, rope {kv['rope']}), "
                      "mean cosine over layers against the re-prefill:")
         for k, v in kv["mean"].items():
             lines.append(f"  {k}: {v:.4f}")
     c = result["compaction"]
-    lines.append(f"\ncompaction ({c['facts']} planted facts) | recall | kl vs full context")
-    for mode, recall in c["recall"].items():
-        kl = c["kl_vs_oracle"].get(mode)
-        lines.append(f"| {mode} | {recall:.2f} | {'-' if kl is None else f'{kl:.3f}'}")
-    lines.append("summaries: " + "; ".join(f"{ch['summary_source']}: {ch['summary'][:80]!r}" for ch in c["chats"]))
-    lines.append("\ncomposition | documents | recompute | t_attach_s | t_prefill_s | speedup | kl | logit_cos | top1")
-    if not result["composition"]:
+    if c is not None:
+        lines.append(f"\ncompaction ({c['facts']} planted facts) | recall | kl vs full context")
+        for mode, recall in c["recall"].items():
+            kl = c["kl_vs_oracle"].get(mode)
+            lines.append(f"| {mode} | {recall:.2f} | {'-' if kl is None else f'{kl:.3f}'}")
+        lines.append("summaries: " + "; ".join(f"{ch['summary_source']}: {ch['summary'][:80]!r}" for ch in c["chats"]))
+    if result["composition"] is not None:
+        lines.append("\ncomposition | documents | recompute | t_attach_s | t_prefill_s | speedup | kl | logit_cos | top1")
+    if result["composition"] == []:
         lines.append("| (not applicable: a recurrent state cannot take spliced blocks) |")
-    for r in result["composition"]:
+    for r in result["composition"] or []:
         lines.append(f"| {r['documents']} | {r['recompute']} | {r['t_attach_s']:.3f} | {r['t_prefill_s']:.3f} | "
                      f"{r['speedup']:.1f} | {r['kl']:.4f} | {r['logit_cos']:.4f} | {r['top1']:.3f}")
     return "\n".join(lines)
@@ -272,11 +291,11 @@ def comparison(results: list[dict]) -> str:
              " | compose 3 docs, no recompute: kl / top1"]
     for r in results:
         nf = r["noise_floor"]
-        rolls = [x for x in r["rolling"] if x["strategy"] != "reprefill" and not x.get("fallback")]
+        rolls = [x for x in r["rolling"] or [] if x["strategy"] != "reprefill" and not x.get("fallback")]
         worst = min(rolls, key=lambda x: x["top1"]) if rolls else None
         roll = f"{worst['drop']}, {worst['strategy']}: {worst['kl']:.4f} / {worst['top1']:.3f}" if worst else "-"
-        recall = " / ".join(f"{r['compaction']['recall'][m]:.2f}" for m in modes)
-        plain = [x for x in r["composition"] if x["documents"] == 3 and x["recompute"] in (0, "none", "0")]
+        recall = " / ".join(f"{r['compaction']['recall'][m]:.2f}" for m in modes) if r["compaction"] else "-"
+        plain = [x for x in r["composition"] or [] if x["documents"] == 3 and x["recompute"] in (0, "none", "0")]
         comp = f"{plain[0]['kl']:.4f} / {plain[0]['top1']:.3f}" if plain else "-"
         lines.append(f"| {r['model']} | {nf['kl']:.2e} | {roll} | {recall} | {comp}" if nf else
                      f"| {r['model']} | - | {roll} | {recall} | {comp}")
@@ -299,7 +318,7 @@ def plot(result: dict, folder) -> list[str]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    rows = result["rolling"]
+    rows = result["rolling"] or []
     for keep in sorted({str(r["keep"]) for r in rows}):
         fig, ax = plt.subplots(figsize=(6, 4))
         for strategy in sorted({r["strategy"] for r in rows}):
@@ -316,7 +335,7 @@ def plot(result: dict, folder) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(str(path))
-    kv = result["kv_analysis"]
+    kv = result["kv_analysis"] or {}
     if "layers" in kv:
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
         for key in kv["mean"]:

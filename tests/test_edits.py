@@ -199,8 +199,13 @@ def test_compact_mask_and_restart(engine):
         assert not {1, 2} & set(led.msg)
         assert "summary" in led.state
         assert report["summary_message"] in led.msg
-        if mode == "restart":
-            assert led.pos == list(range(len(led)))
+        # the summary stands where the compacted turns stood, before the later ones, with no hole left
+        summary_pos = [p for p, m in zip(led.pos, led.msg) if m == report["summary_message"]]
+        assert max(summary_pos) < min(p for p, m in zip(led.pos, led.msg) if m == 3)
+        assert led.pos == list(range(len(led)))
+        if mode == "mask":
+            assert report["summary_placed"] == "in place"
+            assert [m["id"] for m in engine.messages(name) if m["kind"] == "summary"] == [report["summary_message"]]
         states = {m["id"]: m["state"] for m in engine.messages(name)}
         assert states[1] == states[2] == "summarized"
         assert engine.chat(name, "What is the passkey?", max_tokens=16, **GREEDY).wait().text

@@ -155,16 +155,19 @@ def _assert_same(engine, name, before):
     engine.check(name)
 
 
-def test_compact_that_fails_after_appending_its_summary_is_rolled_back(exact, monkeypatch):
+@pytest.mark.parametrize("step", ["mask", "insert_messages"])
+def test_compact_that_fails_midway_is_rolled_back(exact, monkeypatch, step):
+    """A compaction masks the turns, then decodes the summary into their place: a failure at
+    either step leaves the session as it was."""
     name = exact.new_session(system="You are brief.")
     for q in ("My cat is Tom.", "My dog is Rex.", "My bird is Kiwi."):
         say(exact, name, q)
     before = _state(exact, name)
 
-    def failing_mask(*args, **kwargs):
-        raise EditError("mask failed")
+    def failing(*args, **kwargs):
+        raise EditError(f"{step} failed")
 
-    monkeypatch.setattr(edits, "mask", failing_mask)
+    monkeypatch.setattr(edits, step, failing)
     with pytest.raises(EditError):
         exact.compact(name, up_to=4, summary="Pets: Tom, Rex.")
     _assert_same(exact, name, before)

@@ -865,18 +865,49 @@ def compact_steps(core, s: Session, up_to: int, summary: str | None = None, mode
         summary, source = yield from write_summary_steps(core, s, targets, max_summary_tokens,
                                                          core.job_seq if seq is None else seq, chunk)
     if mode == "mask":
-        # an empty summary compacts to nothing: the turns are masked and no note takes their place
-        msg = append_note(core, s, "system", f"Summary of earlier turns: {summary}", "summary", SUMMARY)[0] \
-            if summary else None
-        masked = mask(core, s, messages=targets, close_gap=close_gap, reason="compacted", state=MSG_SUMMARIZED)
+        # The summary takes the compacted turns' place, decoded into their hole: the later turns
+        # keep the KV they computed with the turns in view, and the summary reads before them as
+        # in a restart (measured: answered from the end of the chat, notes are recalled less,
+        # docs/results.md). Where that cannot be done it is appended. An empty summary compacts
+        # to nothing: the turns are masked and no note takes their place.
+        later = _first_kept_after(s, targets)
+        in_place = bool(summary) and later is not None
+        masked = mask(core, s, messages=targets, close_gap=close_gap and not in_place, reason="compacted",
+                      state=MSG_SUMMARIZED)
+        msg, placed = None, None
+        if summary:
+            text = f"Summary of earlier turns: {summary}"
+            inserted = insert_messages(core, s, later, [{"role": "system", "content": text}]) if in_place else None
+            if inserted:
+                msg, placed = s.message(inserted["inserted_messages"][0]), "in place"
+                msg.kind = "summary"
+                for p0, p1 in _spans(s.ledger.positions_of({msg.id})):
+                    s.ledger.mark(p0, p1, SUMMARY)
+            else:
+                msg, placed = append_note(core, s, "system", text, "summary", SUMMARY)[0], "appended"
+            if close_gap and in_place:
+                close_gaps(core, s)
         report = {"mode": mode, "summary": summary, "summary_message": msg.id if msg else None,
-                  "masked": masked["masked"], "messages": targets}
+                  "summary_placed": placed, "masked": masked["masked"], "messages": targets}
     else:
         report = yield from _restart_steps(core, s, targets, summary, chunk)
     report["summary_source"] = source
     report["t_edit_s"] = time.perf_counter() - t0
     s.log("compact", **report)
     return report
+
+
+def _first_kept_after(s: Session, targets: list[int]) -> int | None:
+    """The first message after the compacted ones that keeps cells: the summary goes before it."""
+    held, last = set(s.ledger.msg), max(targets)
+    order = [m for m in s.messages if m.kind != "text"]
+    seen_last = False
+    for m in order:
+        if m.id == last:
+            seen_last = True
+        elif seen_last and m.id in held and m.id not in targets:
+            return m.id
+    return None
 
 
 def write_summary(core, s: Session, targets: list[int], max_tokens: int) -> tuple[str, str]:

@@ -32,7 +32,7 @@ def _write_documents(folder: Path, n: int) -> list[Path]:
 
 
 def default_strategies() -> list:
-    return [0, 16, -1] + (["values:16", "select:0.1", "select:0.25"] if native.available() else [])
+    return [0, 16, -1] + (["values:16", "select:0.15", "select:0.25"] if native.available() else [])
 
 
 def measure(engine: Engine, docs: list[Path], recompute: int | str, steps: int) -> dict:

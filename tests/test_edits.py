@@ -213,6 +213,25 @@ def test_compact_mask_and_restart(engine):
         engine.delete_session(name)
 
 
+def test_compact_closes_its_own_hole_and_no_other(engine):
+    """A hole an earlier mask left on purpose (the kept cells keep the distances they were computed
+    with) stays when a later compaction closes what its summary did not fill."""
+    name = engine.new_session(system="You are a helpful assistant.")
+    for text in ("The passkey is 4417.", "Remember it.", "Now something else.", "And one more thing."):
+        engine.chat(name, text, max_tokens=8, **GREEDY).wait()
+    engine.mask(name, messages=[5])  # the third user turn: its hole stays
+    hole = engine.ledger(name)
+    gap_before = [b - a for a, b in zip(hole.pos, hole.pos[1:]) if b - a > 1]
+    report = engine.compact(name, up_to=2, summary="The passkey is 4417.")
+    engine.check(name)
+    led = engine.ledger(name)
+    assert report["summary_placed"] == "in place"
+    assert [b - a for a, b in zip(led.pos, led.pos[1:]) if b - a > 1] == gap_before
+    first_later = led.msg.index(3)
+    assert led.pos[: first_later + 1] == list(range(first_later + 1))
+    engine.delete_session(name)
+
+
 def test_compact_writes_its_own_summary_and_keeps_the_numbers(engine):
     """Whatever the model writes, the summary that stands for the turns holds the number the user
     gave: the model's notes, with the user's sentence appended where they lost it, or notes taken

@@ -883,10 +883,12 @@ def compact_steps(core, s: Session, up_to: int, summary: str | None = None, mode
                 msg.kind = "summary"
                 for p0, p1 in _spans(s.ledger.positions_of({msg.id})):
                     s.ledger.mark(p0, p1, SUMMARY)
+                if close_gap:  # what the summary did not fill of the turns' hole
+                    _close_hole_after(core, s, msg.id)
             else:
                 msg, placed = append_note(core, s, "system", text, "summary", SUMMARY)[0], "appended"
-            if close_gap and in_place:
-                close_gaps(core, s)
+                if close_gap and in_place:
+                    close_gaps(core, s)
         report = {"mode": mode, "summary": summary, "summary_message": msg.id if msg else None,
                   "summary_placed": placed, "masked": masked["masked"], "messages": targets}
     else:
@@ -895,6 +897,16 @@ def compact_steps(core, s: Session, up_to: int, summary: str | None = None, mode
     report["t_edit_s"] = time.perf_counter() - t0
     s.log("compact", **report)
     return report
+
+
+def _close_hole_after(core, s: Session, msg_id: int) -> None:
+    """Move the cells after message msg_id down to follow it directly."""
+    led = s.ledger
+    last = max(i for i, m in enumerate(led.msg) if m == msg_id)
+    if last + 1 < len(led) and led.pos[last + 1] > led.pos[last] + 1:
+        p, gap = led.pos[last + 1], led.pos[last + 1] - led.pos[last] - 1
+        core.mem.add(s.seq, p, -1, -gap)
+        led.shift(p, -1, -gap)
 
 
 def _first_kept_after(s: Session, targets: list[int]) -> int | None:

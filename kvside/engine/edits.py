@@ -871,7 +871,8 @@ def compact_steps(core, s: Session, up_to: int, summary: str | None = None, mode
         # docs/results.md). Where that cannot be done it is appended. An empty summary compacts
         # to nothing: the turns are masked and no note takes their place.
         later = _first_kept_after(s, targets)
-        in_place = bool(summary) and later is not None
+        # (a cache that cannot shift closes holes by reading again: the mask does that, then appends)
+        in_place = bool(summary) and later is not None and core.mem.can_shift()
         masked = mask(core, s, messages=targets, close_gap=close_gap and not in_place, reason="compacted",
                       state=MSG_SUMMARIZED)
         msg, placed = None, None

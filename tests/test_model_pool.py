@@ -162,3 +162,34 @@ def test_sessions_stay_with_their_model(home):
         assert back.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # restored into qwen2, from its folder
     finally:
         d.stop()
+
+
+def test_session_endpoints_take_the_model_whose_sessions_they_act_on(home):
+    d = Served(home, "--model", "tiny-llama", "--max-models", "2")
+    sessions = d.url + "/kvside/sessions"
+    try:
+        r = httpx.post(d.url + "/v1/chat/completions", headers={"X-Kvside-Session": "work"}, timeout=120,
+                       json={"model": "tiny-qwen2", "max_tokens": 2, "temperature": 0,
+                             "messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                                          {"role": "user", "content": "three"}]})
+        assert r.status_code == 200, r.text
+        assert "work" not in {s["name"] for s in httpx.get(sessions).json()["sessions"]}
+        assert "work" in {s["name"] for s in httpx.get(sessions, params={"model": "tiny-qwen2"}).json()["sessions"]}
+        shown = httpx.get(f"{sessions}/work", params={"model": "tiny-qwen2"})
+        assert shown.status_code == 200 and shown.json()["session"]["name"] == "work"
+        assert httpx.get(f"{sessions}/work").status_code == 404  # not a session of the first model
+        masked = httpx.post(f"{sessions}/work/mask", params={"model": "tiny-qwen2"}, json={"messages": [0]})
+        assert masked.status_code == 200 and masked.json()["masked"] > 0, masked.text
+        saved = httpx.get(f"{sessions}/work/file", params={"model": "tiny-qwen2"})
+        assert saved.status_code == 200 and len(saved.content) > 0
+        put = httpx.put(f"{sessions}/copy/file", params={"model": "tiny-qwen2"}, content=saved.content,
+                        headers={"Content-Type": "application/octet-stream"})
+        assert put.status_code == 200, put.text
+        # a session file of one model is refused by another
+        wrong = httpx.put(f"{sessions}/copy/file", content=saved.content, headers={"Content-Type": "application/octet-stream"})
+        assert wrong.status_code == 400 and "model" in wrong.json()["error"]["message"], wrong.text
+        gone = httpx.get(sessions, params={"model": "no-such-model"})
+        assert gone.status_code == 404 and "no-such-model" in gone.json()["error"]["message"]
+        assert httpx.delete(f"{sessions}/work", params={"model": "tiny-qwen2"}).status_code == 200
+    finally:
+        d.stop()

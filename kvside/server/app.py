@@ -411,17 +411,26 @@ class Daemon:
             self._done()
 
     # -- kvside's own endpoints -----------------------------------------------------------------
+    # Sessions belong to their model: `?model=NAME` picks whose (loaded on demand, as for a chat
+    # request); without it, the daemon's first model.
+    async def _session_engine(self, request: HTTPRequest):
+        model = request.query_params.get("model")
+        return (await self.engine_for(model or None))[1]
+
     async def list_sessions(self, request: HTTPRequest) -> JSONResponse:
-        rows = await asyncio.to_thread(self.engine.sessions)
+        engine = await self._session_engine(request)
+        rows = await asyncio.to_thread(engine.sessions)
         return JSONResponse({"sessions": [{k: v for k, v in r.items() if k != "path"} for r in rows]})
 
     async def show_session(self, request: HTTPRequest) -> JSONResponse:
         name = check_name(request.path_params["name"])
-        return JSONResponse(await asyncio.to_thread(self.engine.show, name))
+        engine = await self._session_engine(request)
+        return JSONResponse(await asyncio.to_thread(engine.show, name))
 
     async def delete_session(self, request: HTTPRequest) -> JSONResponse:
         name = check_name(request.path_params["name"])
-        await asyncio.to_thread(self.engine.delete_session, name)
+        engine = await self._session_engine(request)
+        await asyncio.to_thread(engine.delete_session, name)
         return JSONResponse({"deleted": name})
 
     async def edit_session(self, request: HTTPRequest) -> JSONResponse:
@@ -430,7 +439,8 @@ class Daemon:
         if edit not in commands.EDITS:
             raise HTTPException(404, f"unknown edit {edit!r} (one of: {', '.join(commands.EDITS)})")
         body = await self._json(request)
-        result = await asyncio.to_thread(commands.apply, self.engine, name, edit, body)
+        engine = await self._session_engine(request)
+        result = await asyncio.to_thread(commands.apply, engine, name, edit, body)
         if edit not in commands.MEASUREMENTS:
             self.metrics.edit(edit, result)
         return JSONResponse(result)
@@ -446,13 +456,15 @@ class Daemon:
         if not isinstance(source, str) or (new is not None and not isinstance(new, str)):
             raise InvalidRequest("restore needs 'session': the name of a saved session (and an optional 'name')",
                                  param="session")
-        name = await asyncio.to_thread(self.engine.restore_named, check_name(source), check_name(new) if new else None)
+        engine = await self._session_engine(request)
+        name = await asyncio.to_thread(engine.restore_named, check_name(source), check_name(new) if new else None)
         return JSONResponse({"session": name})
 
     async def download_session(self, request: HTTPRequest) -> FileResponse:
         """The session's file: a fresh save of a resident session, or the saved one."""
         name = check_name(request.path_params["name"])
-        path = await asyncio.to_thread(self.engine.session_file, name)
+        engine = await self._session_engine(request)
+        path = await asyncio.to_thread(engine.session_file, name)
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
     async def upload_session(self, request: HTTPRequest) -> JSONResponse:
@@ -460,7 +472,8 @@ class Daemon:
         bytes go to a temporary file in the sessions folder, are checked in full by the restore,
         and the temporary file goes away whatever happens."""
         name = check_name(request.path_params["name"])
-        folder = Path(await asyncio.to_thread(self.engine.call, lambda core: core.sessions_dir))
+        engine = await self._session_engine(request)
+        folder = Path(await asyncio.to_thread(engine.call, lambda core: core.sessions_dir))
         fd, tmp = tempfile.mkstemp(prefix=persist.UPLOAD_PREFIX, suffix=persist.SUFFIX, dir=folder)
         try:
             size = 0
@@ -472,7 +485,7 @@ class Daemon:
                     f.write(chunk)
             if size == 0:
                 raise InvalidRequest("the body must be a session file")
-            restored = await asyncio.to_thread(self.engine.restore, tmp, name)
+            restored = await asyncio.to_thread(engine.restore, tmp, name)
         finally:
             Path(tmp).unlink(missing_ok=True)
         return JSONResponse({"session": restored, "bytes": size})

@@ -193,3 +193,26 @@ def test_session_endpoints_take_the_model_whose_sessions_they_act_on(home):
         assert httpx.delete(f"{sessions}/work", params={"model": "tiny-qwen2"}).status_code == 200
     finally:
         d.stop()
+
+
+def test_llama_server_endpoints_take_the_model_of_the_body(home):
+    d = Served(home, "--model", "tiny-llama", "--max-models", "2")
+    try:
+        r = httpx.post(d.url + "/completion", json={"model": "tiny-qwen2", "prompt": "hello", "n_predict": 2}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "tiny-qwen2" and "tiny-qwen2" in d.loaded()
+        fim = httpx.post(d.url + "/infill", json={"model": "tiny-qwen2", "input_prefix": "a", "input_suffix": "b",
+                                                   "n_predict": 2}, timeout=120)
+        assert fim.status_code in (200, 400), fim.text  # 400: a tiny model without FIM tokens says so
+        for path, body in (("/tokenize", {"content": "hello"}), ("/apply-template",
+                                                                   {"messages": [{"role": "user", "content": "hi"}]})):
+            assert httpx.post(d.url + path, json={**body, "model": "tiny-qwen2"}).status_code == 200
+        tokens = httpx.post(d.url + "/tokenize", json={"content": "hello", "model": "tiny-gemma3"}).json()["tokens"]
+        back = httpx.post(d.url + "/detokenize", json={"tokens": tokens, "model": "tiny-gemma3"})
+        assert back.status_code == 200 and "hello" in back.json()["content"]
+        for path in ("/completion", "/tokenize"):
+            gone = httpx.post(d.url + path, json={"model": "no-such-model", "prompt": "x", "content": "x"})
+            assert gone.status_code == 404 and "no-such-model" in gone.json()["error"]["message"], gone.text
+        assert httpx.post(d.url + "/tokenize", json={"model": 7, "content": "x"}).status_code == 400
+    finally:
+        d.stop()

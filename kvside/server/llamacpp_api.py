@@ -240,27 +240,41 @@ class LlamaServerFront:
                     "similarity within this model, not a retrieval embedding"}
         return JSONResponse(out)
 
+    # A body's `model` picks any installed model (as llama-server's router mode does); without
+    # one, the daemon's first model answers.
+    async def _engine(self, body: Any):
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequest("'model' must be a string", param="model")
+        return (await self.d.engine_for(model))[1]
+
     async def tokenize(self, request: HTTPRequest) -> JSONResponse:
-        args = tokenize_args(await self.d._json(request))
-        return JSONResponse(await asyncio.to_thread(self.d.engine.call, lambda core: tokenize(core, *args)))
+        body = await self.d._json(request)
+        args = tokenize_args(body)
+        engine = await self._engine(body)
+        return JSONResponse(await asyncio.to_thread(engine.call, lambda core: tokenize(core, *args)))
 
     async def detokenize(self, request: HTTPRequest) -> JSONResponse:
-        tokens = detokenize_args(await self.d._json(request), self.d.info["model"]["n_vocab"])
-        text = await asyncio.to_thread(self.d.engine.call, lambda core: core.model.detokenize(tokens, special=True))
+        body = await self.d._json(request)
+        engine = await self._engine(body)
+        n_vocab = await asyncio.to_thread(engine.call, lambda core: core.model.n_vocab)
+        tokens = detokenize_args(body, n_vocab)
+        text = await asyncio.to_thread(engine.call, lambda core: core.model.detokenize(tokens, special=True))
         return JSONResponse({"content": text})
 
     async def apply_template(self, request: HTTPRequest) -> JSONResponse:
-        messages, tools = apply_template_args(await self.d._json(request))
-        return JSONResponse(await asyncio.to_thread(self.d.engine.call,
-                                                    lambda core: apply_template(core, messages, tools)))
+        body = await self.d._json(request)
+        messages, tools = apply_template_args(body)
+        engine = await self._engine(body)
+        return JSONResponse(await asyncio.to_thread(engine.call, lambda core: apply_template(core, messages, tools)))
 
     async def completion(self, request: HTTPRequest):
         body = await self.d._json(request)
         translated, tokens, cache_prompt = completion_args(body)
         req = oa.parse_completion(translated)
-        self.d._check_model(req.model)
+        req.served, engine = await self.d.engine_for(req.model)
         return await self.d._text_request(request, req, "llama", tokens=tokens, reuse=cache_prompt,
-                                          warm_up=body.get("n_predict") == 0)
+                                          warm_up=body.get("n_predict") == 0, engine=engine)
 
     async def infill(self, request: HTTPRequest):
         body = await self.d._json(request)
@@ -279,7 +293,7 @@ class LlamaServerFront:
                 translated["max_tokens"] = body["n_predict"]
         translated.pop("logprobs", None)
         req = oa.parse_completion(translated)
-        self.d._check_model(req.model)
+        req.served, engine = await self.d.engine_for(req.model)
         for key in ("n_indent", "t_max_predict_ms"):
             value = body.get(key, 0)
             if type(value) is not int or value < 0:
@@ -289,4 +303,4 @@ class LlamaServerFront:
         n_predict = req.params.get("max_tokens", 0)
         return await self.d._text_request(request, req, "llama", tokens=lambda core: prompt.fim_tokens(
             core, prefix, suffix, middle, extra, n_predict), warm_up=warm_up,
-            reuse=body.get("cache_prompt", True) is not False)
+            reuse=body.get("cache_prompt", True) is not False, engine=engine)

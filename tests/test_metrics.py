@@ -48,7 +48,8 @@ def test_metrics_count_requests_tokens_edits_and_sessions(url):
     assert grew("kvside_completion_tokens_total") == r["usage"]["completion_tokens"] + r2["usage"]["completion_tokens"]
     assert grew("kvside_edits_total", edit="roll", strategy="shift") == 1
     assert grew("kvside_time_to_first_token_seconds_count") == 2
-    assert value(after, "kvside_sessions", where="resident") >= 1
+    model = httpx.get(url + "/health").json()["model"]
+    assert value(after, "kvside_sessions", model=model, where="resident") >= 1
     # the cost model learned from those decodes: a rate per token, and the roll's shift priced
     rates = [v for (name, _), v in after.items() if name == "kvside_decode_ms_per_token"]
     assert rates and all(v > 0 for v in rates)

@@ -216,3 +216,28 @@ def test_llama_server_endpoints_take_the_model_of_the_body(home):
         assert httpx.post(d.url + "/tokenize", json={"model": 7, "content": "x"}).status_code == 400
     finally:
         d.stop()
+
+
+def test_metrics_report_every_loaded_model(home):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = Served(home, "--model", "tiny-llama", "--max-models", "2")
+
+    def series(name: str) -> dict:
+        text = httpx.get(d.url + "/metrics").text
+        return {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == name}
+
+    try:
+        assert httpx.post(d.url + "/v1/chat/completions", headers={"X-Kvside-Session": "m"}, timeout=120,
+                          json={"model": "tiny-qwen2", "max_tokens": 2, "temperature": 0,
+                                "messages": [{"role": "user", "content": "hello"}]}).status_code == 200
+        sessions = series("kvside_sessions")
+        assert sessions[(("model", "tiny-qwen2"), ("where", "resident"))] == 1
+        assert (("model", "tiny-llama"), ("where", "resident")) in sessions
+        assert series("kvside_llama_decode_seconds")[(("model", "tiny-qwen2"),)] > 0
+        assert chat(d.url, "tiny-gemma3").status_code == 200  # qwen2 unloads (two at most): its series go
+        models = {dict(k)["model"] for k in series("kvside_sessions")}
+        assert models == {"tiny-llama", "tiny-gemma3"}
+    finally:
+        d.stop()

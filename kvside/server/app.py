@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from kvside.engine import Engine, commands, persist, prompt
 from kvside.engine.session import check_name
-from kvside.errors import InvalidRequest, KvsideError, ModelNotFound
+from kvside.errors import EngineClosed, InvalidRequest, KvsideError, ModelNotFound
 from kvside.server import llamacpp_api as llamacpp
 from kvside.server import ollama_api as ollama
 from kvside.server import openai_api as oa
@@ -270,10 +270,16 @@ class Daemon:
         return JSONResponse({"status": "ok", "model": self.model_name, "active": self.active})
 
     async def metrics_text(self, request: HTTPRequest) -> Response:
-        sessions = await asyncio.to_thread(self.engine.sessions)
-        decode_s, costs = await asyncio.to_thread(self.engine.call, lambda core: (core.decode_seconds,
-                                                                                   core.costs.report()))
-        body, content_type = self.metrics.render(self.active, sessions, decode_s, costs)
+        models = []
+        for name, entry in list(self.pool.loaded.items()):
+            try:
+                sessions = await asyncio.to_thread(entry.engine.sessions)
+                decode_s, costs = await asyncio.to_thread(entry.engine.call, lambda core: (core.decode_seconds,
+                                                                                            core.costs.report()))
+            except EngineClosed:  # unloaded meanwhile: it has nothing to report any more
+                continue
+            models.append((name, sessions, decode_s, costs))
+        body, content_type = self.metrics.render(self.active, models)
         return Response(body, media_type=content_type)
 
     async def models(self, request: HTTPRequest) -> JSONResponse:

@@ -62,14 +62,17 @@ class Metrics:
         self.decode_rate = Histogram("kvside_decode_tokens_per_second", "Decode rate of a reply",
                                      buckets=(5, 10, 20, 40, 80, 160, 320, 640, 1280), registry=r)
         self.in_flight = Gauge("kvside_requests_in_flight", "Requests being answered", registry=r)
-        self.sessions = Gauge("kvside_sessions", "Sessions by where they are", ["where"], registry=r)
-        self.decode_seconds = Gauge("kvside_llama_decode_seconds", "Wall time the engine spent inside llama_decode "
-                                    "since it started (all else in a request is kvside's overhead)", registry=r)
+        # per loaded model: each has an engine of its own (sessions, decode time, measured rates)
+        self.sessions = Gauge("kvside_sessions", "Sessions by model and where they are", ["model", "where"], registry=r)
+        self.decode_seconds = Gauge("kvside_llama_decode_seconds", "Wall time the model's engine spent inside "
+                                    "llama_decode since it started (all else in a request is kvside's overhead)",
+                                    ["model"], registry=r)
         # the cost model's measured rates (engine/costs.py): what edits are weighed with
         self.token_cost = Gauge("kvside_decode_ms_per_token", "Measured llama_decode cost per token, by batch "
-                                "class (small: under 64 tokens) and cells in the cache", ["batch", "depth"], registry=r)
-        self.shift_cost = Gauge("kvside_kshift_ms", "Measured cost of applying a K-shift (re-rotating the cache)",
+                                "class (small: under 64 tokens) and cells in the cache", ["model", "batch", "depth"],
                                 registry=r)
+        self.shift_cost = Gauge("kvside_kshift_ms", "Measured cost of applying a K-shift (re-rotating the cache)",
+                                ["model"], registry=r)
 
     def reply(self, done, note: dict | None = None) -> None:
         """A finished generation (engine Completion) and what binding did for it."""
@@ -93,15 +96,19 @@ class Metrics:
         strategy = report.get("strategy", "") if isinstance(report, dict) else ""
         self.edits.labels(kind, str(strategy)).inc()
 
-    def render(self, in_flight: int, sessions: list[dict], decode_seconds: float = 0.0,
-               costs: dict | None = None) -> tuple[bytes, str]:
+    def render(self, in_flight: int, models: list[tuple[str, list[dict], float, dict | None]]) -> tuple[bytes, str]:
+        """`models`: (name, sessions, seconds in llama_decode, measured costs) of each loaded model;
+        a model that unloaded since the last scrape leaves no series behind."""
         self.in_flight.set(in_flight)
-        self.decode_seconds.set(decode_seconds)
-        for key, ms in (costs or {}).get("ms_per_token", {}).items():
-            batch, depth = key.split("@")
-            self.token_cost.labels(batch, depth).set(ms)
-        if costs and costs.get("shift_ms") is not None:
-            self.shift_cost.set(costs["shift_ms"])
-        self.sessions.labels("resident").set(sum(1 for s in sessions if s.get("resident")))
-        self.sessions.labels("disk").set(sum(1 for s in sessions if not s.get("resident")))
+        for gauge in (self.sessions, self.decode_seconds, self.token_cost, self.shift_cost):
+            gauge.clear()
+        for name, sessions, decode_seconds, costs in models:
+            self.decode_seconds.labels(name).set(decode_seconds)
+            for key, ms in (costs or {}).get("ms_per_token", {}).items():
+                batch, depth = key.split("@")
+                self.token_cost.labels(name, batch, depth).set(ms)
+            if costs and costs.get("shift_ms") is not None:
+                self.shift_cost.labels(name).set(costs["shift_ms"])
+            self.sessions.labels(name, "resident").set(sum(1 for s in sessions if s.get("resident")))
+            self.sessions.labels(name, "disk").set(sum(1 for s in sessions if not s.get("resident")))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -53,3 +53,11 @@ def test_metrics_count_requests_tokens_edits_and_sessions(url):
     # the cost model learned from those decodes: a rate per token, and the roll's shift priced
     rates = [v for (name, _), v in after.items() if name == "kvside_decode_ms_per_token"]
     assert rates and all(v > 0 for v in rates)
+
+
+def test_bench_latency_reads_the_daemons_time_in_llama_decode(url):
+    from kvside.bench import latency
+
+    httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2},
+               timeout=120)
+    assert latency._decode_seconds(url) > 0

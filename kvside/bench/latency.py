@@ -23,8 +23,9 @@ def _decode_seconds(base: str) -> float | None:
         text = httpx.get(base + "/metrics", timeout=30).text
     except httpx.HTTPError:
         return None
-    m = re.search(r"^kvside_llama_decode_seconds (\S+)$", text, re.M)
-    return float(m.group(1)) if m else None
+    # one series per loaded model: the daemon's time inside llama_decode is their sum
+    found = re.findall(r"^kvside_llama_decode_seconds(?:\{[^}]*\})? (\S+)$", text, re.M)
+    return sum(float(v) for v in found) if found else None
 
 
 def _body(i: int, max_tokens: int) -> dict:

@@ -65,7 +65,10 @@ async def _conversation(pilot):
         if pilot.app.chats[pilot.app.current].reply is None:
             break
         await pilot.pause(0.05)
-    await pilot.pause(0.2)
+    # the last render (markdown layout, the status line, the map) can lag on a loaded 2-core machine
+    await pilot.wait_for_scheduled_animations()
+    for _ in range(4):
+        await pilot.pause(0.1)
 
 
 def test_main_screen(snap_compare):

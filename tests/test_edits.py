@@ -188,11 +188,17 @@ def test_auto_roll_during_a_long_reply():
         e.check(name)
 
 
+def _passkey_chat(engine, max_tokens: int) -> str:
+    """A session whose first two turns (messages 1-4) state a passkey: what compaction tests compact."""
+    name = engine.new_session(system="You are a helpful assistant.")
+    engine.chat(name, "The passkey is 4417.", max_tokens=max_tokens, **GREEDY).wait()
+    engine.chat(name, "Remember it.", max_tokens=max_tokens, **GREEDY).wait()
+    return name
+
+
 def test_compact_mask_and_restart(engine):
     for mode in ("mask", "restart"):
-        name = engine.new_session(system="You are a helpful assistant.")
-        engine.chat(name, "The passkey is 4417.", max_tokens=16, **GREEDY).wait()
-        engine.chat(name, "Remember it.", max_tokens=16, **GREEDY).wait()
+        name = _passkey_chat(engine, 16)
         report = engine.compact(name, up_to=2, summary="The user said the passkey is 4417.", mode=mode)
         engine.check(name)
         led = engine.ledger(name)
@@ -247,9 +253,7 @@ def test_compact_writes_its_own_summary_and_keeps_the_numbers(engine):
 
 def test_compact_with_an_empty_summary_leaves_no_note(engine):
     for mode in ("mask", "restart"):
-        name = engine.new_session(system="You are a helpful assistant.")
-        engine.chat(name, "The passkey is 4417.", max_tokens=8, **GREEDY).wait()
-        engine.chat(name, "Remember it.", max_tokens=8, **GREEDY).wait()
+        name = _passkey_chat(engine, 8)
         report = engine.compact(name, up_to=2, summary="", mode=mode)
         engine.check(name)
         led = engine.ledger(name)

@@ -6,8 +6,8 @@ Each block is computed after a short context that is dropped before the splice: 
 of a document message (its first token is the attention sink every real session has) and the last
 tokens of the block before it. Computed alone, a block's first tokens become its sink; spliced
 after a session they no longer are one, and every later cell of the block had attended to them:
-that, more than the missing view of the other documents, is what a composed cache got wrong
-(docs/results.md, Composition).
+that was most of a single spliced block's error; what remains with several is their missing view
+of each other (docs/results.md, Composition).
 
 Files: $KVSIDE_HOME/blocks/<sha>-<i>.kvb (one per chunk, the session-file layout with format
 'kvside-block') and index.json (document path -> content hash and block files), replaced

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import kvside  # noqa: F401  (loads llama.cpp before numpy)
@@ -98,6 +99,7 @@ def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False
         exact=bool(getattr(ns, "exact", False)), prune_tools=getattr(ns, "prune_tools", None),
         reuse_chunk=getattr(ns, "reuse_chunk", 64), reuse_repair=getattr(ns, "reuse_repair", 16), embedding_model=getattr(ns, "embedding_model", None),
         checkpoints=getattr(ns, "checkpoints", 8), swa_full=getattr(ns, "swa_cache", "full") == "full",
+        shared_sessions=bool(getattr(ns, "shared_sessions", False)), lease_ttl_s=getattr(ns, "lease_ttl", 15.0),
     ).start()
 
 
@@ -169,6 +171,16 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_proxy_config(ns: argparse.Namespace) -> int:
+    from kvside.proxy import haproxy_config
+
+    try:
+        print(haproxy_config(ns.listen, ns.daemon, check_interval=ns.check_interval), end="")
+    except ValueError as exc:
+        raise KvsideError_usage(str(exc)) from None
     return 0
 
 
@@ -405,6 +417,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise KvsideError_usage("--reuse-chunk and --reuse-repair must be 0 or more tokens")
     if ns.max_models < 1:
         raise KvsideError_usage("--max-models must be at least 1")
+    if ns.lease_ttl < 1 or ns.drain_timeout < 0:
+        raise KvsideError_usage("--lease-ttl must be at least 1 s and --drain-timeout 0 s or more")
     budget = None
     if ns.memory_budget:
         try:
@@ -424,7 +438,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                           n_gpu_layers=ns.n_gpu_layers, persist=True, sessions_dir=str(sessions),
                           exact=bool(ns.exact), prune_tools=ns.prune_tools, reuse_chunk=ns.reuse_chunk,
                           reuse_repair=ns.reuse_repair, checkpoints=ns.checkpoints,
-                          swa_full=ns.swa_cache == "full").start()
+                          swa_full=ns.swa_cache == "full", shared_sessions=ns.shared_sessions,
+                          lease_ttl_s=ns.lease_ttl).start()
 
         pool = ModelPool(engine, make_engine=other_model if ns.max_models > 1 else None, max_models=ns.max_models,
                          memory_budget=budget, sessions_dir=folder).start()
@@ -434,7 +449,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         print(f"kvside serving {daemon.model_name} on http://{ns.host}:{ns.port}"
               + (f" (and up to {ns.max_models - 1} other installed models on demand)" if ns.max_models > 1 else ""),
               file=sys.stderr)
-        uvicorn.run(daemon.app, host=ns.host, port=ns.port, log_level="warning")
+        # SIGTERM drains: the port closes (a proxy's health check sees the daemon go), replies in
+        # flight get --drain-timeout to end, then closing the engine saves every session to the
+        # sessions folder (and, shared, lets other daemons open them)
+        # (uvicorn raises the signal again once it has stopped: the handler here takes it, so the
+        # process lives on to save its sessions instead of dying of it)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        uvicorn.run(daemon.app, host=ns.host, port=ns.port, log_level="warning",
+                    timeout_graceful_shutdown=ns.drain_timeout)
     finally:
         if watcher:
             watcher.stop()
@@ -664,6 +686,14 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p, n_ctx=512)
     p.set_defaults(func=cmd_doctor)
 
+    p = sub.add_parser("proxy-config", help="HAProxy's configuration for a fleet of daemons sharing a sessions "
+                                            "folder (docs/scale-out.md)")
+    p.add_argument("--listen", default="127.0.0.1:8077", metavar="HOST:PORT", help="where the proxy listens")
+    p.add_argument("--daemon", action="append", required=True, metavar="HOST:PORT",
+                   help="a `kvside serve --shared-sessions` daemon (repeatable)")
+    p.add_argument("--check-interval", default="500ms", help="how often the proxy asks each daemon's /health")
+    p.set_defaults(func=cmd_proxy_config)
+
     p = sub.add_parser("models", help="list the models kvside can name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
@@ -690,6 +720,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest session file a client may upload (PUT /kvside/sessions/NAME/file)")
     p.add_argument("--sessions", dest="sessions_dir", default=None, help="folder for saved sessions")
     p.add_argument("--max-sessions", type=int, default=4, help="sessions resident in the cache")
+    p.add_argument("--shared-sessions", action="store_true",
+                   help="the --sessions folder is shared with other daemons (a fleet behind a proxy, "
+                        "docs/scale-out.md): a session is open on one daemon at a time, handed over on request, "
+                        "saved after every reply")
+    p.add_argument("--lease-ttl", type=float, default=15.0, metavar="S",
+                   help="with --shared-sessions: a daemon on another host silent this long is taken for dead "
+                        "and its sessions reopened elsewhere (one on this host: at once)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, how long replies in flight may take before the sessions are saved")
     p.add_argument("--max-models", type=int, default=2, metavar="N",
                    help="models loaded at once: requests may name any installed model, loaded on demand and "
                         "unloaded least recently used first (1: this model only)")

@@ -53,19 +53,26 @@ def scripted_app():
     return ChatApp(factory)
 
 
-async def _conversation(pilot):
-    for _ in range(100):
-        if pilot.app.current is not None:
-            break
+async def _until(pilot, done, what: str, limit_s: float = 60.0) -> None:
+    """Wait for `done()`: a loaded 2-core CI machine can take seconds where a laptop takes none,
+    and a picture taken before the app settles differs from the reference."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not done():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the app did not reach the state to photograph: {what}")
         await pilot.pause(0.05)
-    prompt = pilot.app.query_one("#prompt")
+
+
+async def _conversation(pilot):
+    app = pilot.app
+    await _until(pilot, lambda: app.ready, "a session open")
+    prompt = app.query_one("#prompt")
     prompt.text = "What is a KV cache?"
     await pilot.press("enter")
-    for _ in range(100):
-        if pilot.app.chats[pilot.app.current].reply is None:
-            break
-        await pilot.pause(0.05)
-    # the last render (markdown layout, the status line, the map) can lag on a loaded 2-core machine
+    # the reply's end is settled (status line, full text, map) before `reply` is cleared
+    await _until(pilot, lambda: app.chats[app.current].reply is None and "reused 120" in app.chats[app.current].status,
+                 "the reply done")
+    # the last render (markdown layout, the map) can lag behind the state on a loaded machine
     await pilot.wait_for_scheduled_animations()
     for _ in range(4):
         await pilot.pause(0.1)

@@ -437,13 +437,13 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
     current work). Without it, the best match among idle sessions that binding created is reused,
     or a new one is made. Returns what was reused and edited; on any failure the chosen session
     is as it was before this call (a session created here is removed again)."""
-    from kvside.engine import compose
+    from kvside.engine import compose, persist
     from kvside.engine.stream import Event
     from kvside.engine.txn import atomic
 
     created = False
     if session is not None:
-        if session in core.sessions or session in core.evicted:
+        if core.known(session):
             s = core.get(session)
             match = best_match({s.name: chat_history(s)}, messages)
             if match is not None:
@@ -455,7 +455,8 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         candidates = {n: chat_history(c) for n, c in core.sessions.items()
                       if c.auto_bound and not c.busy and tools_key(c.tools) == tools} if reuse else {}
         if reuse:  # on disk: brought back (exactly) if they match best
-            candidates.update({n: held for n, (key, held) in core.auto_saved.items() if key == tools})
+            candidates.update({n: held for n, (key, held) in core.auto_saved.items()
+                               if key == tools and persist.still_as_saved(core, n)})
         match = best_match(candidates, messages)
         if match is None and reuse and reply is not None:
             match = _retooled(core, messages, reply.tools)
@@ -518,7 +519,7 @@ def bind_text(core, params: dict, stream, *, text: str | None = None, tokens=Non
 
     if session is not None:
         created = False
-        if session in core.sessions or session in core.evicted:
+        if core.known(session):
             s = core.get(session)
         else:
             s, created = core.new_session(session, system=""), True

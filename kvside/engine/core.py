@@ -20,6 +20,7 @@ import numpy as np
 
 from kvside._llama import backend, lib, recent_log
 from kvside.engine import families, native, persist, prompt
+from kvside.engine.fleet import Leases
 from kvside.engine.batch import Batch
 from kvside.engine.costs import DecodeCosts
 from kvside.engine.decode import decode_error
@@ -83,6 +84,11 @@ class EngineConfig:
     embedding_model: str | None = None
     sessions_dir: str | None = None  # where idle sessions go (default: $KVSIDE_HOME/sessions)
     persist: bool = False  # save resident sessions on close, know saved ones on start
+    # the sessions folder is shared with other daemons (fleet.py): a session is open on one of them
+    # at a time, is handed over when another one is asked for it, and is saved after every reply
+    # so a daemon that dies loses at most the reply it was writing
+    shared_sessions: bool = False
+    lease_ttl_s: float = 15.0  # a daemon that has not beaten for this long is taken for dead
     flash_attn: bool | None = None  # None: llama.cpp decides; False for bit-exact references and restores
     # exact: flash attention off, so restores and re-prefills reproduce a cache bit for bit (the
     # setting of fidelity measurements; see _new_context).
@@ -138,6 +144,7 @@ class Core:
         self.evicted: dict[str, Path] = {}  # sessions on disk, restored on first use
         # of those, request binding's: (their tools, what each holds)
         self.auto_saved: dict[str, tuple[str, list[dict]]] = {}
+        self.auto_stamps: dict[str, tuple[int, int] | None] = {}  # with a shared folder: their files as saved
         self.sessions_dir = Path(config.sessions_dir) if config.sessions_dir else subdir("sessions")
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         self.type_k = self.type_v = "f16"  # llama.cpp's default KV types; recorded in session files
@@ -159,6 +166,11 @@ class Core:
                 lib.llama_free(self.ctx)
                 self.model.close()
                 raise
+        self.fleet: Leases | None = None
+        if config.shared_sessions:
+            if not config.persist:
+                raise InvalidRequest("shared sessions need a persisting engine")
+            self.fleet = Leases(self.sessions_dir, ttl_s=config.lease_ttl_s)
         if config.persist:
             persist.scan(self)
 
@@ -236,6 +248,8 @@ class Core:
                     failures.append(f"session {s.name} was not saved: {exc.message}")
                     log.error("session %s was not saved: %s", s.name, exc.message)
         self.close_failures = failures
+        if self.fleet is not None:
+            self.fleet.close()  # saved: other daemons may open them now
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
@@ -251,9 +265,26 @@ class Core:
         s = self.sessions.get(name)
         if s is not None:
             return s
-        if name in self.evicted:
+        if self.on_disk(name):
             return persist.bring_back(self, name)
         raise SessionNotFound(f"no session named {name!r}")
+
+    def known(self, name: str) -> bool:
+        """Whether a session of that name exists, resident or on disk."""
+        return name in self.sessions or self.on_disk(name)
+
+    def on_disk(self, name: str) -> bool:
+        """Whether `name` is a session saved in the sessions folder (and not resident). With a
+        shared folder the folder is asked, not the memory of it: another daemon may have saved,
+        handed over or deleted the session since."""
+        if self.fleet is not None and name not in self.sessions:
+            path = persist.session_path(self, name)
+            if path.is_file():
+                self.evicted.setdefault(name, path)
+            else:
+                self.evicted.pop(name, None)
+                self.auto_saved.pop(name, None)
+        return name in self.evicted
 
     def free_name(self, prefix: str = "s") -> str:
         """A session name that no resident session, known saved session or file in the sessions
@@ -262,7 +293,8 @@ class Core:
             self._counter += 1
             name = f"{prefix}{self._counter}"
             if name not in self.sessions and name not in self.evicted and \
-                    not (self.sessions_dir / f"{name}{persist.SUFFIX}").exists():
+                    not (self.sessions_dir / f"{name}{persist.SUFFIX}").exists() and \
+                    (self.fleet is None or self.fleet.try_claim(name)):  # not another daemon's new one
                 return name
 
     def take_seq(self, keep: set[str] = frozenset()) -> int:
@@ -290,9 +322,15 @@ class Core:
         """A new empty session (with the system prompt decoded). `keep`: sessions that must stay
         resident to make room (a fork's parent). On failure nothing is registered or held."""
         name = check_name(name) if name is not None else self.free_name()
-        if name in self.sessions or name in self.evicted:
+        if self.known(name):
             raise InvalidRequest(f"session {name!r} already exists")
-        seq = self.take_seq(keep)
+        if self.fleet is not None:
+            self.fleet.claim(name)
+        try:
+            seq = self.take_seq(keep)
+        except BaseException:
+            self.let_go(name)
+            raise
         session = Session(name=name, seq=seq, prune_tools=self.config.prune_tools)
         system = system if system is not None else self.config.default_system
         try:
@@ -302,9 +340,25 @@ class Core:
                 self.prefill(session, prompt.chat_pieces(self, session, session.messages[:1], generation=False, history=[]))
         except BaseException:
             self.give_seq(seq)
+            self.let_go(name)
             raise
         self.sessions[name] = session
         return session
+
+    def let_go(self, name: str) -> None:
+        """`name` is no longer resident here: with a shared folder, another daemon may open it."""
+        if self.fleet is not None:
+            self.fleet.release(name)
+
+    def after_reply(self, s: Session) -> None:
+        """With a shared folder every reply is saved at once: the daemon that opens the session
+        next, after a hand-over or after this one died, continues from here."""
+        if self.fleet is None or s.temporary or s.text_cache or s.name not in self.sessions:
+            return
+        try:
+            persist.save(self, s, persist.session_path(self, s.name))
+        except KvsideError as exc:
+            log.error("session %s was not saved after its reply: %s", s.name, exc.message)
 
     def delete_session(self, name: str, forget_file: bool = False) -> None:
         if name not in self.sessions and name in self.evicted:
@@ -318,6 +372,7 @@ class Core:
             raise SessionBusy(f"session {name!r} is generating; cancel it first")
         self.give_seq(session.seq)
         del self.sessions[name]
+        self.let_go(name)
         if forget_file:
             persist.session_path(self, name).unlink(missing_ok=True)
 

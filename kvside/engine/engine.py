@@ -20,6 +20,7 @@ from kvside._llama import native_patch_loaded
 
 from kvside.engine import binding, compose, edits, persist, reference
 from kvside.engine.core import Core, EngineConfig
+from kvside.engine.fleet import Steward
 from kvside.engine.jobs import LongWork
 from kvside.engine.ledger import Ledger
 from kvside.engine.stream import Stream
@@ -44,6 +45,7 @@ class Engine:
         self._closed = False
         self.close_failures: list[str] = []  # sessions that could not be saved at close (persist)
         self.core: Core | None = None  # touch only from the engine thread (or via call)
+        self._steward: Steward | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -53,12 +55,17 @@ class Engine:
         if self._load_error is not None:
             self._thread.join()
             raise self._load_error
+        if self.core.fleet is not None:  # a shared sessions folder: beat, and let go when asked
+            self._steward = Steward(self, self.core.fleet)
+            self._steward.start()
         return self
 
     def close(self) -> None:
         if self._thread is None or self._closed:
             return
         self._closed = True
+        if self._steward is not None:
+            self._steward.stop()
         self._queue.put(_STOP)
         self._thread.join()
 
@@ -136,6 +143,11 @@ class Engine:
             if item is not _STOP:
                 item[2].set_exception(EngineClosed("the engine has stopped"))
 
+    @property
+    def fleet(self):
+        """The leases of a sessions folder shared with other daemons (None: not shared)."""
+        return self.core.fleet if self.core is not None else None
+
     # -- posting work ---------------------------------------------------------------------------
     def submit(self, fn: Callable[[Core], Any], *, session: str | None = None) -> Future:
         """Run fn(core) on the engine thread; with `session`, after that session's current work."""
@@ -158,15 +170,20 @@ class Engine:
     def rename(self, name: str, new_name: str) -> None:
         def apply(core):
             check_name(new_name)
-            if new_name in core.sessions or new_name in core.evicted:
+            if core.known(new_name):
                 raise InvalidRequest(f"session {new_name!r} already exists")
             s = core.get(name)
+            if core.fleet is not None:
+                core.fleet.claim(new_name)
             core.sessions[new_name] = core.sessions.pop(name)
             s.name = new_name
+            core.let_go(name)
         self.call(apply, session=name)
 
     def sessions(self) -> list[dict]:
         def listing(core):
+            if core.fleet is not None:  # other daemons save and delete sessions in the folder too
+                persist.known_again(core)
             rows = [dict(s.summary(), resident=True) for s in core.sessions.values()]
             rows += [{"name": n, "resident": False, "path": str(p)} for n, p in core.evicted.items()]
             return rows
@@ -182,7 +199,7 @@ class Engine:
         another session's. A copy under another name is then a saved session of that name."""
         def apply(core, s):
             target = check_name(s.name if as_name is None else as_name)
-            if target != s.name and (target in core.sessions or target in core.evicted):
+            if target != s.name and core.known(target):
                 raise InvalidRequest(f"{target!r} is another session's name; save under a free name", param="as")
             path = persist.session_path(core, target)
             out = persist.save(core, s, path)
@@ -205,7 +222,7 @@ class Engine:
             path = persist.session_path(core, saved)
             if not path.is_file():
                 raise SessionNotFound(f"no saved session named {saved!r}")
-            if (name or saved) == saved and saved in core.evicted:
+            if (name or saved) == saved and core.on_disk(saved):
                 return persist.bring_back(core, saved).name
             return LongWork(_named(persist.restore_steps(core, path, name or saved)))
         return self.call(apply)

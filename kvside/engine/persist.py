@@ -89,9 +89,24 @@ def restore_steps(core, path: Path, name: str | None = None):
     """restore as a job: the file is read (and its checksum checked) a chunk at a time."""
     path = Path(path)
     sf = sessionfile.read_header(path, verify=False)
-    header = sf.header
-    name = check_name(name or header.get("name") or path.stem)
+    name = check_name(name or sf.header.get("name") or path.stem)
     _check_free(core, name, path)
+    if core.fleet is None:
+        return (yield from _restore_claimed(core, sf, path, name))
+    # a shared folder: no other daemon has it open from before the file is read (the header
+    # read above is read again) until it goes back to disk
+    core.fleet.claim(name)
+    try:
+        sf = sessionfile.read_header(path, verify=False)
+        return (yield from _restore_claimed(core, sf, path, name))
+    except BaseException:
+        if name not in core.sessions:
+            core.let_go(name)
+        raise
+
+
+def _restore_claimed(core, sf, path: Path, name: str):
+    header = sf.header
     check_compatible(core, header, path.name)
     s = session_from_header(header, name, path.name)
     if any(not 0 <= t < core.model.n_vocab for t in s.ledger.tok + s.pending):
@@ -199,11 +214,28 @@ def evict(core, s: Session) -> Path | None:
         from kvside.engine.binding import chat_history, tools_key
 
         core.auto_saved[s.name] = (tools_key(s.tools), chat_history(s))
+        if core.fleet is not None:
+            core.auto_stamps[s.name] = file_stamp(path)
         while len(core.auto_saved) > MAX_SAVED_AUTO * core.max_sessions:
             oldest = next(iter(core.auto_saved))
             core.auto_saved.pop(oldest)
+            core.auto_stamps.pop(oldest, None)
             core.evicted.pop(oldest, path).unlink(missing_ok=True)
     return path
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def still_as_saved(core, name: str) -> bool:
+    """Whether request binding's memory of saved session `name` still describes its file: in a
+    shared folder another daemon may have continued the session since."""
+    return core.fleet is None or core.auto_stamps.get(name) == file_stamp(session_path(core, name))
 
 
 def make_room(core, keep: set[str] = frozenset()) -> None:
@@ -223,14 +255,35 @@ def bring_back(core, name: str) -> Session:
         core.evicted[name] = path  # still on disk, still known
         raise
     s.auto_bound = core.auto_saved.pop(name, None) is not None
+    core.auto_stamps.pop(name, None)
     return s
+
+
+STALE_TMP_S = 3600.0  # in a shared folder, a temporary file this old is a dead daemon's
 
 
 def scan(core) -> None:
     """Sessions saved by an earlier run become known (restored on first use). Temporary files a
-    killed run left half-written are removed: the engine that persists owns its sessions folder."""
+    killed run left half-written are removed: the engine that persists owns its sessions folder,
+    unless it shares it with other daemons, whose files being written are left alone."""
+    now = time.time()
     for tmp in [*core.sessions_dir.glob(f".*{SUFFIX}.*.tmp"), *core.sessions_dir.glob(f"{UPLOAD_PREFIX}*{SUFFIX}")]:
-        tmp.unlink(missing_ok=True)
-    for path in sorted(core.sessions_dir.glob(f"*{SUFFIX}")):
-        if not path.name.startswith(".") and path.stem not in core.sessions:
-            core.evicted[path.stem] = path
+        try:
+            if core.fleet is None or now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    known_again(core)
+
+
+def known_again(core) -> None:
+    """The sessions folder read again: its saved sessions are known; with a shared folder, those
+    another daemon deleted are forgotten."""
+    on_disk = {p.stem: p for p in sorted(core.sessions_dir.glob(f"*{SUFFIX}")) if not p.name.startswith(".")}
+    for name, path in on_disk.items():
+        if name not in core.sessions:
+            core.evicted.setdefault(name, path)
+    if core.fleet is not None:
+        for name in [n for n in core.evicted if n not in on_disk]:
+            core.evicted.pop(name)
+            core.auto_saved.pop(name, None)

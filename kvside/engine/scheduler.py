@@ -430,6 +430,7 @@ class Scheduler:
             g.stream.fail(error)
         else:
             g.stream.finish(completion)
+        self.core.after_reply(s)
 
     def stop_all(self, error: KvsideError) -> None:
         """End every generation with `error` as _fail does (the engine is closing)."""

@@ -27,6 +27,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from kvside.engine import Engine, commands, persist, prompt
+from kvside.engine.fleet import HANDOVER_S, SessionElsewhere
 from kvside.engine.session import check_name
 from kvside.errors import EngineClosed, InvalidRequest, KvsideError, ModelNotFound
 from kvside.server import llamacpp_api as llamacpp
@@ -248,9 +249,33 @@ class Daemon:
         return EventSourceResponse(events, headers=headers, ping=self.keepalive_s, sep="\n",
                                    ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"))
 
-    async def _start(self, request: HTTPRequest, streaming: bool, post):
+    async def take_over(self, engine: Engine, name: str | None) -> None:
+        """With a sessions folder shared by several daemons: when another live daemon has session
+        `name` open, ask it to let go (it saves the session after its current reply and evicts
+        it) and wait until it has, so this daemon's engine can open the saved file."""
+        leases = engine.fleet
+        if leases is None or name is None:
+            return
+        if await asyncio.to_thread(leases.owner_elsewhere, name) is None:
+            return
+        await asyncio.to_thread(leases.ask, name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANDOVER_S
+        while loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            holder = await asyncio.to_thread(leases.owner_elsewhere, name)
+            if holder is None:
+                return
+        await asyncio.to_thread(leases.withdraw, name)
+        raise SessionElsewhere(f"session {name!r} is open on daemon {holder}, which did not let go of it "
+                               f"within {HANDOVER_S:.0f} s")
+
+    async def _start(self, request: HTTPRequest, streaming: bool, post, engine: Engine | None = None,
+                     session: str | None = None):
         """Admit a request, post its generation and wait for its binding (and, streamed, for its
-        first event, so an early error is an HTTP error). Returns (stream, queue, note, first)."""
+        first event, so an early error is an HTTP error). Returns (stream, queue, note, first).
+        `session`: the session the request names (taken over from another daemon first)."""
+        await self.take_over(engine or self.engine, session)
         self._admit()
         stream = None
         try:
@@ -304,7 +329,7 @@ class Daemon:
         explicit = self._explicit(request, req)
         stream, queue, note, first = await self._start(request, req.stream, lambda on_event: engine.bind_chat(
             req.messages, session=explicit, reuse=self.reuse, documents=req.documents, on_event=on_event,
-            reply=req.reply, **req.params))
+            reply=req.reply, **req.params), engine, explicit)
         name = note["session"]
         cid = oa.new_id("chatcmpl")
         headers = {"X-Kvside-Session": name}
@@ -370,7 +395,7 @@ class Daemon:
         req.served = req.served or self.model_name
         stream, queue, note, first = await self._start(request, req.stream, lambda on_event: engine.bind_text(
             text=req.prompt, tokens=tokens, session=explicit, on_event=on_event, reply=req.reply,
-            reuse=self.reuse and reuse, **req.params))
+            reuse=self.reuse and reuse, **req.params), engine, explicit)
         headers = {"X-Kvside-Session": note["session"]}
         cid = oa.new_id("cmpl")
         if req.stream:
@@ -419,9 +444,13 @@ class Daemon:
     # -- kvside's own endpoints -----------------------------------------------------------------
     # Sessions belong to their model: `?model=NAME` picks whose (loaded on demand, as for a chat
     # request); without it, the daemon's first model.
-    async def _session_engine(self, request: HTTPRequest):
+    async def _session_engine(self, request: HTTPRequest, name: str | None = None):
+        """The engine of the request's model, with session `name` taken over from another daemon
+        if one has it open."""
         model = request.query_params.get("model")
-        return (await self.engine_for(model or None))[1]
+        engine = (await self.engine_for(model or None))[1]
+        await self.take_over(engine, name)
+        return engine
 
     async def list_sessions(self, request: HTTPRequest) -> JSONResponse:
         engine = await self._session_engine(request)
@@ -430,12 +459,12 @@ class Daemon:
 
     async def show_session(self, request: HTTPRequest) -> JSONResponse:
         name = check_name(request.path_params["name"])
-        engine = await self._session_engine(request)
+        engine = await self._session_engine(request, name)
         return JSONResponse(await asyncio.to_thread(engine.show, name))
 
     async def delete_session(self, request: HTTPRequest) -> JSONResponse:
         name = check_name(request.path_params["name"])
-        engine = await self._session_engine(request)
+        engine = await self._session_engine(request, name)
         await asyncio.to_thread(engine.delete_session, name)
         return JSONResponse({"deleted": name})
 
@@ -445,7 +474,7 @@ class Daemon:
         if edit not in commands.EDITS:
             raise HTTPException(404, f"unknown edit {edit!r} (one of: {', '.join(commands.EDITS)})")
         body = await self._json(request)
-        engine = await self._session_engine(request)
+        engine = await self._session_engine(request, name)
         result = await asyncio.to_thread(commands.apply, engine, name, edit, body)
         if edit not in commands.MEASUREMENTS:
             self.metrics.edit(edit, result)
@@ -462,14 +491,14 @@ class Daemon:
         if not isinstance(source, str) or (new is not None and not isinstance(new, str)):
             raise InvalidRequest("restore needs 'session': the name of a saved session (and an optional 'name')",
                                  param="session")
-        engine = await self._session_engine(request)
+        engine = await self._session_engine(request, check_name(new or source))
         name = await asyncio.to_thread(engine.restore_named, check_name(source), check_name(new) if new else None)
         return JSONResponse({"session": name})
 
     async def download_session(self, request: HTTPRequest) -> FileResponse:
         """The session's file: a fresh save of a resident session, or the saved one."""
         name = check_name(request.path_params["name"])
-        engine = await self._session_engine(request)
+        engine = await self._session_engine(request, name)
         path = await asyncio.to_thread(engine.session_file, name)
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
@@ -478,7 +507,7 @@ class Daemon:
         bytes go to a temporary file in the sessions folder, are checked in full by the restore,
         and the temporary file goes away whatever happens."""
         name = check_name(request.path_params["name"])
-        engine = await self._session_engine(request)
+        engine = await self._session_engine(request, name)
         folder = Path(await asyncio.to_thread(engine.call, lambda core: core.sessions_dir))
         fd, tmp = tempfile.mkstemp(prefix=persist.UPLOAD_PREFIX, suffix=persist.SUFFIX, dir=folder)
         try:

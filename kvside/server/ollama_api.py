@@ -321,9 +321,9 @@ class OllamaFront:
         messages, params, streaming, spec = chat_request(body, self.d.info["n_ctx"])
         explicit = request.headers.get("x-kvside-session")
         t0 = time.perf_counter()
+        session = check_name(explicit) if explicit else None
         stream, queue, note, first = await self.d._start(request, streaming, lambda on_event: engine.bind_chat(
-            messages, session=check_name(explicit) if explicit else None, reuse=self.d.reuse, on_event=on_event,
-            reply=spec, **params))
+            messages, session=session, reuse=self.d.reuse, on_event=on_event, reply=spec, **params), engine, session)
 
         def shape(text: str, thinking: str = "", calls: list | None = None) -> dict:
             message = {"role": "assistant", "content": text}
@@ -357,7 +357,7 @@ class OllamaFront:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             post = lambda on_event: engine.bind_chat(messages, session=session, reuse=self.d.reuse,  # noqa: E731
                                                           on_event=on_event, reply=spec, **params)
-        stream, queue, note, first = await self.d._start(request, streaming, post)
+        stream, queue, note, first = await self.d._start(request, streaming, post, engine, session)
 
         def shape(text: str, thinking: str = "", calls: list | None = None) -> dict:
             return {"response": text, **({"thinking": thinking} if thinking else {})}

@@ -1,13 +1,20 @@
 # kvside: `make chat` and `make test` set everything up on a fresh machine.
-# BACKEND=cpu (default), cuda, metal or vulkan picks how llama.cpp is built.
+# BACKEND=cpu (default), cuda, metal or vulkan picks how llama.cpp is built. Every build carries
+# llama.cpp's RPC backend (layers on `rpc-server`s of other hosts: kvside serve --rpc, docs/scale-out.md);
+# RPC=0 leaves it out. BACKEND=rpc is the CPU build with it.
 
 PYTHON  ?= python3
 VENV    ?= .venv
 BACKEND ?= cpu
+RPC     ?= 1
+ifeq ($(BACKEND),rpc)
+override BACKEND := cpu
+override RPC := 1
+endif
 BIN     := $(VENV)/bin
 # Bumped whenever the llama.cpp build flags change: a venv or a native build made with other flags
 # is rebuilt (pip's wheel cache does not know the flags, so it is bypassed then).
-BUILD_TAG := b2
+BUILD_TAG := b3$(if $(filter 0,$(RPC)),-norpc)
 STAMP   := $(VENV)/.kvside-$(BACKEND)-$(BUILD_TAG)
 WHEELS  := build/wheels/$(BACKEND)-$(BUILD_TAG)
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
@@ -19,12 +26,13 @@ PYTEST_ARGS ?=
 # product crashes (ggml_backend_amx_mul_mat, SIGSEGV). AVX-512 is as fast at these model sizes.
 NO_AMX := $(if $(filter x86_64 amd64,$(shell uname -m)),-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16')
 
-CMAKE_ARGS_cpu    := $(NO_AMX)
-CMAKE_ARGS_cuda   := -DGGML_CUDA=on $(NO_AMX)
-CMAKE_ARGS_metal  := -DGGML_METAL=on
-CMAKE_ARGS_vulkan := -DGGML_VULKAN=on $(NO_AMX)
+RPC_ARGS := $(if $(filter 0,$(RPC)),,-DGGML_RPC=ON)
+CMAKE_ARGS_cpu    := $(NO_AMX) $(RPC_ARGS)
+CMAKE_ARGS_cuda   := -DGGML_CUDA=on $(NO_AMX) $(RPC_ARGS)
+CMAKE_ARGS_metal  := -DGGML_METAL=on $(RPC_ARGS)
+CMAKE_ARGS_vulkan := -DGGML_VULKAN=on $(NO_AMX) $(RPC_ARGS)
 
-.PHONY: setup chat test test-stock test-native native serve doctor bench peer clean model-qwen
+.PHONY: setup chat test test-stock test-native native serve doctor bench peer clean model-qwen rpc-server
 
 setup: $(STAMP)
 
@@ -60,10 +68,10 @@ chat: setup
 # the patch: they run once, in the stock pass.
 test: test-stock test-native
 
-test-stock: setup
+test-stock: setup rpc-server
 	KVSIDE_NATIVE=off $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-native: setup native
+test-native: setup native rpc-server
 	LLAMA_CPP_LIB_PATH=$(CURDIR)/$(NATIVE_LIB) KVSIDE_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q -m "not qwen" $(PYTEST_ARGS)
 
 serve: setup
@@ -99,6 +107,20 @@ peer: $(LLAMA_SRC)/CMakeLists.txt
 	  -DLLAMA_BUILD_UI=OFF $(CMAKE_ARGS_$(BACKEND))
 	cmake --build build/peer -j $(NPROC) --target llama-server
 
+# llama.cpp's rpc-server, which holds a share of a model's layers for a kvside on another host
+# (kvside serve --rpc HOST:PORT; docs/scale-out.md). Built from the same sources, on the CPU backend
+# here (BACKEND=cuda builds one that serves a GPU). The tests start two on loopback.
+RPC_SERVER := build/rpc-$(BACKEND)/bin/ggml-rpc-server
+
+rpc-server: $(RPC_SERVER)
+
+$(RPC_SERVER): $(LLAMA_SRC)/CMakeLists.txt
+	cmake -S $(LLAMA_SRC) -B build/rpc-$(BACKEND) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF \
+	  -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+	  $(CMAKE_ARGS_$(BACKEND)) -DGGML_RPC=ON
+	cmake --build build/rpc-$(BACKEND) -j $(NPROC) --target ggml-rpc-server
+
 # kvside's patch to llama.cpp (native/kvside.patch), built as shared libraries that llama-cpp-python
 # loads through LLAMA_CPP_LIB_PATH. The sources come from the same sdist as the bindings.
 NATIVE_SRC   := build/native-src
@@ -124,7 +146,7 @@ $(NATIVE_STAMP): native/kvside.patch $(LLAMA_SRC)/CMakeLists.txt $(NATIVE_FLAGS)
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
 	  -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_OPENSSL=OFF \
 	  -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(CURDIR)/$(NATIVE_LIB) -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(CURDIR)/$(NATIVE_LIB) \
-	  $(CMAKE_ARGS_$(BACKEND))
+	  $(CMAKE_ARGS_$(BACKEND)) -DGGML_RPC=ON
 	cmake --build $(NATIVE_BUILD) -j $(NPROC) --target llama
 	touch $@
 

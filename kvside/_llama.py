@@ -42,17 +42,37 @@ _log_lock = threading.Lock()
 _echo = os.environ.get("KVSIDE_LLAMA_LOG") == "1"
 
 
+_captures: list[list[str]] = []  # lists taking every line, while their callers asked (capture_log)
+
+
 @lib.llama_log_callback
 def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     line = text.decode("utf-8", errors="replace")
     with _log_lock:
         _recent.append(line)
+        for lines in _captures:
+            lines.append(line)
     if _echo:
         print(line, end="", file=__import__("sys").stderr)
 
 
 lib.llama_log_set(_log_callback, ctypes.c_void_p(0))
 lib.llama_backend_init()
+
+
+class capture_log:
+    """`with capture_log() as lines:` collects every line llama.cpp logs meanwhile (a model load
+    reports which device holds each layer only in its log). Loads in other threads add theirs."""
+
+    def __enter__(self) -> list[str]:
+        self.lines: list[str] = []
+        with _log_lock:
+            _captures.append(self.lines)
+        return self.lines
+
+    def __exit__(self, *exc) -> None:
+        with _log_lock:
+            _captures[:] = [lines for lines in _captures if lines is not self.lines]
 
 
 def recent_log(n: int = 8) -> str:

@@ -25,7 +25,15 @@ def _engine_args(p: argparse.ArgumentParser, n_ctx: int = 2048) -> None:
                         "tokenizer_config.json (default: the GGUF's own, else its family's)")
     p.add_argument("--n-ctx", type=int, default=n_ctx, help="context window per session (tokens)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: all on GPU builds)")
+    p.add_argument("--n-gpu-layers", type=int, default=None,
+                   help="layers on the GPU or the RPC servers (default: all on GPU builds and with --rpc)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                   help="put layers on llama.cpp rpc-servers (make rpc-server; loopback only unless --rpc-allow-remote)")
+    p.add_argument("--rpc-allow-remote", action="store_true",
+                   help="allow rpc-servers on other hosts: llama.cpp's RPC has no authentication or encryption, "
+                        "so only on a network you trust (docs/scale-out.md)")
+    p.add_argument("--tensor-split", type=_tensor_split, default=None, metavar="A,B,...",
+                   help="each offload device's share of the layers, RPC servers first (e.g. 1,1)")
     p.add_argument("--exact", action="store_true",
                    help="attention kernels whose results do not depend on cell layout: bit-exact restores "
                         "of edited sessions, slower prefill (flash attention off)")
@@ -90,6 +98,16 @@ def _sampling(ns: argparse.Namespace) -> dict:
     return {k: getattr(ns, k) for k in keys if getattr(ns, k, None) is not None}
 
 
+def _tensor_split(text: str) -> list[float]:
+    try:
+        shares = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers like 1,1") from None
+    if not shares or any(x < 0 for x in shares) or sum(shares) <= 0:
+        raise argparse.ArgumentTypeError("shares are 0 or more, and not all 0")
+    return shares
+
+
 def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False):
     from kvside.engine import Engine
 
@@ -100,6 +118,8 @@ def _engine(ns: argparse.Namespace, max_sessions: int = 2, persist: bool = False
         reuse_chunk=getattr(ns, "reuse_chunk", 64), reuse_repair=getattr(ns, "reuse_repair", 16), embedding_model=getattr(ns, "embedding_model", None),
         checkpoints=getattr(ns, "checkpoints", 8), swa_full=getattr(ns, "swa_cache", "full") == "full",
         shared_sessions=bool(getattr(ns, "shared_sessions", False)), lease_ttl_s=getattr(ns, "lease_ttl", 15.0),
+        rpc_servers=ns.rpc.split(",") if getattr(ns, "rpc", None) else None,
+        rpc_allow_remote=bool(getattr(ns, "rpc_allow_remote", False)), tensor_split=getattr(ns, "tensor_split", None),
     ).start()
 
 
@@ -167,11 +187,34 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         ("memory", _memory_row(info)),
         ("n_ctx / cells", f"{info['n_ctx']} per session, {info['n_cells']} cells"),
         ("threads", info["n_threads"]),
+        *_device_rows(info),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _device_rows(info: dict) -> list[tuple[str, str]]:
+    """Which device holds which layers (llama.cpp's own report of the load), RPC servers named."""
+    layers = info.get("layers") or {}
+    rows = []
+    for device, held in layers.items():
+        rpc = next((d for d in info.get("rpc_devices", []) if d["name"] == device), None)
+        where = f" at {rpc['description']}" if rpc else ""
+        rows.append((f"layers on {device}", f"{_spans(held)}{where}"))
+    return rows
+
+
+def _spans(numbers: list[int]) -> str:
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(f"{start}" if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out) + f" ({len(numbers)})"
 
 
 def cmd_proxy_config(ns: argparse.Namespace) -> int:
@@ -398,6 +441,24 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         result = roll.run(ns.model, ns.ctx, ns.drop, ns.keep, strategies, ns.steps, ns.threads)
         print(json.dumps(result, indent=2) if ns.json else roll.table(result))
         return 0
+    if ns.what == "fleet":
+        from kvside.bench import fleet
+
+        if ns.ctx < 64 or ns.reps < 1 or ns.sessions < 1:
+            raise KvsideError_usage("--ctx must be >= 64, --reps and --sessions >= 1")
+        result = fleet.run(ns.model, ns.ctx // 3, ns.reps, ns.threads or 1, ns.sessions)
+        print(json.dumps(result, indent=2) if ns.json else fleet.table(result))
+        return 0
+    if ns.what == "rpc":
+        from kvside.bench import rpc as bench_rpc
+        from kvside.engine.rpc import parse_servers
+
+        if ns.ctx < 64 or ns.drop >= ns.ctx - 4 or ns.tokens < 1 or ns.reps < 1:
+            raise KvsideError_usage("--ctx must be >= 64, --drop under ctx - 4, --tokens and --reps >= 1")
+        servers = parse_servers(ns.rpc, ns.rpc_allow_remote) if ns.rpc else None
+        result = bench_rpc.run(ns.model, servers, ns.n_gpu_layers, ns.ctx, ns.tokens, ns.drop, ns.reps, ns.threads)
+        print(json.dumps(result, indent=2) if ns.json else bench_rpc.table(result))
+        return 0
     raise KvsideError_usage(f"unknown benchmark {ns.what!r}")
 
 
@@ -439,7 +500,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                           exact=bool(ns.exact), prune_tools=ns.prune_tools, reuse_chunk=ns.reuse_chunk,
                           reuse_repair=ns.reuse_repair, checkpoints=ns.checkpoints,
                           swa_full=ns.swa_cache == "full", shared_sessions=ns.shared_sessions,
-                          lease_ttl_s=ns.lease_ttl).start()
+                          lease_ttl_s=ns.lease_ttl, rpc_servers=ns.rpc.split(",") if ns.rpc else None,
+                          rpc_allow_remote=ns.rpc_allow_remote, tensor_split=ns.tensor_split).start()
 
         pool = ModelPool(engine, make_engine=other_model if ns.max_models > 1 else None, max_models=ns.max_models,
                          memory_budget=budget, sessions_dir=folder).start()
@@ -805,7 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
     p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference", "agent", "fim", "latency",
-                                        "costs"])
+                                        "costs", "rpc", "fleet"])
     p.add_argument("--requests", type=int, default=50, help="fim: autocomplete requests in the trace; latency: requests of the one-client round")
     p.add_argument("--rounds", type=int, default=12, help="agent: tool rounds")
     p.add_argument("--tool-tokens", type=int, default=300, help="agent: tokens per tool result")
@@ -832,8 +894,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--tokens", type=int, default=128, help="decode, latency: tokens to generate (latency: one stream's decode rate)")
     p.add_argument("--reps", type=int, default=3, help="decode: repetitions")
-    p.add_argument("--ctx", type=int, default=1024, help="roll, restore: tokens in the cache")
-    p.add_argument("--drop", type=int, default=256, help="roll: tokens dropped")
+    p.add_argument("--ctx", type=int, default=1024, help="roll, restore, rpc, fleet: tokens in the cache (fleet: about)")
+    p.add_argument("--sessions", type=int, default=4, help="fleet: sessions resident when the daemon is drained")
+    p.add_argument("--drop", type=int, default=256, help="roll, rpc: tokens dropped")
     p.add_argument("--keep", type=int, default=4, help="roll: tokens kept at the front")
     p.add_argument("--strategy", action="append", default=None,
                    help="roll, compose: strategy (repeatable; default: all available)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kvside._llama import backend, lib, recent_log
-from kvside.engine import families, native, persist, prompt
+from kvside.engine import families, native, persist, prompt, rpc
 from kvside.engine.fleet import Leases
 from kvside.engine.batch import Batch
 from kvside.engine.costs import DecodeCosts
@@ -89,6 +89,11 @@ class EngineConfig:
     # so a daemon that dies loses at most the reply it was writing
     shared_sessions: bool = False
     lease_ttl_s: float = 15.0  # a daemon that has not beaten for this long is taken for dead
+    # llama.cpp's RPC backend: HOST:PORT of rpc-servers holding layers (loopback only unless
+    # rpc_allow_remote), and each offload device's share of the layers (RPC servers first)
+    rpc_servers: list[str] | None = None
+    rpc_allow_remote: bool = False
+    tensor_split: list[float] | None = None
     flash_attn: bool | None = None  # None: llama.cpp decides; False for bit-exact references and restores
     # exact: flash attention off, so restores and re-prefills reproduce a cache bit for bit (the
     # setting of fidelity measurements; see _new_context).
@@ -105,11 +110,15 @@ class Core:
         self.config = config
         ref = resolve(config.model)
         self.backend = backend()
+        # layers on rpc-servers of other hosts (rpc.py): they count as offload devices
+        servers = rpc.parse_servers(config.rpc_servers, config.rpc_allow_remote)
+        self.rpc_devices = [d.to_dict() for d in rpc.connect(servers)]
         n_gpu_layers = config.n_gpu_layers
         if n_gpu_layers is None:
-            n_gpu_layers = 999 if self.backend != "cpu" else 0
+            n_gpu_layers = 999 if self.backend != "cpu" or servers else 0
         self.n_gpu_layers = n_gpu_layers
-        self.model = Model(ref.path, n_gpu_layers=n_gpu_layers)
+        self.model = Model(ref.path, n_gpu_layers=n_gpu_layers, devices=rpc.model_devices(servers),
+                           tensor_split=config.tensor_split)
         self.model_name = ref.name
         try:  # a bad setting is refused before the context is made, and frees the model
             self._check_config(config, ref.name)

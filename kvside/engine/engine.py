@@ -409,6 +409,8 @@ class Engine:
             return {
                 "backend": core.backend,
                 "n_gpu_layers": core.n_gpu_layers,
+                "rpc_devices": core.rpc_devices,
+                "layers": _layers_by_device(core.model.layer_devices),
                 "llama_cpp_python": bindings_version,
                 "library": library_path(),
                 "library_choice": library_choice,
@@ -437,6 +439,13 @@ def _atomically(core, s, make_steps):
     """A job's steps inside a snapshot of its session (txn.atomic), taken when the job starts."""
     with atomic(core, s):
         return (yield from make_steps(core, s))
+
+
+def _layers_by_device(layer_devices: dict[int, str]) -> dict[str, list[int]]:
+    by_device: dict[str, list[int]] = {}
+    for layer in sorted(layer_devices):
+        by_device.setdefault(layer_devices[layer], []).append(layer)
+    return by_device
 
 
 def _named(steps):

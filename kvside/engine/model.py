@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvside._llama import lib, recent_log
+from kvside._llama import capture_log, lib, recent_log
 from kvside.errors import InvalidRequest, ModelLoadError
 from kvside.models import check_gguf, fingerprint
 
+_LAYER_LINE = re.compile(r"layer +(\d+) assigned to device ([^,]+),")
 ROPE_TYPES = {-1: "none", 0: "norm", 2: "neox", 8: "mrope", 24: "vision", 40: "imrope"}
 
 
@@ -38,16 +40,35 @@ class ModelInfo:
 class Model:
     """Loads with llama.cpp; every failure is a ModelLoadError that says why in one line."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, vocab_only: bool = False,
+                 devices: ctypes.Array | None = None, tensor_split: list[float] | None = None):
+        """devices: a NULL-terminated device list (rpc.model_devices), None for llama.cpp's
+        choice; tensor_split: each device's share of the offloaded layers."""
         self.path = Path(path)
         check_gguf(self.path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only
-        ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if devices is not None:
+            params.devices = ctypes.cast(devices, ctypes.c_void_p)
+        split = None
+        if tensor_split:
+            n_max = lib.llama_max_devices()
+            if len(tensor_split) > n_max:
+                raise InvalidRequest(f"--tensor-split names {len(tensor_split)} devices; llama.cpp takes at most {n_max}")
+            split = (ctypes.c_float * n_max)(*tensor_split)
+            params.tensor_split = split
+        with capture_log() as lines:
+            ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
             raise ModelLoadError(f"llama.cpp could not load {self.path.name}: {recent_log(3) or 'unknown reason'}")
         self.ptr = ptr
+        # which device holds each layer (llama.cpp says so only in its log; `kvside doctor` shows it)
+        self.layer_devices: dict[int, str] = {}
+        for line in lines:
+            m = _LAYER_LINE.search(line)
+            if m:
+                self.layer_devices[int(m.group(1))] = m.group(2)
         self.vocab = lib.llama_model_get_vocab(ptr)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.meta = self._read_metadata()

@@ -43,7 +43,8 @@ class _Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         args = [KVSIDE, "serve", "--port", str(self.port), "--n-ctx", str(n_ctx), "--threads", str(threads),
                 "--max-sessions", "4", "--sessions", str(folder), "--max-models", "1"]
-        args += ["--shared-sessions"] if shared else []
+        # the daemon alone holds nothing of anyone's conversation: every request reads it all
+        args += ["--shared-sessions"] if shared else ["--no-reuse"]
         args += ["--model", model] if model else []
         self.proc = subprocess.Popen(args, env={**os.environ, "KVSIDE_HOME": str(home)},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -90,7 +91,7 @@ def _history(words: int, turn: int) -> list[dict]:
 def run(model: str | None, ctx_words: int, reps: int, threads: int, drain_sessions: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="kvside-bench-fleet-"))
     folder = root / "shared"
-    n_ctx = max(1024, int(ctx_words * 2.2) + 256)
+    n_ctx = max(1024, int(ctx_words * 4) + 256)  # a "wNN" word is about 3 tokens
     a = _Daemon(root / "a", folder, model, n_ctx, threads)
     b = _Daemon(root / "b", folder, model, n_ctx, threads)
     lone = None

@@ -314,7 +314,7 @@ def chat_app(ns: argparse.Namespace):
         local_only = [flag for flag, given in (
             ("--model", ns.model), ("--docs", ns.docs), ("--sessions-dir", ns.sessions_dir), ("--exact", ns.exact),
             ("--threads", ns.threads), ("--n-gpu-layers", ns.n_gpu_layers), ("--n-ctx", ns.n_ctx != CHAT_N_CTX),
-            ("--prune-tools", ns.prune_tools is not None)) if given]
+            ("--prune-tools", ns.prune_tools is not None), ("--rpc", ns.rpc), ("--tensor-split", ns.tensor_split)) if given]
         if local_only:
             raise KvsideError_usage(f"{', '.join(local_only)} set up the in-process engine; with --connect the "
                                     "daemon's own settings apply (give them to `kvside serve`)")

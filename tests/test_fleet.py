@@ -385,7 +385,7 @@ def test_a_fleet_reopens_a_killed_daemons_sessions_from_their_last_reply(fleet):
 
 def test_sessionless_conversations_stay_on_one_daemon(fleet):
     folder, url, daemons, direct = fleet
-    for i in range(4):
+    for i in range(6):  # by chance (round robin), all six would stay put once in 64 runs
         history, first = turn(url, [{"role": "system", "content": "Be brief."}], f"Conversation {i}.")
         history, second = turn(url, history, "Go on.")
         # the second turn reached the daemon holding the first: all of it was reused

@@ -200,6 +200,28 @@ def test_daemons_never_give_two_sessions_one_name(pair):
     assert len(names) == 6
 
 
+def test_a_sessionless_conversation_continues_from_the_cache_its_old_daemon_left(pair):
+    folder, (a, b), engines = pair
+    history, first = turn(a, [{"role": "system", "content": "You are terse."}],
+                          "Remember: the harbour gate code is 7431. Acknowledge.")
+    history, _ = turn(a, history, "Which code did I give you?")
+    r = chat(a, history + [{"role": "user", "content": "Say it once more."}], max_tokens=2)
+    name = r.headers["x-kvside-session"]
+    assert name.startswith("auto-")
+    engines[0].evict(name)  # as a drain does: saved, let go
+    history += [{"role": "user", "content": "Say it once more."},
+                {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]}]
+    history, body = turn(b, history, "And the code again?")
+    # b found a's session in the folder: only the new turn was read
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+    assert resident(b, name)
+    # one held by a live daemon is not taken from under it: a request without a name is read anew
+    history2, _ = turn(b, [{"role": "system", "content": "You are terse."}], "Count to three.")
+    r = chat(a, history2 + [{"role": "user", "content": "Again."}], max_tokens=2)
+    usage = r.json()["usage"]
+    assert r.status_code == 200 and usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"] / 2
+
+
 def test_a_session_open_elsewhere_and_never_let_go_is_refused_with_409(pair, monkeypatch):
     folder, (a, b), engines = pair
     turn(a, [], "Hello.", session="stuck")
@@ -281,7 +303,7 @@ def fleet(tmp_path):
 CLIENTS, TURNS = 8, 4
 
 
-def _turn_retrying(url: str, history: list[dict], text: str, session: str) -> tuple[list[dict], dict]:
+def _turn_retrying(url: str, history: list[dict], text: str, session: str | None) -> tuple[list[dict], dict]:
     """A turn as a client of a fleet takes it: a request cut off by a daemon that died under it
     (the proxy answers 502) is sent again, and lands on another daemon."""
     for attempt in range(5):
@@ -383,10 +405,17 @@ def test_a_fleet_reopens_a_killed_daemons_sessions_from_their_last_reply(fleet):
     assert all(json.loads(p.read_text())["daemon"] != dead for p in (folder / ".fleet" / "leases").iterdir())
 
 
-def test_sessionless_conversations_stay_on_one_daemon(fleet):
+def test_sessionless_conversations_stay_on_one_daemon_and_move_with_their_cache(fleet):
     folder, url, daemons, direct = fleet
+    chats = []
     for i in range(6):  # by chance (round robin), all six would stay put once in 64 runs
         history, first = turn(url, [{"role": "system", "content": "Be brief."}], f"Conversation {i}.")
         history, second = turn(url, history, "Go on.")
         # the second turn reached the daemon holding the first: all of it was reused
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+        chats.append((history, second))
+    daemons[0].send_signal(15)  # drained: its conversations go to the other daemon, and their sessions
+    assert daemons[0].wait(timeout=60) == 0
+    for history, second in chats:
+        _, third = _turn_retrying(url, history, "And then?", session=None)
+        assert third["usage"]["prompt_tokens_details"]["cached_tokens"] >= second["usage"]["prompt_tokens"]

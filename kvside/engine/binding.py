@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
 from kvside.engine.session import MSG_DROPPED
-from kvside.errors import InvalidRequest
+from kvside.errors import InvalidRequest, KvsideError
 
 
 def _key(m: dict) -> tuple:
@@ -197,6 +197,18 @@ def best_match(sessions: dict[str, list[dict]], incoming: list[dict]) -> Match |
         if best is None or rank(m) > rank(best):
             best = m
     return best
+
+
+def _open_left(core, name: str, messages: list[dict]) -> Match | None:
+    """Open a session another daemon left in the shared folder (restored under this daemon's
+    lease) and match it again against what it really holds: that daemon may have continued it
+    between the look at its file and the restore."""
+    try:
+        s = core.get(name)
+    except KvsideError:  # taken by another daemon meanwhile, or its file went: read the prompt
+        return None
+    s.auto_bound = True
+    return best_match({s.name: chat_history(s)}, messages)
 
 
 def _repair_or_read_again(core, s, match: Match, messages: list[dict]) -> Match:
@@ -457,7 +469,11 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         if reuse:  # on disk: brought back (exactly) if they match best
             candidates.update({n: held for n, (key, held) in core.auto_saved.items()
                                if key == tools and persist.still_as_saved(core, n)})
-        match = best_match(candidates, messages)
+        # a shared folder: also those other daemons left there (a conversation that moved here)
+        others = persist.left_by_others(core, tools) if reuse and core.fleet is not None else {}
+        match = best_match({**candidates, **others}, messages)
+        if match is not None and match.session in others:
+            match = _open_left(core, match.session, messages)
         if match is None and reuse and reply is not None:
             match = _retooled(core, messages, reply.tools)
         shared: dict = {}

@@ -154,6 +154,8 @@ class Core:
         # of those, request binding's: (their tools, what each holds)
         self.auto_saved: dict[str, tuple[str, list[dict]]] = {}
         self.auto_stamps: dict[str, tuple[int, int] | None] = {}  # with a shared folder: their files as saved
+        # with a shared folder: other daemons' request-bound sessions, (file stamp, tools, history)
+        self.folder_index: dict[str, tuple] = {}
         self.sessions_dir = Path(config.sessions_dir) if config.sessions_dir else subdir("sessions")
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         self.type_k = self.type_v = "f16"  # llama.cpp's default KV types; recorded in session files

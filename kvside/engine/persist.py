@@ -259,6 +259,35 @@ def bring_back(core, name: str) -> Session:
     return s
 
 
+def left_by_others(core, tools: str) -> dict[str, list[dict]]:
+    """With a shared folder: what each request-bound session saved there by another daemon holds,
+    for those no live daemon has open (a daemon that drained or died left them), made with these
+    tools. Request binding matches a conversation that moved here against them, so it continues
+    from the cache its old daemon left instead of being read again. Headers are read once per
+    version of a file."""
+    from kvside.engine.binding import AUTO_PREFIX, chat_history, tools_key
+
+    found, index = {}, {}
+    for path in core.sessions_dir.glob(f"{AUTO_PREFIX}*{SUFFIX}"):
+        name = path.stem
+        if name in core.sessions or name in core.auto_saved or core.fleet.owner_elsewhere(name) is not None:
+            continue
+        stamp = file_stamp(path)
+        cached = core.folder_index.get(name)
+        if cached is None or cached[0] != stamp:
+            try:
+                header = sessionfile.read_header(path, verify=False).header
+                s = session_from_header(header, name, path.name)
+                cached = (stamp, tools_key(s.tools), chat_history(s))
+            except (KvsideError, OSError):
+                cached = (stamp, None, [])
+        index[name] = cached
+        if cached[1] == tools:
+            found[name] = cached[2]
+    core.folder_index = index  # files gone since are forgotten
+    return found
+
+
 STALE_TMP_S = 3600.0  # in a shared folder, a temporary file this old is a dead daemon's
 
 

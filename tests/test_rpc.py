@@ -162,6 +162,13 @@ def test_a_chat_over_rpc(pair):
     assert replies[0] and replies[0] == replies[1]
 
 
+def test_reference_kernels_are_refused_with_layers_on_rpc_servers(servers):
+    if not native.available():
+        pytest.skip("reference kernels need the native patch")
+    with pytest.raises(InvalidRequest, match="rpc-servers"):
+        Engine(n_ctx=128, max_sessions=1, n_threads=1, rpc_servers=servers, reference_kernels=True).start()
+
+
 def test_an_rpc_server_that_does_not_answer_is_a_clear_error():
     if not rpc.supported():
         pytest.skip("this llama.cpp was built without the RPC backend")

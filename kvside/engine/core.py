@@ -136,7 +136,11 @@ class Core:
         self.n_seq_max = config.max_sessions + 2
         self.n_cells = config.n_ctx * (config.max_sessions + 1)
         self.n_batch = config.n_batch
-        self.ctx = self._new_context(config)
+        try:
+            self.ctx = self._new_context(config)
+        except BaseException:
+            self.model.close()
+            raise
         self.n_swa = lib.llama_model_n_swa(self.model.ptr)
         self.recurrent = bool(lib.llama_model_is_recurrent(self.model.ptr) or lib.llama_model_is_hybrid(self.model.ptr))
         self.mem = Memory(self.ctx, n_swa=self.n_swa, recurrent=self.recurrent, n_seq=self.n_seq_max)
@@ -217,6 +221,9 @@ class Core:
             raise InvalidRequest("exact (flash attention off) and reference_kernels exclude each other")
         if config.reference_kernels and not (native.available() and self.backend == "cpu"):
             raise InvalidRequest("reference kernels need kvside's native patch on a CPU build")
+        if config.reference_kernels and self.rpc_devices:
+            # the patch switches this process's CPU kernels; layers on rpc-servers keep theirs
+            raise InvalidRequest("reference kernels run on this machine's CPU only, not on rpc-servers' layers")
         if config.exact:
             params.flash_attn_type = 0
         if config.reference_kernels:

@@ -427,7 +427,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         depths = [d for d in (0, 512, 1024, 2048, 4096) if d + 512 < ns.n_ctx]
         if ns.reps < 1:
             raise KvsideError_usage("--reps must be at least 1")
-        result = costs.run(ns.model, ns.n_ctx, depths, ns.reps, ns.threads)
+        flash = {"auto": None, "on": True, "off": False}.get(ns.flash_attn)
+        if flash is None and ns.flash_attn == "reference":
+            raise KvsideError_usage("costs: --flash-attn is auto, on or off")
+        result = costs.run(ns.model, ns.n_ctx, depths, ns.reps, ns.threads, flash_attn=flash)
         print(json.dumps(result, indent=2) if ns.json else costs.table(result))
         return 0
     if ns.what == "roll":
@@ -890,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve --client: skip scoring late replies against a re-prefill (kl, top1)")
     p.add_argument("--load-requests", type=int, default=4, help="serve: requests per load client")
     p.add_argument("--flash-attn", choices=["auto", "on", "off", "reference"], default="auto",
-                   help="restore: attention kernel (reference: ggml's reference kernels, native patch)")
+                   help="restore, costs: attention kernel (reference: ggml's reference kernels, native patch; restore only)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--tokens", type=int, default=128, help="decode, latency: tokens to generate (latency: one stream's decode rate)")
     p.add_argument("--reps", type=int, default=3, help="decode: repetitions")

@@ -13,7 +13,8 @@ from kvside.engine import Engine
 SIZES = (1, 4, 16, 32, 63, 64, 128, 512)
 
 
-def run(model: str | None, n_ctx: int, depths: list[int], reps: int, threads: int | None) -> dict:
+def run(model: str | None, n_ctx: int, depths: list[int], reps: int, threads: int | None,
+        flash_attn: bool | None = None) -> dict:
     def measure(core):
         s = core.new_session(system="")
         tokens = corpus.tokens(core.model, max(depths) + max(SIZES) + 1)
@@ -55,15 +56,16 @@ def run(model: str | None, n_ctx: int, depths: list[int], reps: int, threads: in
             core.delete_session(s.name)
         return rows, core.n_cells
 
-    with Engine(model=model, n_ctx=n_ctx, max_sessions=1, n_threads=threads) as engine:
+    with Engine(model=model, n_ctx=n_ctx, max_sessions=1, n_threads=threads, flash_attn=flash_attn) as engine:
         rows, n_cells = engine.call(measure)
         info = engine.info()
     return {"model": info["model_name"], "n_ctx": n_ctx, "cache_cells": n_cells, "threads": threads,
-            "reps": reps, "rows": rows}
+            "reps": reps, "attention": info["attention"], "rows": rows}
 
 
 def table(result: dict) -> str:
-    lines = [f"decode costs: {result['model']}, cache of {result['cache_cells']} cells, best of {result['reps']}",
+    lines = [f"decode costs: {result['model']}, cache of {result['cache_cells']} cells, "
+             f"{result.get('attention', 'llama.cpp default')}, best of {result['reps']}",
              "depth | " + " | ".join(f"{n} tok" for n in SIZES) + " | K-shift"]
     for depth in sorted({r["depth"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["depth"] == depth]

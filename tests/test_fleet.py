@@ -222,6 +222,22 @@ def test_a_sessionless_conversation_continues_from_the_cache_its_old_daemon_left
     assert r.status_code == 200 and usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"] / 2
 
 
+def test_a_daemon_that_lost_its_lease_drops_the_session_instead_of_overwriting_it(pair):
+    folder, (a, b), engines = pair
+    history, _ = turn(a, [], "Remember the word lantern.", session="lost")
+    saved = (folder / "lost.kvs").read_bytes()
+    other = Leases(folder)  # a live daemon that took a for dead and opened the session
+    (folder / ".fleet" / "leases" / "lost").write_text(json.dumps({"daemon": other.me, "since": time.time()}))
+    assert resident(a, "lost")  # a still has it in its cache, and goes on with it (a direct call)
+    # a's next reply ends, its save is refused (the other daemon beats), and the session leaves a's cache
+    other.beat()
+    stream = engines[0].chat("lost", "Which word?", max_tokens=4, **GREEDY)
+    stream.wait()
+    assert not resident(a, "lost")
+    assert (folder / "lost.kvs").read_bytes() == saved  # the other daemon's file is untouched
+    other.close()
+
+
 def test_a_session_open_elsewhere_and_never_let_go_is_refused_with_409(pair, monkeypatch):
     folder, (a, b), engines = pair
     turn(a, [], "Hello.", session="stuck")

@@ -369,9 +369,15 @@ class Core:
             self.fleet.release(name)
 
     def after_reply(self, s: Session) -> None:
-        """With a shared folder every reply is saved at once: the daemon that opens the session
-        next, after a hand-over or after this one died, continues from here."""
+        """With a shared folder every reply is saved before its client hears that it ended: the
+        daemon that opens the session next, after a hand-over or after this one died, continues
+        from every reply a client has seen."""
         if self.fleet is None or s.temporary or s.text_cache or s.name not in self.sessions:
+            return
+        if not self.fleet.still_holds(s.name) and not self.fleet.try_claim(s.name):
+            # this daemon was taken for dead and another one opened the session: it is theirs
+            log.error("session %s was opened by another daemon meanwhile: dropped here, not saved", s.name)
+            self.delete_session(s.name)
             return
         try:
             persist.save(self, s, persist.session_path(self, s.name))

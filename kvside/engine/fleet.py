@@ -173,6 +173,10 @@ class Leases:
         except OSError as exc:
             log.warning("fleet journal: %s", exc)
 
+    def still_holds(self, name: str) -> bool:
+        """Whether this daemon's lease on `name` still stands (no one broke it)."""
+        return self.holder(name) == self.me
+
     def release(self, name: str) -> None:
         with self._lock:
             if name not in self.held:
@@ -233,10 +237,11 @@ class Steward(threading.Thread):
                 for name in self.leases.wanted():
                     if name not in self._pending:
                         self._hand_over(name)
-            except OSError as exc:  # the shared folder went away for a moment: try again next tick
-                log.warning("fleet folder: %s", exc)
             except KvsideError:
                 return  # the engine is closing
+            except Exception as exc:  # noqa: BLE001  (a folder gone for a moment, or a bug: the
+                # heartbeat must go on, or other daemons take this one's sessions while it serves them)
+                log.warning("fleet: %s: %s", type(exc).__name__, exc)
 
     def _hand_over(self, name: str) -> None:
         from kvside.engine import persist

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvside import sessionfile
 from kvside.engine.edits import Strategy
+from kvside.engine.fleet import SessionElsewhere
 from kvside.engine.jobs import finish
 from kvside.engine.ledger import Ledger
 from kvside.engine.sampling import SamplingParams
@@ -50,6 +51,10 @@ def header_for(core, s: Session) -> dict:
 def save(core, s: Session, path: Path) -> dict:
     if s.busy:
         raise SessionBusy(f"session {s.name!r} is generating")
+    if core.fleet is not None and Path(path) == session_path(core, s.name) and not core.fleet.still_holds(s.name):
+        # this daemon was taken for dead (its heartbeat lapsed) and another opened the session:
+        # its file is that daemon's now
+        raise SessionElsewhere(f"session {s.name!r} was opened by another daemon meanwhile; not saved here")
     t0 = time.perf_counter()
     state = core.seq_state(s.seq)
     size = sessionfile.write(path, header_for(core, s), state)
@@ -204,7 +209,11 @@ def evict(core, s: Session) -> Path | None:
         core.delete_session(s.name)
         return None
     path = session_path(core, s.name)
-    save(core, s, path)
+    try:
+        save(core, s, path)
+    except SessionElsewhere:  # another daemon has it: this copy goes, unsaved
+        core.delete_session(s.name)
+        return None
     core.delete_session(s.name)
     core.evicted[s.name] = path
     if s.auto_bound:

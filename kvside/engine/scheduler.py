@@ -426,11 +426,11 @@ class Scheduler:
             logprobs=g.logprobs if g.spec is not None and g.spec.logprobs else None,
         )
         self._release(g)
+        self.core.after_reply(s)  # with a shared folder, saved before the client hears the end
         if error is not None:
             g.stream.fail(error)
         else:
             g.stream.finish(completion)
-        self.core.after_reply(s)
 
     def stop_all(self, error: KvsideError) -> None:
         """End every generation with `error` as _fail does (the engine is closing)."""

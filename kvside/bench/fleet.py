@@ -1,6 +1,6 @@
 """`kvside bench fleet`: two `kvside serve --shared-sessions` daemons on loopback sharing one
-sessions folder. A conversation of --ctx tokens is continued, one turn each (time to the reply's
-first token, max_tokens 1):
+sessions folder. A conversation of --ctx tokens is continued, one turn each (the time of a one-token
+reply, from request to response: reading the new turn, the token, and, shared, saving the session):
 
   owner      on the daemon that holds it (its cache is warm: the reference for a sticky proxy)
   hand-over  on the other daemon, while the owner is alive (the owner saves and evicts, the other
@@ -139,7 +139,7 @@ def run(model: str | None, ctx_words: int, reps: int, threads: int, drain_sessio
 def table(result: dict) -> str:
     lines = [f"fleet of 2 daemons, one shared folder; a conversation of {result['prompt_tokens']} prompt tokens, "
              f"median of {result['reps']}",
-             f"{'next turn':12} {'TTFT s':>8} {'cached':>8}"]
+             f"{'next turn':12} {'reply s':>8} {'cached':>8}"]
     for key in ("owner", "hand-over", "takeover", "re-prefill"):
         lines.append(f"{key:12} {result['ttft_s'][key]:8.3f} {result['cached_tokens'][key]:8d}")
     d = result["drain"]

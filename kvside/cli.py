@@ -383,6 +383,19 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         result = bench_compose.run(ns.model, [1, 3, 8], choices, ns.steps, ns.threads)
         print(json.dumps(result, indent=2) if ns.json else bench_compose.table(result))
         return 0
+    if ns.what == "select":
+        from kvside.bench import selection
+
+        counts = ns.documents or [3, 8]
+        budgets = ns.budget or [0.15, 0.3]
+        if any(n < 1 for n in counts) or any(not 0 < b <= 1 for b in budgets):
+            raise KvsideError_usage("--documents must be >= 1 and --budget between 0 (excluded) and 1")
+        unknown = set(ns.signal or []) - set(selection.SIGNALS)
+        if unknown:
+            raise KvsideError_usage(f"unknown --signal {', '.join(sorted(unknown))} (one of {', '.join(selection.SIGNALS)})")
+        result = selection.run(ns.model, counts, ns.signal or list(selection.SIGNALS), budgets, ns.steps, ns.threads)
+        print(json.dumps(result, indent=2) if ns.json else selection.table(result))
+        return 0
     if ns.what == "interference":
         from kvside.bench import interference
 
@@ -870,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks against their reference, printed as JSON or a table")
     p.add_argument("what", choices=["decode", "roll", "restore", "serve", "compose", "interference", "agent", "fim", "latency",
-                                        "costs", "rpc", "fleet"])
+                                        "costs", "rpc", "fleet", "select"])
     p.add_argument("--requests", type=int, default=50, help="fim: autocomplete requests in the trace; latency: requests of the one-client round")
     p.add_argument("--rounds", type=int, default=12, help="agent: tool rounds")
     p.add_argument("--tool-tokens", type=int, default=300, help="agent: tokens per tool result")
@@ -880,6 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reprefill-tokens", type=int, default=2048, help="interference: tokens re-prefilled")
     p.add_argument("--recompute", type=int, action="append", default=None,
                    help="compose: tokens recomputed at the start of each block (repeatable; -1 = all)")
+    p.add_argument("--signal", action="append", default=None,
+                   help="select: how the cells to recompute are chosen (repeatable; default: all)")
+    p.add_argument("--budget", type=float, action="append", default=None,
+                   help="select: fraction of the documents' cells recomputed (repeatable; default 0.15 and 0.3)")
+    p.add_argument("--documents", type=int, action="append", default=None,
+                   help="select: documents attached (repeatable; default 3 and 8)")
     p.add_argument("--turns", type=int, default=20, help="serve: chat turns")
     p.add_argument("--budget-chars", type=int, default=2400, help="serve: history kept by the client, in characters")
     p.add_argument("--max-tokens", type=int, default=48, help="serve: tokens per reply")

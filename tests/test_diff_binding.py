@@ -16,9 +16,20 @@ PROBE = [198, 504, 260, 1115]
 SYSTEM = "Current time: 12:01. You are a terse assistant; answer in a few words."
 
 
+# Rates of an idle 2-core machine (docs/benchmarks.md, "Decode costs"): the edit-or-read choices
+# these tests expect are made at them. Learned from the tests' own decodes instead, a busy machine
+# (another process on the cores) skews a rate and an edit the test expects is declined.
+IDLE_RATES = {(False, 0): 0.005, (True, 0): 0.005, (False, 1): 0.008, (True, 1): 0.006}
+IDLE_SHIFT_S = 0.02  # a K-shift re-rotates every cell: 0.10-0.15 s at n_ctx 4096, these tests use 640
+
+
 @pytest.fixture(scope="module")
 def exact():
     with Engine(n_ctx=640, max_sessions=3, n_threads=2, exact=True) as e:
+        def pin(core):
+            core.costs.rates, core.costs.shift_s = dict(IDLE_RATES), IDLE_SHIFT_S
+            core.costs.record = lambda *args, **kwargs: None  # the tests set what they decide by
+        e.call(pin)
         yield e
 
 

@@ -6,7 +6,8 @@ Layout (all integers little-endian):
     header     head_len  msgpack map: format, version, model fingerprint, n_ctx, KV types, rope
                          settings, ledger, messages, edit log, timestamps, state_len
     state      state_len raw llama.cpp sequence state (llama_state_seq_get_data)
-    checksum   32 bytes  sha256 over header and state
+    extra      sum(extra) blobs the header lists by size (v2; a session's context checkpoints)
+    checksum   32 bytes  sha256 over header, state and extra
 
 Writes go to a temporary file in the same folder, are fsynced and renamed over the target, so a
 failed save leaves the old file as it was. Reads check everything (magic, sizes, checksum, format,
@@ -31,7 +32,7 @@ from kvside.errors import KvsideError
 
 MAGIC = b"KVSIDE\x00S"
 FORMAT = "kvside-session"
-VERSION = 1
+VERSION = 2
 CHECKSUM_LEN = 32
 MAX_HEADER = 256 * 1024 * 1024  # a ledger of millions of cells still fits; anything above is hostile
 _PREFIX = struct.Struct("<8sI")
@@ -51,7 +52,9 @@ class SessionSaveError(KvsideError):
 
 
 # Migrations: MIGRATIONS[v] turns a version-v header into a version v+1 header. Append only.
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {
+    1: lambda h: dict(h, version=2, extra=[]),  # v2: blobs after the state (none in a v1 file)
+}
 
 
 @dataclass
@@ -62,27 +65,33 @@ class SessionFile:
     path: Path
     checksum_ok: bool
 
+    @property
+    def extra_sizes(self) -> list[int]:
+        return self.header.get("extra", [])
 
-def write(path: Path, header: dict, state: Any, fmt: str = FORMAT) -> int:
-    """Write header + state (bytes or a ctypes buffer) atomically. Returns the file size."""
+
+def write(path: Path, header: dict, state: Any, fmt: str = FORMAT, extra: list | None = None) -> int:
+    """Write header + state (bytes or a ctypes buffer) + the `extra` blobs atomically. Returns
+    the file size."""
     path = Path(path)
-    state_view = memoryview(state).cast("B")
+    views = [memoryview(b).cast("B") for b in [state, *(extra or [])]]
     head = dict(header, format=fmt, version=VERSION, kvside_version=__version__,
-                state_len=len(state_view), saved_at=time.time())
+                state_len=len(views[0]), extra=[len(v) for v in views[1:]], saved_at=time.time())
     packed = msgpack.packb(head, use_bin_type=True)
     digest = hashlib.sha256(packed)
     try:
         with atomic_writer(path) as f:
             f.write(_PREFIX.pack(MAGIC, len(packed)))
             f.write(packed)
-            for i in range(0, len(state_view), _CHUNK):  # the state is written in place, never copied
-                chunk = state_view[i : i + _CHUNK]
-                digest.update(chunk)
-                f.write(chunk)
+            for view in views:
+                for i in range(0, len(view), _CHUNK):  # written in place, never copied
+                    chunk = view[i : i + _CHUNK]
+                    digest.update(chunk)
+                    f.write(chunk)
             f.write(digest.digest())
     except OSError as exc:
         raise SessionSaveError(f"could not save {path.name}: {exc.strerror or exc}") from None
-    return _PREFIX.size + len(packed) + len(state_view) + CHECKSUM_LEN
+    return _PREFIX.size + len(packed) + sum(len(v) for v in views) + CHECKSUM_LEN
 
 
 def read_header(path: Path, verify: bool = True, fmt: str = FORMAT) -> SessionFile:
@@ -120,15 +129,19 @@ def read_header(path: Path, verify: bool = True, fmt: str = FORMAT) -> SessionFi
         state_len = header.get("state_len")
         if not isinstance(state_len, int) or state_len < 0:
             raise SessionFileError(f"{name} has an invalid state size")
+        extra = header.get("extra", []) if version >= 2 else []
+        if not isinstance(extra, list) or not all(isinstance(n, int) and n >= 0 for n in extra):
+            raise SessionFileError(f"{name} has an invalid list of extra sections")
         state_offset = _PREFIX.size + head_len
-        if state_offset + state_len + CHECKSUM_LEN != size:
+        if state_offset + state_len + sum(extra) + CHECKSUM_LEN != size:
             raise SessionFileError(
-                f"{name} is truncated or damaged ({size} bytes, header says {state_offset + state_len + CHECKSUM_LEN})"
+                f"{name} is truncated or damaged ({size} bytes, header says "
+                f"{state_offset + state_len + sum(extra) + CHECKSUM_LEN})"
             )
         ok = True
         if verify:
             digest = hashlib.sha256(packed)
-            remaining = state_len
+            remaining = state_len + sum(extra)
             while remaining:
                 chunk = f.read(min(_CHUNK, remaining))
                 if not chunk:
@@ -145,39 +158,52 @@ def read_header(path: Path, verify: bool = True, fmt: str = FORMAT) -> SessionFi
 
 def read_state(sf: SessionFile):
     """The state blob as a ctypes buffer (one copy in memory), re-checked against the checksum."""
-    steps = read_state_steps(sf)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return finish_steps(read_state_steps(sf))
 
 
 def read_state_steps(sf: SessionFile):
     """read_state as a generator that yields after every chunk read (a job of the engine loop)."""
-    buf = (ctypes.c_uint8 * sf.state_len)()
-    view = memoryview(buf).cast("B")
+    state, _ = yield from read_all_steps(sf)
+    return state
+
+
+def read_all_steps(sf: SessionFile):
+    """The state and the extra blobs (ctypes buffers), re-checked against the checksum, as a
+    generator that yields after every chunk read."""
+    bufs = [(ctypes.c_uint8 * n)() for n in [sf.state_len, *sf.extra_sizes]]
     with open(sf.path, "rb") as f:
         prefix = f.read(_PREFIX.size)
         _, head_len = _PREFIX.unpack(prefix)
         digest = hashlib.sha256(f.read(head_len))
-        got = 0
-        while got < sf.state_len:
-            n = f.readinto(view[got : got + _CHUNK])
-            if not n:
-                raise SessionFileError(f"{sf.path.name} is truncated")
-            digest.update(view[got : got + n])
-            got += n
-            yield
+        for buf in bufs:
+            view = memoryview(buf).cast("B")
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got : got + _CHUNK])
+                if not n:
+                    raise SessionFileError(f"{sf.path.name} is truncated")
+                digest.update(view[got : got + n])
+                got += n
+                yield
         if digest.digest() != f.read(CHECKSUM_LEN):
             raise SessionFileError(f"{sf.path.name} changed or is damaged: checksum mismatch")
-    return buf
+    return bufs[0], bufs[1:]
 
 
 def rewrite(src: Path, dst: Path, fmt: str = FORMAT, **changes) -> int:
     """Copy a checked file to dst with some header fields changed (the state is carried as is)."""
     sf = read_header(src, verify=True, fmt=fmt)
-    state = read_state(sf)
-    header = {k: v for k, v in sf.header.items() if k not in ("format", "version", "state_len", "kvside_version", "saved_at")}
+    state, extra = finish_steps(read_all_steps(sf))
+    header = {k: v for k, v in sf.header.items()
+              if k not in ("format", "version", "state_len", "extra", "kvside_version", "saved_at")}
     header.update(changes)
-    return write(dst, header, state, fmt=fmt)
+    return write(dst, header, state, fmt=fmt, extra=extra)
+
+
+def finish_steps(steps):
+    """Run a reading generator to its end and return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -57,6 +57,8 @@ def describe(path: Path, model: str | None = None) -> dict:
         "edits": len(h.get("edit_log", [])),
         "file_bytes": path.stat().st_size,
         "state_bytes": sf.state_len,
+        "checkpoints": [c.get("n") for c in h.get("checkpoints", []) if isinstance(c, dict)],
+        "checkpoint_bytes": sum(sf.extra_sizes),
         "checksum": "ok" if sf.checksum_ok else "bad",
         "created": h.get("created"),
         "saved_at": h.get("saved_at"),

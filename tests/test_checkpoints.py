@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kvside.engine import Engine
+from kvside.errors import KvsideError
 from test_families import GREEDY, WINDOW, conversation, prefilled, probe_tokens
 from tinygguf import write
 
@@ -198,5 +199,55 @@ def test_every_edit_works_on_a_window_sized_cache(engine):
         engine.evict(name)
         engine.chat(name, "hello again", max_tokens=3, **GREEDY).wait()
         engine.check(name)
+    finally:
+        engine.delete_session(name)
+
+
+def test_checkpoints_go_to_disk_with_the_session(engine):
+    """An idle session sent to disk comes back with its checkpoints: a regenerated reply still goes
+    back to the one before it instead of reading the whole session again."""
+    name = engine.new_session(system="")
+    try:
+        history = conversation(3) + [{"role": "user", "content": "hello"}]
+        first, _ = bound(engine, history, name, max_tokens=6)
+        marks = next(r for r in engine.sessions() if r["name"] == name)["checkpoints"]
+        engine.evict(name)
+        churn(engine)
+        again, note = bound(engine, history, name)
+        assert note.get("dropped_messages"), note
+        if engine.n_checkpoints:
+            assert len(marks) >= 2
+            assert again.usage.cached_tokens == cells_before_last(engine, name, 2) == restored_cells(engine, name) > 0
+        else:
+            assert marks == [] and again.usage.cached_tokens == 0
+        assert_equals_fresh_prefill(engine, name, history)
+    finally:
+        engine.delete_session(name)
+
+
+def test_a_damaged_checkpoint_record_refuses_the_file(engine, tmp_path):
+    if not engine.n_checkpoints:
+        pytest.skip("with checkpoints")
+    import hashlib
+
+    import msgpack
+
+    name = engine.new_session(system="")
+    try:
+        bound(engine, conversation(2) + [{"role": "user", "content": "hello"}], name, max_tokens=3)
+        path = tmp_path / "s.kvs"
+        engine.save(name, str(path))
+        data = path.read_bytes()
+        head_len = int.from_bytes(data[8:12], "little")
+        header = msgpack.unpackb(data[12 : 12 + head_len], raw=False)
+        assert len(header["checkpoints"]) == len(header["extra"]) >= 2
+        header["checkpoints"][0]["key"] = b"short"
+        packed = msgpack.packb(header, use_bin_type=True)
+        body = data[12 + head_len : -32]
+        path.write_bytes(data[:8] + len(packed).to_bytes(4, "little") + packed + body
+                         + hashlib.sha256(packed + body).digest())
+        with pytest.raises(KvsideError, match="checkpoint record is damaged"):
+            engine.restore(str(path), "copy")
+        assert "copy" not in [r["name"] for r in engine.sessions()]
     finally:
         engine.delete_session(name)

@@ -113,6 +113,9 @@ def _rewrite_header(path, change):
         (lambda p: p.write_bytes(b"\x93\x01\x02\x03" * 100), "not a kvside session"),
         (lambda p: _rewrite_header(p, lambda h: h.update(version=99)), "newer kvside"),
         (lambda p: _rewrite_header(p, lambda h: h.update(state_len=2**60)), "truncated"),
+        (lambda p: _rewrite_header(p, lambda h: h.update(extra=[-1])), "extra sections"),
+        (lambda p: _rewrite_header(p, lambda h: h.update(extra=[10**9])), "truncated"),
+        (lambda p: _resave(p, checkpoints=[{"n": 1, "key": b"0" * 16, "floor": 0}]), "checkpoint records do not match"),
         (lambda p: _resave(p, model_fingerprint="0" * 64), "another model"),
         (lambda p: _resave(p, type_k="q8_0"), "KV types"),
         (lambda p: _resave(p, ledger={"pos": [1, 0], "tok": [1, 2], "msg": [0, 0], "state": ["live", "live"]}), "damaged ledger"),
@@ -141,6 +144,29 @@ def _flip(path, offset):
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def test_a_file_of_the_first_format_version_is_read(exact, tmp_path):
+    """Version 1 files (no extra sections after the state) restore as they did."""
+    import hashlib
+
+    name = edited_session(exact, "v1")
+    before = exact.next_logits(name)
+    path = tmp_path / "v1.kvs"
+    exact.save(name, str(path))
+    data = path.read_bytes()
+    head_len = int.from_bytes(data[8:12], "little")
+    header = msgpack.unpackb(data[12 : 12 + head_len], raw=False)
+    assert header["version"] == 2 and header["extra"] == []
+    header["version"] = 1
+    del header["extra"]
+    packed = msgpack.packb(header, use_bin_type=True)
+    state = data[12 + head_len : -32]
+    path.write_bytes(data[:8] + len(packed).to_bytes(4, "little") + packed + state + hashlib.sha256(packed + state).digest())
+    copy = exact.restore(str(path), "v1-copy")
+    np.testing.assert_array_equal(exact.next_logits(copy), before)
+    exact.delete_session(copy)
+    exact.delete_session(name)
 
 
 def test_checksum_covers_the_header(exact, tmp_path):

@@ -126,5 +126,31 @@ def restore(core, s, cp: Checkpoint) -> None:
         core.mem.lift_floor(s.seq, cp.floor)
 
 
+def for_file(s) -> tuple[list[dict], list]:
+    """s's checkpoints as a session file keeps them: records for the header, blobs for its extra
+    sections (in the same order)."""
+    return [{"n": c.n, "key": c.key, "floor": c.floor} for c in s.checkpoints], [c.blob for c in s.checkpoints]
+
+
+def from_file(core, records, blobs: list) -> list[Checkpoint]:
+    """The checkpoints a session file kept, for this engine: none where the model's cache goes
+    back without them or they are turned off, at most core.config.checkpoints (the first and the
+    latest, as take() keeps them). A record that does not describe its blob is refused (ValueError);
+    one that no longer follows the ledger is harmless: best() never picks it."""
+    if not isinstance(records, list) or len(records) != len(blobs):
+        raise ValueError("the checkpoint records do not match the file's extra sections")
+    out = []
+    for r, blob in zip(records, blobs):
+        if not (isinstance(r, dict) and type(r.get("n")) is int and r["n"] > 0 and isinstance(r.get("key"), bytes)
+                and len(r["key"]) == 16 and type(r.get("floor")) is int and r["floor"] >= 0):
+            raise ValueError("a checkpoint record is damaged")
+        out.append(Checkpoint(r["n"], r["key"], r["floor"], blob))
+    if not needed(core):
+        return []
+    out.sort(key=lambda c: c.n)
+    limit = core.config.checkpoints
+    return out if len(out) <= limit else out[:1] + out[len(out) - limit + 1 :] if limit > 1 else out[-1:]
+
+
 def total_bytes(sessions) -> int:
     return sum(c.size for s in sessions for c in s.checkpoints)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from kvside import sessionfile
+from kvside.engine import checkpoints
 from kvside.engine.edits import Strategy
 from kvside.engine.fleet import SessionElsewhere
 from kvside.engine.jobs import finish
@@ -57,7 +58,10 @@ def save(core, s: Session, path: Path) -> dict:
         raise SessionElsewhere(f"session {s.name!r} was opened by another daemon meanwhile; not saved here")
     t0 = time.perf_counter()
     state = core.seq_state(s.seq)
-    size = sessionfile.write(path, header_for(core, s), state)
+    # a cache that cannot go back keeps its context checkpoints across a save: a session that went
+    # to disk while idle still goes back to them instead of reading everything again
+    records, blobs = checkpoints.for_file(s)
+    size = sessionfile.write(path, dict(header_for(core, s), checkpoints=records), state, extra=blobs)
     dt = time.perf_counter() - t0
     return {"session": s.name, "path": str(path), "bytes": size, "state_bytes": len(state), "t_save_s": dt}
 
@@ -116,7 +120,11 @@ def _restore_claimed(core, sf, path: Path, name: str):
     s = session_from_header(header, name, path.name)
     if any(not 0 <= t < core.model.n_vocab for t in s.ledger.tok + s.pending):
         raise SessionFileError(f"{path.name} holds tokens this model does not have")
-    state = yield from sessionfile.read_state_steps(sf)  # checks the checksum over header and state
+    state, extra = yield from sessionfile.read_all_steps(sf)  # checks the checksum over the whole file
+    try:
+        s.checkpoints = checkpoints.from_file(core, header.get("checkpoints", []), extra)
+    except ValueError as exc:
+        raise SessionFileError(f"{path.name}: {exc}") from None
     _check_free(core, name, path)  # other work ran while the file was read
     scratch = core.scratch_seq
     try:

@@ -10,6 +10,7 @@ from kvside.bench.fidelity import compare
 from kvside.docwatch import DocWatcher
 from kvside.engine import Engine, compose, native
 from kvside.engine.compose import BLOCK_FORMAT, DocumentError
+from kvside.errors import KvsideError
 from kvside.sessionfile import SessionFileError
 
 TEXT = (
@@ -135,6 +136,135 @@ def test_a_block_computed_after_the_previous_blocks_tail_leaves_those_cells_out(
     assert len(composed) == report["tokens"] == sum(len(h["tokens"]) for h in headers)
     assert composed == list(range(composed[0], composed[0] + len(composed)))
     exact.delete_session(name)
+
+
+@pytest.fixture
+def three_docs(tmp_path, exact):
+    from kvside.bench import corpus
+
+    paths = []
+    for src in corpus.documents()[:3]:
+        path = tmp_path / src.name
+        path.write_text(src.read_text(encoding="utf-8")[:900])
+        exact.compile(str(path))
+        paths.append(str(path))
+    return paths
+
+
+def several_against_prefill(engine, docs, **how) -> tuple[list[dict], dict]:
+    probe = engine.call(lambda core: core.model.tokenize(QUESTION))
+    name = engine.new_session(system="Answer from the documents.")
+    reports = engine.attach_documents(name, docs, **how)
+    engine.check(name)
+    led = engine.ledger(name)
+    assert sum(st == "recomputed" for st in led.state) == sum(r["recomputed"] for r in reports)
+    ref = engine.new_session()
+    engine.call(lambda core: core.prefill(core.get(ref), [(0, led.tok)]))
+    result = compare(engine.next_logits(name, probe, all_logits=True), engine.next_logits(ref, probe, all_logits=True))
+    engine.delete_session(name)
+    engine.delete_session(ref)
+    return reports, result
+
+
+def test_several_documents_are_spliced_in_order_each_its_own_message(exact, three_docs):
+    name = exact.new_session(system="Answer from the documents.")
+    exact.chat(name, "Hello!", max_tokens=6, **GREEDY).wait()  # a reply whose closing is still pending
+    reports = exact.attach_documents(name, three_docs)
+    exact.check(name)
+    docs = [m for m in exact.messages(name) if m["kind"] == "document"]
+    assert [r["message"] for r in reports] == [m["id"] for m in docs] and len(set(r["message"] for r in reports)) == 3
+    assert [r["first_pos"] for r in reports] == sorted(r["first_pos"] for r in reports)
+    assert all(r["recomputed"] == 0 for r in reports)
+    # the cells are what reading the same messages would give, template text included
+    fresh = exact.call(lambda core: core.template.render(
+        [m.as_template() for m in core.get(name).messages], add_generation_prompt=False))
+    tokens = exact.ledger(name).tok
+    assert exact.call(lambda core: core.model.detokenize(tokens, special=True)) == fresh
+    assert exact.chat(name, "Which documents did you get?", max_tokens=8, **GREEDY).wait().text
+    exact.delete_session(name)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs kvside's native patch")
+def test_select_spends_one_budget_over_several_documents(exact, three_docs):
+    """select:F attaching several documents at once ranks all their cells together: F of all the
+    cells are recomputed, most of them in the later documents (which missed more of what precedes
+    them), and the cache comes closer to a prefill than without a repair."""
+    plain, none = several_against_prefill(exact, three_docs)
+    reports, repaired = several_against_prefill(exact, three_docs, strategy="select:0.3")
+    total = sum(r["tokens"] for r in reports)
+    # the budget, and the template's few tokens after the first block (decoded after stale cells)
+    assert round(0.3 * total) < sum(r["recomputed"] for r in reports) <= round(0.3 * total) + 3 * 12
+    shares = [r["recomputed"] / r["tokens"] for r in reports]
+    assert shares[-1] > 2 * shares[0]  # one budget per block would give each about 0.3
+    assert repaired["kl"] < none["kl"]
+
+
+def test_the_attach_command_takes_one_document_or_several(exact, three_docs):
+    """The table behind POST /kvside/sessions/{name}/attach and the app's /attach."""
+    from kvside.engine import commands
+    from kvside.errors import InvalidRequest
+
+    name = exact.new_session()
+    try:
+        for bad, message in [({"documents": "a.txt"}, "list of document names"), ({"documents": []}, "non-empty"),
+                             ({"documents": [3]}, "non-empty list"), ({"documents": three_docs, "document": "x"}, "not both"),
+                             ({}, "'document' is required")]:
+            with pytest.raises(InvalidRequest, match=message):
+                commands.apply(exact, name, "attach", bad)
+        assert exact.ledger(name).tok == []  # nothing was attached by the refused calls
+        out = commands.apply(exact, name, "attach", {"documents": three_docs[:2]})
+        assert [r["document"] for r in out["attached"]] == [compose.find(d)[0] for d in three_docs[:2]]
+        assert out["tokens"] == sum(r["tokens"] for r in out["attached"]) and out["recomputed"] == 0
+        assert commands.apply(exact, name, "attach", {"document": three_docs[2]})["blocks"] == 1
+        exact.check(name)
+    finally:
+        exact.delete_session(name)
+
+
+def test_a_request_naming_documents_attaches_the_new_ones_once(exact, three_docs):
+    """A chat request's 'documents' are spliced before its new message; sent again with one more,
+    only that one is attached."""
+    messages = [{"role": "system", "content": "Answer from the documents."},
+                {"role": "user", "content": "What are these about?"}]
+    events = []
+    done = exact.bind_chat(messages, documents=three_docs[:2], max_tokens=4, on_event=events.append, **GREEDY).wait()
+    note = next(e.data for e in events if e.kind == "bound")
+    name = note["session"]
+    assert [r["document"] for r in note["attached"]] == [compose.find(d)[0] for d in three_docs[:2]]
+    exact.check(name)
+    follow = messages + [{"role": "assistant", "content": done.text}, {"role": "user", "content": "And now?"}]
+    events = []
+    exact.bind_chat(follow, session=name, documents=three_docs, max_tokens=4, on_event=events.append, **GREEDY).wait()
+    note = next(e.data for e in events if e.kind == "bound")
+    assert [r["document"] for r in note["attached"]] == [compose.find(three_docs[2])[0]]
+    exact.check(name)
+    exact.delete_session(name)
+
+
+def test_several_documents_that_do_not_fit_change_nothing(tmp_path):
+    """Room for every document is made before the first is spliced; when there is none, the call
+    fails whole and the session (pending reply closing included) is as it was, the turn rolled out
+    to make room included."""
+    from kvside.bench import corpus
+
+    with Engine(n_ctx=512, max_sessions=2, n_threads=2, exact=True) as e:
+        paths = []
+        for src in corpus.documents()[:2]:
+            path = tmp_path / src.name
+            path.write_text(src.read_text(encoding="utf-8")[:1000])
+            e.compile(str(path))
+            paths.append(str(path))
+        name = e.new_session(system="Answer from the documents. " * 8)
+        e.chat(name, "Hello!", max_tokens=6, **GREEDY).wait()
+        before = e.ledger(name).to_dict(), e.messages(name), e.call(lambda core: core.get(name).pending)
+        with pytest.raises(KvsideError, match="positions left"):
+            e.attach_documents(name, paths)
+        assert (e.ledger(name).to_dict(), e.messages(name), e.call(lambda core: core.get(name).pending)) == before
+        e.check(name)
+        assert e.attach(name, paths[0])["tokens"] > 0  # one of them fits
+        e.check(name)
+        assert e.chat(name, "Still there?", max_tokens=4, **GREEDY).wait().text is not None
+        e.check(name)
 
 
 def test_block_of_another_model_is_refused(exact, doc, tmp_path):

@@ -502,12 +502,8 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
                     note["inserted_tokens"] = note.get("inserted_tokens", 0) + match.retooled.get("inserted", 0)
             if documents:
                 held = {e.get("document") for e in s.edit_log if e.get("edit") == "attach"}
-                attached = []
-                for doc in documents:
-                    key, _ = compose.find(doc)
-                    if key not in held:
-                        attached.append(compose.attach(core, s, doc))
-                note["attached"] = attached
+                new_docs = [doc for doc in documents if compose.find(doc)[0] not in held]
+                note["attached"] = compose.attach_documents(core, s, new_docs) if new_docs else []
             recheck = _take_client_reasoning(s, messages) if match is not None else []
             stream.session = s.name
             stream.put(Event("bound", data=note))

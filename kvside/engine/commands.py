@@ -75,6 +75,21 @@ def _policy(engine, name: str, args: dict) -> dict:
     return {"prune_tools": keep}
 
 
+def _attach(engine, name: str, args: dict) -> dict:
+    """One document ('document') or several at once ('documents': select:F ranks all their cells)."""
+    recompute, strategy = _int(args, "recompute", 0, lo=-1), _str(args, "strategy", None)
+    if "documents" not in args:
+        return engine.attach(name, _str(args, "document"), recompute, strategy)
+    if "document" in args:
+        raise InvalidRequest("give 'document' or 'documents', not both", param="documents")
+    docs = _get(args, "documents", (list,), what="a list of document names")
+    if not docs or not all(isinstance(d, str) and d for d in docs):
+        raise InvalidRequest("'documents' must be a non-empty list of document names", param="documents")
+    reports = engine.attach_documents(name, docs, recompute, strategy)
+    return {"attached": reports, "tokens": sum(r["tokens"] for r in reports),
+            "recomputed": sum(r["recomputed"] for r in reports)}
+
+
 EDITS: dict[str, Callable[[Any, str, dict], Any]] = {
     "roll": lambda e, n, a: e.roll(n, _int(a, "drop", lo=0), _int(a, "keep", None, lo=0), _str(a, "strategy", None),
                                    _bool(a, "boundary")),
@@ -87,8 +102,7 @@ EDITS: dict[str, Callable[[Any, str, dict], Any]] = {
     "save": _save,
     "strategy": _strategy,
     "policy": _policy,
-    "attach": lambda e, n, a: e.attach(n, _str(a, "document"), _int(a, "recompute", 0, lo=-1),
-                                       _str(a, "strategy", None)),
+    "attach": lambda e, n, a: _attach(e, n, a),
     # not an edit: the cache measured against a re-prefill of its tokens (engine/reference.py)
     "fidelity": lambda e, n, a: e.fidelity(n, _int(a, "tokens", None, lo=1, hi=256) or 64),
 }

@@ -338,6 +338,12 @@ class Engine:
         """Splice a compiled document into the session: no prefill of the document."""
         return self._atomic_edit(name, lambda core, s: compose.attach(core, s, document, recompute, strategy))
 
+    def attach_documents(self, name: str, documents: list[str], recompute: int = 0,
+                         strategy: str | None = None) -> list[dict]:
+        """Several documents at once: select:F then spends one budget over all their blocks."""
+        return self._atomic_edit(name, lambda core, s: compose.attach_documents(core, s, documents, recompute,
+                                                                                  strategy))
+
     @staticmethod
     def documents() -> dict:
         return compose.load_index()

@@ -1,7 +1,8 @@
 """`kvside bench compose`: attach 1, 3 and 8 precompiled documents to a session and measure, in one
 run, the time to first token against a prefill of the same concatenated tokens, and the fidelity of
 the composed cache per strategy: an integer k recomputes the first k tokens of each block (-1 =
-all), a name is an edit strategy applied to each block (values:R, select:F with the native patch)."""
+all), a name is an edit strategy (values:R on each block; select:F with one budget over all the
+blocks; both need the native patch). The documents are attached in one call."""
 
 from __future__ import annotations
 
@@ -44,11 +45,11 @@ def measure(engine: Engine, docs: list[Path], recompute: int | str, steps: int) 
                                     [{"role": "user", "content": QUESTION}], add_generation_prompt=True)
             question = core.model.tokenize(q, add_special=False, parse_special=True)
             t0 = time.perf_counter()
-            for d in docs:
-                if isinstance(recompute, str):
-                    compose.attach(core, s, str(d), strategy=recompute)
-                else:
-                    compose.attach(core, s, str(d), recompute)
+            # in one call, as a request naming its documents does (select:F ranks all their cells)
+            if isinstance(recompute, str):
+                compose.attach_documents(core, s, [str(d) for d in docs], strategy=recompute)
+            else:
+                compose.attach_documents(core, s, [str(d) for d in docs], recompute)
             core.probe(s.name, question)
             t_attach = time.perf_counter() - t0
             tokens = list(s.ledger.tok)

@@ -59,10 +59,9 @@ def choose(core, s, ref, blocks: list[list[int]], signal: str, budget: float) ->
     if signal == "random":
         return sorted(np.random.default_rng(0).choice(cells, n, replace=False).tolist())
     if signal.startswith("keys:"):
-        per_block = []
-        for b in blocks:  # a block's stale context is everything before it after the sink
-            pos = [s.ledger.pos[i] for i in b]
-            per_block.append(deviation.scores(core, s.seq, (edits.SINK, pos[0]), pos))
+        # a block's stale context is everything before it after the sink
+        asks = [((edits.SINK, s.ledger.pos[b[0]]), [s.ledger.pos[i] for i in b]) for b in blocks]
+        per_block = deviation.scores_many(core, s.seq, asks)
         if signal == "keys:block":
             return [b[o] for b, sc in zip(blocks, per_block) for o in deviation.choose(sc, budget)]
         score = np.concatenate(per_block)

@@ -302,14 +302,15 @@ def _select_over_all(core, s: Session, strat, reports: list[dict], spans: list[l
     t0 = time.perf_counter()
     led = s.ledger
     flat = [r for doc in spans for r in doc]
-    score = [deviation.scores(core, s.seq, (edits.SINK, led.pos[i0]), led.pos[i0:i1]) for i0, i1 in flat]
+    score = deviation.scores_many(core, s.seq, [((edits.SINK, led.pos[i0]), led.pos[i0:i1]) for i0, i1 in flat])
     cells = [i for i0, i1 in flat for i in range(i0, i1)]
     chosen = {cells[j] for j in deviation.choose(np.concatenate(score), strat.frac)}
     chosen |= {i for i in range(flat[0][0], len(led)) if led.state[i] != COMPOSED}
     first = flat[0][0]
     edits.repair(core, s, first, len(led), strat, sorted(i - first for i in chosen))
     took = time.perf_counter() - t0
-    bounds = [doc[0][0] for doc in spans[1:]] + [len(led)]  # each document's cells end where the next one's blocks begin
+    # each document's count runs to the next one's first block (that one's opening counts here)
+    bounds = [doc[0][0] for doc in spans[1:]] + [len(led)]
     lo = first
     for report, hi in zip(reports, bounds):
         mine = sum(1 for i in chosen if lo <= i < hi)

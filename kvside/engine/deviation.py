@@ -52,6 +52,11 @@ def attention_share(keys: np.ndarray, pos: np.ndarray, changed: np.ndarray, rows
 def scores(core, seq: int, changed_pos: set[int] | tuple[int, int], candidate_pos: list[int]) -> np.ndarray:
     """Deviation score of each cell of seq at `candidate_pos` given the positions that changed
     (a set, or a half-open span), from the sequence's current cache."""
+    return scores_many(core, seq, [(changed_pos, candidate_pos)])[0]
+
+
+def scores_many(core, seq: int, asks: list[tuple[set[int] | tuple[int, int], list[int]]]) -> list[np.ndarray]:
+    """scores() for several (changed positions, candidate positions) pairs, the cache read once."""
     info = core.model.info()
     layers = sample_layers(info.n_layer)
     try:
@@ -59,17 +64,20 @@ def scores(core, seq: int, changed_pos: set[int] | tuple[int, int], candidate_po
     except ValueError as exc:  # a cache kvstate cannot read (quantized KV, M-RoPE cells)
         raise EditError(f"select:F needs the cached keys, which cannot be read here: {exc}") from None
     pos = kv.pos
-    if isinstance(changed_pos, tuple):
-        changed = (pos >= changed_pos[0]) & (pos < changed_pos[1])
-    else:
-        changed = np.isin(pos, np.fromiter(changed_pos, dtype=pos.dtype))
     where = {int(p): i for i, p in enumerate(pos)}
-    rows = np.array([where[p] for p in candidate_pos], dtype=np.int64)
-    total = np.zeros(len(rows))
-    for il in layers:
-        keys = kv.k[il]
-        total += attention_share(keys, pos, changed, rows, keys.shape[1] // info.n_head_kv)
-    return total / len(layers)
+    out = []
+    for changed_pos, candidate_pos in asks:
+        if isinstance(changed_pos, tuple):
+            changed = (pos >= changed_pos[0]) & (pos < changed_pos[1])
+        else:
+            changed = np.isin(pos, np.fromiter(changed_pos, dtype=pos.dtype))
+        rows = np.array([where[p] for p in candidate_pos], dtype=np.int64)
+        total = np.zeros(len(rows))
+        for il in layers:
+            keys = kv.k[il]
+            total += attention_share(keys, pos, changed, rows, keys.shape[1] // info.n_head_kv)
+        out.append(total / len(layers))
+    return out
 
 
 def choose(score: np.ndarray, frac: float) -> list[int]:

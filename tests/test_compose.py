@@ -192,8 +192,9 @@ def test_select_spends_one_budget_over_several_documents(exact, three_docs):
     plain, none = several_against_prefill(exact, three_docs)
     reports, repaired = several_against_prefill(exact, three_docs, strategy="select:0.3")
     total = sum(r["tokens"] for r in reports)
-    # the budget, and the template's few tokens after the first block (decoded after stale cells)
-    assert round(0.3 * total) < sum(r["recomputed"] for r in reports) <= round(0.3 * total) + 3 * 12
+    # the budget covers the documents' cells and the template's few tokens after the first block
+    # (decoded after stale cells, recomputed first)
+    assert 0.3 * total <= sum(r["recomputed"] for r in reports) <= 0.3 * (total + 3 * 16)
     shares = [r["recomputed"] / r["tokens"] for r in reports]
     assert shares[-1] > 2 * shares[0]  # one budget per block would give each about 0.3
     assert repaired["kl"] < none["kl"]

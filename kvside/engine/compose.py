@@ -296,7 +296,8 @@ def _select_over_all(core, s: Session, strat, reports: list[dict], spans: list[l
     """select:F over every block of the call, by one ranking: each block's cells scored against
     everything before it, F of all of them recomputed in place, in one batch. The template's few
     tokens after the first block (a document's closing, the next one's opening) were decoded
-    after stale cells, so they are recomputed too, on top of the budget."""
+    after stale cells: they are recomputed first, out of the same budget (so select:1 leaves
+    nothing stale)."""
     from kvside.engine import deviation, edits
 
     t0 = time.perf_counter()
@@ -304,8 +305,10 @@ def _select_over_all(core, s: Session, strat, reports: list[dict], spans: list[l
     flat = [r for doc in spans for r in doc]
     score = deviation.scores_many(core, s.seq, [((edits.SINK, led.pos[i0]), led.pos[i0:i1]) for i0, i1 in flat])
     cells = [i for i0, i1 in flat for i in range(i0, i1)]
-    chosen = {cells[j] for j in deviation.choose(np.concatenate(score), strat.frac)}
-    chosen |= {i for i in range(flat[0][0], len(led)) if led.state[i] != COMPOSED}
+    # the template's tokens after the first block are always among them, inside the budget
+    template = [i for i in range(flat[0][0], len(led)) if led.state[i] != COMPOSED]
+    n = max(0, round(strat.frac * (len(cells) + len(template))) - len(template))
+    chosen = {cells[j] for j in np.argsort(-np.concatenate(score), kind="stable")[:n]} | set(template)
     first = flat[0][0]
     edits.repair(core, s, first, len(led), strat, sorted(i - first for i in chosen))
     took = time.perf_counter() - t0

@@ -138,17 +138,22 @@ def test_a_block_computed_after_the_previous_blocks_tail_leaves_those_cells_out(
     exact.delete_session(name)
 
 
-@pytest.fixture
-def three_docs(tmp_path, exact):
+def compiled_prose(engine, folder, n: int, chars: int) -> list[str]:
+    """The first n prose fixtures, cut to `chars` characters, compiled: their paths."""
     from kvside.bench import corpus
 
     paths = []
-    for src in corpus.documents()[:3]:
-        path = tmp_path / src.name
-        path.write_text(src.read_text(encoding="utf-8")[:900])
-        exact.compile(str(path))
+    for src in corpus.documents()[:n]:
+        path = folder / src.name
+        path.write_text(src.read_text(encoding="utf-8")[:chars])
+        engine.compile(str(path))
         paths.append(str(path))
     return paths
+
+
+@pytest.fixture
+def three_docs(tmp_path, exact):
+    return compiled_prose(exact, tmp_path, 3, 900)
 
 
 def several_against_prefill(engine, docs, **how) -> tuple[list[dict], dict]:
@@ -246,15 +251,8 @@ def test_several_documents_that_do_not_fit_change_nothing(tmp_path):
     """Room for every document is made before the first is spliced; when there is none, the call
     fails whole and the session (pending reply closing included) is as it was, the turn rolled out
     to make room included."""
-    from kvside.bench import corpus
-
     with Engine(n_ctx=512, max_sessions=2, n_threads=2, exact=True) as e:
-        paths = []
-        for src in corpus.documents()[:2]:
-            path = tmp_path / src.name
-            path.write_text(src.read_text(encoding="utf-8")[:1000])
-            e.compile(str(path))
-            paths.append(str(path))
+        paths = compiled_prose(e, tmp_path, 2, 1000)
         name = e.new_session(system="Answer from the documents. " * 8)
         e.chat(name, "Hello!", max_tokens=6, **GREEDY).wait()
         before = e.ledger(name).to_dict(), e.messages(name), e.call(lambda core: core.get(name).pending)

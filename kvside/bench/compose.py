@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from kvside.bench import corpus
@@ -73,20 +74,22 @@ def measure(engine: Engine, docs: list[Path], recompute: int | str, steps: int) 
     return engine.call(run)
 
 
-def run(model: str | None, counts: list[int], strategies: list, steps: int, n_threads: int | None) -> dict:
+@contextmanager
+def compiled(model: str | None, n_docs: int, n_threads: int | None):
+    """An exact engine (n_ctx 4096) with the first n_docs prose fixtures compiled, in a temporary
+    KVSIDE_HOME so the blocks of a benchmark stay out of the user's store: (engine, paths)."""
     home = tempfile.mkdtemp(prefix="kvside-bench-compose-")
     old = os.environ.get("KVSIDE_HOME")
-    os.environ["KVSIDE_HOME"] = home  # blocks of this run stay out of the user's store
+    os.environ["KVSIDE_HOME"] = home
     try:
         folder = Path(home) / "docs"
         folder.mkdir()
-        docs = _write_documents(folder, max(counts))
+        docs = _write_documents(folder, n_docs)
         engine = Engine(model=model, n_ctx=4096, max_sessions=2, n_threads=n_threads, exact=True).start()
         try:
             for d in docs:
                 engine.compile(str(d))
-            rows = [measure(engine, docs[:n], k, steps) for n in counts for k in strategies]
-            info = engine.info()
+            yield engine, docs
         finally:
             engine.close()
     finally:
@@ -94,6 +97,12 @@ def run(model: str | None, counts: list[int], strategies: list, steps: int, n_th
             os.environ.pop("KVSIDE_HOME", None)
         else:
             os.environ["KVSIDE_HOME"] = old
+
+
+def run(model: str | None, counts: list[int], strategies: list, steps: int, n_threads: int | None) -> dict:
+    with compiled(model, max(counts), n_threads) as (engine, docs):
+        rows = [measure(engine, docs[:n], k, steps) for n in counts for k in strategies]
+        info = engine.info()
     return {"model": info["model_name"], "steps": steps, "results": rows}
 
 

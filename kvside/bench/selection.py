@@ -21,8 +21,6 @@ documents, teacher-forced on both caches (bench compose's measure).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -121,27 +119,10 @@ def run(model: str | None, counts: list[int], signals: list[str], budgets: list[
     for sig in signals:
         if sig not in SIGNALS:
             raise InvalidRequest(f"unknown signal {sig!r} (one of {', '.join(SIGNALS)})")
-    home = tempfile.mkdtemp(prefix="kvside-bench-select-")
-    old = os.environ.get("KVSIDE_HOME")
-    os.environ["KVSIDE_HOME"] = home  # blocks of this run stay out of the user's store
-    try:
-        folder = Path(home) / "docs"
-        folder.mkdir()
-        docs = bench_compose._write_documents(folder, max(counts))
-        engine = Engine(model=model, n_ctx=4096, max_sessions=2, n_threads=n_threads, exact=True).start()
-        try:
-            for d in docs:
-                engine.compile(str(d))
-            rows = [measure(engine, docs[:n], "none", 0.0, steps) for n in counts]
-            rows += [measure(engine, docs[:n], sig, b, steps) for n in counts for b in budgets for sig in signals]
-            info = engine.info()
-        finally:
-            engine.close()
-    finally:
-        if old is None:
-            os.environ.pop("KVSIDE_HOME", None)
-        else:
-            os.environ["KVSIDE_HOME"] = old
+    with bench_compose.compiled(model, max(counts), n_threads) as (engine, docs):
+        rows = [measure(engine, docs[:n], "none", 0.0, steps) for n in counts]
+        rows += [measure(engine, docs[:n], sig, b, steps) for n in counts for b in budgets for sig in signals]
+        info = engine.info()
     rows.sort(key=lambda r: (r["documents"], r["budget"]))
     return {"model": info["model_name"], "steps": steps, "results": rows}
 

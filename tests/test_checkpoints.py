@@ -251,3 +251,26 @@ def test_a_damaged_checkpoint_record_refuses_the_file(engine, tmp_path):
         assert "copy" not in [r["name"] for r in engine.sessions()]
     finally:
         engine.delete_session(name)
+
+
+def test_a_file_keeps_at_most_the_checkpoints_the_engine_keeps(models, tmp_path):
+    """Restored where fewer checkpoints are kept: the first and the latest, as take() keeps them;
+    none where checkpoints are off."""
+    path = tmp_path / "many.kvs"
+
+    def engine(n):
+        return Engine(model=str(models["gemma3"]), n_ctx=512, max_sessions=2, n_threads=2, exact=True,
+                      checkpoints=n, swa_full=False)
+
+    def marks(e, name):
+        return next(r for r in e.sessions() if r["name"] == name)["checkpoints"]
+
+    with engine(8) as e:
+        name = e.new_session(system="")
+        bound(e, conversation(3) + [{"role": "user", "content": "hello"}], name, max_tokens=4)
+        saved = marks(e, name)
+        e.save(name, str(path))
+    assert len(saved) >= 3
+    for n, want in [(8, saved), (2, [saved[0], saved[-1]]), (1, saved[-1:]), (0, [])]:
+        with engine(n) as e:
+            assert marks(e, e.restore(str(path))) == want, n

@@ -149,7 +149,9 @@ def from_file(core, records, blobs: list) -> list[Checkpoint]:
         return []
     out.sort(key=lambda c: c.n)
     limit = core.config.checkpoints
-    return out if len(out) <= limit else out[:1] + out[len(out) - limit + 1 :] if limit > 1 else out[-1:]
+    if len(out) <= limit:
+        return out
+    return out[-1:] if limit == 1 else out[:1] + out[len(out) - limit + 1 :]
 
 
 def total_bytes(sessions) -> int:

@@ -102,7 +102,7 @@ EDITS: dict[str, Callable[[Any, str, dict], Any]] = {
     "save": _save,
     "strategy": _strategy,
     "policy": _policy,
-    "attach": lambda e, n, a: _attach(e, n, a),
+    "attach": _attach,
     # not an edit: the cache measured against a re-prefill of its tokens (engine/reference.py)
     "fidelity": lambda e, n, a: e.fidelity(n, _int(a, "tokens", None, lo=1, hi=256) or 64),
 }

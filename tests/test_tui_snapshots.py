@@ -67,6 +67,8 @@ async def _conversation(pilot):
     app = pilot.app
     await _until(pilot, lambda: app.ready, "a session open")
     prompt = app.query_one("#prompt")
+    # a blinking cursor is in the picture or not depending on when it is taken: keep it shown
+    prompt.cursor_blink = False
     prompt.text = "What is a KV cache?"
     await pilot.press("enter")
     # the reply's end is settled (status line, full text, map) before `reply` is cleared

@@ -184,3 +184,30 @@ def test_indent_cut_follows_llama_servers_n_indent_rule():
     assert indent_cut("x + 1\n\t\t\t\tz\n", 4) is None
     assert indent_cut("x + 1\n   ", 4) is None  # nothing after the indentation yet
     assert indent_cut("x\n\n", 1) == 2  # an empty line counts as indented by 0, as in llama-server
+
+
+CHATML_LOOP = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+STRICT_ROLES = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+                "{{ raise_exception('Only user, assistant and system roles are supported') }}{% endif %}"
+                "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+
+
+def test_a_tool_result_is_a_tool_turn_where_a_template_without_tools_renders_that_role():
+    """Templates that know nothing of tools: a generic loop renders `tool` turns as llama-server
+    does (the same prompt tokens on both servers); one that refuses other roles gets the result
+    as a user turn in <tool_response>; calls are Hermes markup in both."""
+    from kvside.engine.template import ChatTemplate
+    history = [{"role": "user", "content": "weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    loop = ChatTemplate(CHATML_LOOP)
+    assert not loop.supports_tools and loop.renders_tool_role
+    text = loop.render(history, add_generation_prompt=True, tools=[WEATHER])
+    assert "<|im_start|>tool\nsunny<|im_end|>\n<|im_start|>assistant\n" in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    strict = ChatTemplate(STRICT_ROLES)
+    assert not strict.renders_tool_role
+    text = strict.render(history, add_generation_prompt=False, tools=[WEATHER])
+    assert text.endswith("[user] <tool_response>\nsunny\n</tool_response>\n")

@@ -214,6 +214,13 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
     the new turn alone, the floor. From turn `measure_from` on, each reply is also scored against
     a re-prefill of the session's tokens. In `shared` two agents alternate turns."""
     agents = 2 if client == "shared" else 1
+
+    # A reply counts as its token budget in characters (4 a token), not as its text: the servers'
+    # greedy replies may differ by a token, and counting their text made one client drop an
+    # exchange a turn before another, so the servers were compared on prompts of other lengths.
+    def size(m: dict) -> int:
+        return 4 * max_tokens if m["role"] == "assistant" else len(m["content"])
+
     histories: list[list[dict]] = [[{"role": "user", "content": TASKS[a]}] for a in range(agents)]
     for i in range(turns):
         a, k = i % agents, i // agents  # whose turn, and its own turn number
@@ -238,7 +245,7 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
         # leaves less for the history
         room = budget_chars - (len(json.dumps(tools)) + len(system) - len(SYSTEM) if tools else 0)
         dropped = 0
-        while client != "placeholder" and sum(len(m["content"]) for m in history) > room and len(history) > 3:
+        while client != "placeholder" and sum(map(size, history)) > room and len(history) > 3:
             first = 0 if client in ("front", "clock") else 1  # the others keep their task message
             del history[first : first + 2]
             dropped += 1
@@ -373,9 +380,12 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
                 traces[kind] = agent_run(base, turns, budget_chars, max_tokens, client, explicit,
                                          measure_from=late_from if measured else None)
         rows: dict[str, list[dict]] = {kind: [] for kind in traces}
-        for _ in range(turns):
-            for kind, trace in traces.items():
-                rows[kind].append(next(trace))
+        order = list(traces)
+        for turn in range(turns):
+            # each round starts with the next server, so that none always follows the same one
+            # (a long re-prefill just before a turn warms the machine for it)
+            for kind in order[turn % len(order):] + order[: turn % len(order)]:
+                rows[kind].append(next(traces[kind]))
     finally:
         for proc, _ in servers.values():
             _stop(proc)

@@ -33,10 +33,25 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _plain_history(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+def _arguments(function: dict):
+    """A call's arguments as the object the tool prompt shows (clients send them as a JSON
+    string; a string that is not JSON stays as it came)."""
+    args = function.get("arguments")
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except ValueError:
+            return args
+    return args
+
+
+def _plain_history(messages: list[dict], tools: list[dict] | None, tool_role: bool) -> list[dict]:
     """The history for a template that knows nothing of tools: kvside's own tool prompt joins
-    the system prompt, calls become Hermes markup in the assistant's text and tool results
-    become user turns (templates that check roles accept those)."""
+    the system prompt and calls become Hermes markup in the assistant's text. A tool result
+    stays a `tool` turn where the template renders that role (a generic ChatML loop does; so
+    llama-server, which hands such templates the messages as they are, reads the same tokens),
+    else it becomes a user turn in Hermes' <tool_response> (templates that check roles accept
+    those)."""
     from kvside.engine.toolcalls import FORMATS
 
     out = []
@@ -46,12 +61,12 @@ def _plain_history(messages: list[dict], tools: list[dict] | None) -> list[dict]
         m.pop("tool_call_id", None)
         if calls:
             text = "\n".join(
-                "<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                "<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": _arguments(c["function"])},
                                              ensure_ascii=False) + "\n</tool_call>"
                 for c in calls
             )
             m["content"] = (m.get("content") or "") + ("\n" if m.get("content") else "") + text
-        if m.get("role") == "tool":
+        if m.get("role") == "tool" and not tool_role:
             m = {"role": "user", "content": "<tool_response>\n" + (m.get("content") or "") + "\n</tool_response>"}
         out.append(m)
     if tools:
@@ -70,6 +85,7 @@ class ChatTemplate:
         self.supports_tools = "tools" in self.source and "tool_call" in self.source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.renders_tool_role = False
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
         )
@@ -80,13 +96,28 @@ class ChatTemplate:
             self._template = env.from_string(self.source)
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the model's chat template does not parse: {exc}") from None
+        if not self.supports_tools:
+            self.renders_tool_role = self._renders_role("tool")
+
+    def _renders_role(self, role: str) -> bool:
+        """Whether the template renders a turn of `role` with its content (llama.cpp's template
+        capabilities are probed the same way), instead of refusing or dropping it."""
+        probe = "kvside-probe-7f3a"
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                    {"role": role, "content": probe}]
+        try:
+            text = self._template.render(messages=messages, add_generation_prompt=False,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except Exception:  # a template that checks roles raises, in its own words
+            return False
+        return probe in text
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         if not messages and not add_generation_prompt:
             return ""
         extra = {}
         if not self.supports_tools:
-            messages = _plain_history(messages, tools)
+            messages = _plain_history(messages, tools, self.renders_tool_role)
         elif tools:
             extra["tools"] = tools
         try:

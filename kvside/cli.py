@@ -407,13 +407,14 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.what == "latency":
         from kvside.bench import latency
 
-        if ns.requests < 2 or ns.load_clients < 1:
-            raise KvsideError_usage("--requests must be at least 2 and --load-clients at least 1")
+        if ns.requests < 2 or ns.load_clients < 1 or ns.decode_reps < 1:
+            raise KvsideError_usage("--requests must be at least 2, --load-clients and --decode-reps at least 1")
         if ns.url:
-            result = latency.against(ns.url.rstrip("/"), ns.requests, ns.load_clients, ns.max_tokens, ns.tokens)
+            result = latency.against(ns.url.rstrip("/"), ns.requests, ns.load_clients, ns.max_tokens, ns.tokens,
+                                     ns.decode_reps)
         else:
             result = latency.run(ns.model, ns.n_ctx, ns.threads or os.cpu_count() or 2, ns.requests, ns.load_clients,
-                                 ns.max_tokens, decode_tokens=ns.tokens)
+                                 ns.max_tokens, decode_tokens=ns.tokens, decode_reps=ns.decode_reps)
         print(json.dumps(result, indent=2) if ns.json else latency.table(result))
         return 0
     if ns.what == "fim":
@@ -915,7 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore, costs: attention kernel (reference: ggml's reference kernels, native patch; restore only)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--tokens", type=int, default=128, help="decode, latency: tokens to generate (latency: one stream's decode rate)")
-    p.add_argument("--reps", type=int, default=3, help="decode: repetitions")
+    p.add_argument("--reps", type=int, default=3, help="decode, restore, costs, fleet, rpc: repetitions")
+    p.add_argument("--decode-reps", type=int, default=5,
+                   help="latency: reps of the single-stream decode, the servers taking turns")
     p.add_argument("--ctx", type=int, default=1024, help="roll, restore, rpc, fleet: tokens in the cache (fleet: about)")
     p.add_argument("--sessions", type=int, default=4, help="fleet: sessions resident when the daemon is drained")
     p.add_argument("--drop", type=int, default=256, help="roll, rpc: tokens dropped")

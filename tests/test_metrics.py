@@ -61,3 +61,26 @@ def test_bench_latency_reads_the_daemons_time_in_llama_decode(url):
     httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2},
                timeout=120)
     assert latency._decode_seconds(url) > 0
+
+
+def test_bench_latency_pairs_the_decode_rates_rep_by_rep(monkeypatch):
+    """The servers take turns, the first alternating, and each rep's two rates give one ratio: a
+    drift that slows both servers alike over the run does not move the paired ratios."""
+    from kvside.bench import latency
+
+    calls, speed = [], iter(range(100))
+    # kvside at 0.95 of llama-server's rate, the machine slowing by 10% a call
+    rate = {"kvside": 95.0, "llama-server": 100.0}
+
+    def once(base, n_tokens):
+        calls.append(base)
+        return rate[base] * 0.9 ** next(speed)
+
+    monkeypatch.setattr(latency, "_decode_once", once)
+    out = latency.decode_rates({"kvside": "kvside", "llama-server": "llama-server"}, 16, reps=4)
+    assert calls == ["kvside", "llama-server", "llama-server", "kvside"] * 2
+    paired = out["paired_ratio"]
+    # each pair is one call apart: 0.95 / 0.9 or 0.95 * 0.9, never the drift of the whole run
+    assert paired["of"] == "kvside / llama-server" and len(paired["all"]) == 4
+    assert sorted(paired["all"]) == pytest.approx([0.855, 0.855, 1.056, 1.056], abs=1e-3)
+    assert paired["median"] == pytest.approx((0.855 + 1.056) / 2, abs=1e-3)

@@ -73,17 +73,29 @@ def _decode_once(base: str, n_tokens: int) -> float:
 
 
 def decode_rates(bases: dict[str, str], n_tokens: int, reps: int = 5) -> dict:
-    """Each server's single-stream decode rate, the servers taking turns rep by rep (a 2-core
-    machine's speed drifts; measured one after the other the ratio swung from 0.77 to 1.28)."""
-    rates: dict[str, list[float]] = {kind: [] for kind in bases}
-    for _ in range(reps):
-        for kind, base in bases.items():
-            rates[kind].append(_decode_once(base, n_tokens))
-    return {kind: {"tokens": n_tokens, "reps": reps, "tok_s_median": round(statistics.median(r), 2),
-                   "tok_s_all": [round(x, 1) for x in r]} for kind, r in rates.items()}
+    """Each server's single-stream decode rate, the servers taking turns rep by rep, the one that
+    goes first alternating (a 2-core machine's speed drifts; measured one after the other the
+    ratio swung from 0.77 to 1.28). Each rep's rates are taken within seconds of each other, so
+    the ratio of the two within a rep carries less of the drift than the ratio of medians: with
+    two servers, the median and quartiles of those paired ratios are reported too."""
+    kinds = list(bases)
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for rep in range(reps):
+        for kind in kinds[::-1] if rep % 2 else kinds:
+            rates[kind].append(_decode_once(bases[kind], n_tokens))
+    out: dict = {kind: {"tokens": n_tokens, "reps": reps, "tok_s_median": round(statistics.median(r), 2),
+                        "tok_s_all": [round(x, 1) for x in r]} for kind, r in rates.items()}
+    if len(kinds) == 2:
+        a, b = kinds
+        ratios = sorted(x / y for x, y in zip(rates[a], rates[b]))
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out["paired_ratio"] = {"of": f"{a} / {b}", "median": round(statistics.median(ratios), 4),
+                               "q1": round(q1, 4), "q3": round(q3, 4), "all": [round(x, 3) for x in ratios]}
+    return out
 
 
-def against(base: str, requests: int, clients: int, max_tokens: int, decode_tokens: int = 128) -> dict:
+def against(base: str, requests: int, clients: int, max_tokens: int, decode_tokens: int = 128,
+            decode_reps: int = 5) -> dict:
     """The same rounds against a server already running at `base` (to profile a daemon, e.g.
     under py-spy); nothing is started or stopped."""
     _round(base, 1, 2, max_tokens, 900)  # warm up
@@ -91,12 +103,12 @@ def against(base: str, requests: int, clients: int, max_tokens: int, decode_toke
            f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2), max_tokens, 100)}
     result = {"model": base, "n_ctx": None, "threads": None, "max_tokens": max_tokens, "runs": {base: out}}
     if decode_tokens:
-        result["decode"] = decode_rates({base: base}, decode_tokens)
+        result["decode"] = decode_rates({base: base}, decode_tokens, decode_reps)
     return result
 
 
 def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int, max_tokens: int,
-        decode_tokens: int = 128) -> dict:
+        decode_tokens: int = 128, decode_reps: int = 5) -> dict:
     path = resolve(model).path
     kinds = ["kvside"] + (["llama-server"] if PEER.exists() else [])
     result: dict = {"model": path.name, "n_ctx": n_ctx, "threads": threads, "max_tokens": max_tokens, "runs": {}}
@@ -113,7 +125,8 @@ def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int
                                     f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2),
                                                                  max_tokens, 100)}
         if decode_tokens:
-            result["decode"] = decode_rates({kind: base for kind, (_, base) in servers.items()}, decode_tokens)
+            result["decode"] = decode_rates({kind: base for kind, (_, base) in servers.items()}, decode_tokens,
+                                            decode_reps)
     finally:
         for proc, _ in servers.values():
             _stop(proc)
@@ -129,13 +142,17 @@ def table(result: dict) -> str:
             share = f"{r['share_outside_decode']:.0%}" if "share_outside_decode" in r else "-"
             lines.append(f"{kind} | {r['clients']} | {r['requests']} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} | "
                          f"{r['request_p50_s']:.3f} | {r['wall_s']:.2f} | {share}")
-    decode = result.get("decode", {})
+    decode = {k: v for k, v in result.get("decode", {}).items() if k != "paired_ratio"}
     for kind, d in decode.items():
         lines.append(f"single stream decode, {kind}: {d['tok_s_median']:.1f} tok/s (median of {d['reps']}, "
                      f"{d['tokens']} tokens; all: {d['tok_s_all']})")
     if "kvside" in decode and "llama-server" in decode:
         ratio = decode["kvside"]["tok_s_median"] / decode["llama-server"]["tok_s_median"]
-        lines.append(f"decode ratio kvside / llama-server: {ratio:.3f}")
+        lines.append(f"decode ratio kvside / llama-server: {ratio:.3f} (ratio of medians)")
+    paired = result.get("decode", {}).get("paired_ratio")
+    if paired:
+        lines.append(f"decode ratio {paired['of']}, rep by rep: median {paired['median']:.3f}, "
+                     f"quartiles {paired['q1']:.3f}-{paired['q3']:.3f} ({len(paired['all'])} reps)")
     if "notice" in result:
         lines.append(result["notice"])
     return "\n".join(lines)

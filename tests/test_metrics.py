@@ -84,3 +84,27 @@ def test_bench_latency_pairs_the_decode_rates_rep_by_rep(monkeypatch):
     assert paired["of"] == "kvside / llama-server" and len(paired["all"]) == 4
     assert sorted(paired["all"]) == pytest.approx([0.855, 0.855, 1.056, 1.056], abs=1e-3)
     assert paired["median"] == pytest.approx((0.855 + 1.056) / 2, abs=1e-3)
+
+
+def test_bench_latency_servers_take_turns_leg_by_leg_on_the_same_conversations(monkeypatch):
+    from kvside.bench import latency
+
+    calls = []
+
+    def leg(base, clients, per_client, max_tokens, offset):
+        calls.append((base, clients, per_client, offset))
+        rows = [{"ttft_s": 0.1, "wall_s": 0.2, "status": 200} for _ in range(clients * per_client)]
+        return {"rows": rows, "wall_s": 0.2 * per_client, "decode_s": None}
+
+    monkeypatch.setattr(latency, "_leg", leg)
+    out = latency.rounds({"a": "a", "b": "b"}, requests=10, clients=4, max_tokens=8, legs=4)
+    measured = [c for c in calls if c[3] != 900]  # the warm-ups aside
+    firsts = [c[0] for c in measured if c[1] == 1]
+    assert firsts == ["a", "b", "b", "a", "a", "b", "b", "a"]  # the first alternates
+    for kind in "ab":
+        mine = [c for c in measured if c[0] == kind]
+        # every request once, each leg's conversations new, the same ones for both servers
+        assert sum(c[2] for c in mine if c[1] == 1) == 10 and out[kind]["one_client"]["requests"] == 10
+        assert out[kind]["4_clients"]["requests"] == 4 * (10 // 4 * 2)
+        assert len({c[3] for c in mine}) == len(mine)
+    assert sorted(c[1:] for c in measured if c[0] == "a") == sorted(c[1:] for c in measured if c[0] == "b")

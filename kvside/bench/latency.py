@@ -1,7 +1,7 @@
 """`kvside bench latency`: short chat requests, the per-request overhead an editor feels, against
 llama.cpp's llama-server (`make peer`) in one run. Each request is a new ~30-token conversation
 (nothing to reuse for either server), streamed, 8 tokens. One client sending one request after
-another, then 8 clients at once. For kvside, the share of the requests' wall time spent outside
+another, and 8 clients at once; the servers take turns in legs of each. For kvside, the share of the requests' wall time spent outside
 llama_decode comes from its /metrics (kvside_llama_decode_seconds)."""
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def _body(i: int, max_tokens: int) -> dict:
             "max_tokens": max_tokens, "temperature": 0}
 
 
-def _round(base: str, clients: int, per_client: int, max_tokens: int, offset: int) -> dict:
+def _leg(base: str, clients: int, per_client: int, max_tokens: int, offset: int) -> dict:
+    """`clients` at once, each sending `per_client` new conversations one after another: the
+    requests' rows, the wall time, and the daemon's time inside llama_decode meanwhile."""
     rows: list[dict] = []
     lock = threading.Lock()
 
@@ -48,15 +50,54 @@ def _round(base: str, clients: int, per_client: int, max_tokens: int, offset: in
     before = _decode_seconds(base)
     wall = _concurrently(clients, client)
     after = _decode_seconds(base)
+    decode = after - before if before is not None and after is not None else None
+    return {"rows": rows, "wall_s": wall, "decode_s": decode}
+
+
+def _summary(clients: int, legs: list[dict]) -> dict:
+    rows = [r for leg in legs for r in leg["rows"]]
+    wall = sum(leg["wall_s"] for leg in legs)
     ttfts = sorted(r["ttft_s"] for r in rows if r["ttft_s"] is not None)
     out = {"clients": clients, "requests": len(rows), "errors": sum(1 for r in rows if r["status"] != 200),
            "ttft_p50_s": round(statistics.median(ttfts), 4), "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 4),
            "request_p50_s": round(statistics.median(r["wall_s"] for r in rows), 4), "wall_s": round(wall, 3)}
-    if before is not None and after is not None:
-        # one engine thread: llama_decode time against the wall time the round took
-        out["llama_decode_s"] = round(after - before, 3)
-        out["share_outside_decode"] = round(1 - (after - before) / wall, 3)
+    if all(leg["decode_s"] is not None for leg in legs):
+        # one engine thread: llama_decode time against the wall time the rounds took
+        decode = sum(leg["decode_s"] for leg in legs)
+        out["llama_decode_s"] = round(decode, 3)
+        out["share_outside_decode"] = round(1 - decode / wall, 3)
     return out
+
+
+def rounds(bases: dict[str, str], requests: int, clients: int, max_tokens: int, legs: int = 4) -> dict:
+    """One client sending `requests` new conversations one after another, then `clients` at once
+    sending twice as many in all, on each server. The work is cut into legs and the servers take
+    turns leg by leg, the first alternating, each sent the same conversations: a 2-core machine's
+    speed drifts over minutes, and servers measured one after the other were compared at
+    different speeds. The wall time of a round is the sum of its legs'."""
+    kinds = list(bases)
+    for base in bases.values():
+        _leg(base, 1, 2, max_tokens, 900)  # warm up
+    legs = max(1, min(legs, requests))
+    per_leg = [requests // legs + (1 if i < requests % legs else 0) for i in range(legs)]
+    many_per_client = max(1, requests // clients * 2)
+    many_legs = max(1, min(legs, many_per_client))
+    many_per_leg = [many_per_client // many_legs + (1 if i < many_per_client % many_legs else 0)
+                    for i in range(many_legs)]
+    one: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    many: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for i in range(max(legs, many_legs)):
+        order = kinds[::-1] if i % 2 else kinds
+        for kind in order:
+            if i < legs:
+                one[kind].append(_leg(bases[kind], 1, per_leg[i], max_tokens, sum(per_leg[:i])))
+        for kind in order:
+            if i < many_legs:
+                # each leg's conversations are new: offsets past every earlier leg's
+                many[kind].append(_leg(bases[kind], clients, many_per_leg[i], max_tokens,
+                                       100 + clients * sum(many_per_leg[:i])))
+    return {kind: {"one_client": _summary(1, one[kind]), f"{clients}_clients": _summary(clients, many[kind])}
+            for kind in kinds}
 
 
 DECODE_PROMPT = "Write a long story about a lighthouse keeper and the sea."
@@ -98,10 +139,8 @@ def against(base: str, requests: int, clients: int, max_tokens: int, decode_toke
             decode_reps: int = 5) -> dict:
     """The same rounds against a server already running at `base` (to profile a daemon, e.g.
     under py-spy); nothing is started or stopped."""
-    _round(base, 1, 2, max_tokens, 900)  # warm up
-    out = {"one_client": _round(base, 1, requests, max_tokens, 0),
-           f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2), max_tokens, 100)}
-    result = {"model": base, "n_ctx": None, "threads": None, "max_tokens": max_tokens, "runs": {base: out}}
+    result = {"model": base, "n_ctx": None, "threads": None, "max_tokens": max_tokens,
+              "runs": rounds({base: base}, requests, clients, max_tokens)}
     if decode_tokens:
         result["decode"] = decode_rates({base: base}, decode_tokens, decode_reps)
     return result
@@ -119,11 +158,7 @@ def run(model: str | None, n_ctx: int, threads: int, requests: int, clients: int
         for kind in kinds:  # both up at once: each is idle while the other is measured
             servers[kind] = _start(kind, path, n_ctx, threads, tempfile.mkdtemp(prefix="kvside-bench-latency-"),
                                    sessions=clients)
-        for kind, (_, base) in servers.items():
-            _round(base, 1, 2, max_tokens, 900)  # warm up
-            result["runs"][kind] = {"one_client": _round(base, 1, requests, max_tokens, 0),
-                                    f"{clients}_clients": _round(base, clients, max(1, requests // clients * 2),
-                                                                 max_tokens, 100)}
+        result["runs"] = rounds({kind: base for kind, (_, base) in servers.items()}, requests, clients, max_tokens)
         if decode_tokens:
             result["decode"] = decode_rates({kind: base for kind, (_, base) in servers.items()}, decode_tokens,
                                             decode_reps)

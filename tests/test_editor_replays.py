@@ -124,6 +124,18 @@ def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, wide_da
         assert rows[1]["agent"] == 1 and rows[1]["cached_tokens"] > 0.5 * rows[1]["prompt_tokens"], rows
 
 
+def test_bench_serve_pairs_late_turns_of_the_same_prompt_length():
+    from kvside.bench.serve import paired_difference
+
+    ours = [{"turn": t, "ttft_s": s, "prompt_tokens": n} for t, s, n in
+            [(0, 9.0, 100), (1, 1.0, 200), (2, 2.0, 210), (3, 1.5, 220), (4, 3.0, 230)]]
+    theirs = [{"turn": t, "ttft_s": s, "prompt_tokens": n} for t, s, n in
+              [(0, 1.0, 100), (1, 1.2, 200), (2, 1.9, 210), (3, 1.0, 180), (4, 3.5, 230)]]
+    # turn 0 is not late, turn 3 read another prompt: turns 1, 2 and 4 are compared
+    assert paired_difference(ours, theirs, late_from=1) == {"turns": 3, "ttft_diff_median_s": -0.2, "kvside_first": 2}
+    assert paired_difference(ours, theirs, late_from=9) == {"turns": 0}
+
+
 def test_continue_llamacpp_provider_streams_completion(daemon_url):
     """Continue's llama.cpp provider: POST /completion streamed, reading `content` from each event;
     the chat markup in its client-rendered prompt is read as special tokens, as llama-server does."""

@@ -347,6 +347,19 @@ def load_run(base: str, clients: int, requests: int, max_tokens: int, leak_check
     return out
 
 
+def paired_difference(ours: list[dict], theirs: list[dict], late_from: int) -> dict:
+    """kvside's late turns against another server's, turn by turn where both read prompts of the
+    same length: the median of the differences in time to first token (negative: kvside first).
+    The two medians of a column each can differ by more than the servers do: turns alternate
+    between slow and quick for every server alike (how much was new, the machine's drift)."""
+    diffs = sorted(a["ttft_s"] - b["ttft_s"] for a, b in zip(ours, theirs)
+                   if a["turn"] >= late_from and a["prompt_tokens"] == b["prompt_tokens"])
+    if not diffs:
+        return {"turns": 0}
+    return {"turns": len(diffs), "ttft_diff_median_s": round(statistics.median(diffs), 4),
+            "kvside_first": sum(1 for d in diffs if d < 0)}
+
+
 def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens: int, threads: int,
         late_from: int, load_clients: int, load_requests: int, client: str | None = None,
         fidelity: bool = True) -> dict:
@@ -399,6 +412,10 @@ def run(model: str | None, n_ctx: int, turns: int, budget_chars: int, max_tokens
         if scored:
             result["runs"][kind]["late_kl_mean"] = statistics.fmean(r["kl"] for r in scored)
             result["runs"][kind]["late_top1_mean"] = statistics.fmean(r["top1"] for r in scored)
+    if turns and "kvside" in result["runs"]:
+        for kind in result["runs"]:
+            if kind != "kvside":
+                result["runs"][kind]["late_paired"] = paired_difference(rows["kvside"], rows[kind], late_from)
     if load_clients:  # a daemon with room for four sessions, beside llama-server with four slots
         result["load"] = {}
         for kind in ["kvside"] + (["llama-server"] if PEER.exists() else []):
@@ -425,6 +442,11 @@ def table(result: dict) -> str:
         lines.append(f"late median (turn >= {result['late_from']}) | " +
                      " | ".join(f"{runs[k]['late_ttft_median_s']:.3f} / {runs[k]['late_cached_median']:.0f} of "
                                 f"{runs[k]['late_prompt_median']:.0f}" for k in kinds))
+    if any(runs[k].get("late_paired", {}).get("turns") for k in kinds):
+        lines.append("late turns of the same prompt length: kvside's TTFT minus this one's, median "
+                     "(kvside first in n of m) | " + " | ".join(
+                         f"{p['ttft_diff_median_s']:+.3f} s ({p['kvside_first']} of {p['turns']})"
+                         if (p := runs[k].get("late_paired", {})).get("turns") else "-" for k in kinds))
     if any("late_kl_mean" in runs[k] for k in kinds):
         lines.append(f"late kl / top1 against a re-prefill ({FIDELITY_TOKENS} reply tokens) | " +
                      " | ".join(f"{runs[k]['late_kl_mean']:.2e} / {runs[k]['late_top1_mean']:.3f}"

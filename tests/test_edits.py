@@ -338,6 +338,35 @@ def test_refused_removal_falls_back_without_half_edit(exact, monkeypatch):
     exact.delete_session(name)
 
 
+def test_a_failed_edit_puts_the_cells_back_exactly_each_time(exact):
+    """Edits of several steps run inside a snapshot (txn.atomic): one that fails after cutting
+    cells leaves the session as it was, logits included. Twice in a row (the snapshot's buffer is
+    reused, so the second must not see the first's bytes), and inside another session's snapshot
+    (which still holds the kept buffer: the inner one gets its own)."""
+    from kvside.engine.txn import atomic
+
+    a, b = filled(exact, 150), filled(exact, 90)
+    want = {n: (exact.ledger(n).tok, exact.next_logits(n, PROBE, all_logits=True)) for n in (a, b)}
+
+    def cut_then_fail(core, s):
+        core.mem.rm(s.seq, 10, 60)
+        s.ledger.remove(10, 60, "mask")
+        raise EditError("failed after cutting")
+
+    def nested(core, s):
+        with atomic(core, core.get(b)):
+            cut_then_fail(core, core.get(b))
+
+    for name, fn in [(a, cut_then_fail), (b, cut_then_fail), (a, nested)]:
+        with pytest.raises(EditError):
+            exact._atomic_edit(name, fn)
+    for n in (a, b):
+        exact.check(n)
+        assert exact.ledger(n).tok == want[n][0]
+        np.testing.assert_array_equal(exact.next_logits(n, PROBE, all_logits=True), want[n][1])
+    exact.delete_session(a), exact.delete_session(b)
+
+
 def test_bad_edits_are_clear_errors(exact):
     name = filled(exact, 60)
     with pytest.raises(InvalidRequest, match="cannot drop"):

@@ -147,6 +147,7 @@ class Core:
         self.mem.on_shared_write = self.unshare
         self.batch = Batch(self.n_batch)
         self.costs = DecodeCosts(self.n_batch)
+        self.snapshot_buffer = None  # kept between edits' snapshots (txn): see there
         self.template = ChatTemplate(
             self.template_choice.source,
             bos_token=self.model.token_text(self.model.bos) if self.model.bos >= 0 else "",

@@ -30,12 +30,12 @@ class StateRejected(KvsideError):
     code = "state_rejected"
 
 
-def set_seq_state(ctx, seq: int, data) -> None:
-    """Replace seq's content with data (bytes or a ctypes buffer). Raises StateRejected when
-    llama.cpp refuses; seq is then empty."""
+def set_seq_state(ctx, seq: int, data, size: int | None = None) -> None:
+    """Replace seq's content with data (bytes or a ctypes buffer; its first `size` bytes where
+    given). Raises StateRejected when llama.cpp refuses; seq is then empty."""
     if isinstance(data, (bytes, bytearray)):
         data = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-    if lib.llama_state_seq_set_data(ctx, data, len(data), seq) == 0:
+    if lib.llama_state_seq_set_data(ctx, data, len(data) if size is None else size, seq) == 0:
         raise StateRejected("llama.cpp could not load the sequence state")
 
 

@@ -2,6 +2,8 @@
 counts a request's tokens with /apply-template + /tokenize, Zed reads n_ctx and the template's
 capabilities from /props and /v1/models."""
 
+import json
+
 import httpx
 import pytest
 
@@ -143,3 +145,22 @@ def test_ignore_eos_keeps_generating_and_is_type_checked(url):
     chat = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12,
                                                "ignore_eos": True, "temperature": 0})
     assert chat.json()["usage"]["completion_tokens"] == 12
+
+
+def test_chat_completions_carry_llama_servers_timings(url):
+    """llama-server adds `timings` to a chat reply and to the last chunk of a streamed one (its
+    web UI and benchmarks read them): kvside's say the same of what it read and wrote."""
+    messages = [{"role": "user", "content": "Name three colours."}]
+    whole = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0}).json()
+    t = whole["timings"]
+    usage = whole["usage"]
+    assert t["prompt_n"] + t["cache_n"] == usage["prompt_tokens"] and t["predicted_n"] == usage["completion_tokens"]
+    assert t["prompt_ms"] > 0 and t["predicted_ms"] >= 0
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
+            "messages": messages, "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    finished = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finished) == 1
+    assert finished[0]["timings"]["predicted_n"] == chunks[-1]["usage"]["completion_tokens"] > 0
+    assert all("timings" not in c for c in chunks if c is not finished[0])

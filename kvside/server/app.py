@@ -340,7 +340,9 @@ class Daemon:
         finally:
             self._done()
         extra = {"kvside": {"notices": done.notices, **note}}
-        return JSONResponse(oa.chat_response(cid, req.served, done, extra), headers=headers)
+        body = oa.chat_response(cid, req.served, done, extra)
+        body["timings"] = llamacpp.timings(done)
+        return JSONResponse(body, headers=headers)
 
     async def _sse_chat(self, stream, queue, first, cid, req, note: dict):
         model = req.served
@@ -358,7 +360,9 @@ class Daemon:
                 elif event.kind == "done":
                     done = stream.completion
                     self.metrics.reply(done, note)
-                    yield _data(oa.chat_chunk(cid, model, {}, oa.finish_reason(done.finish_reason)))
+                    last = oa.chat_chunk(cid, model, {}, oa.finish_reason(done.finish_reason))
+                    last["timings"] = llamacpp.timings(done)  # as llama-server's last chunk carries them
+                    yield _data(last)
                     if req.include_usage:
                         yield _data(oa.usage_chunk(cid, model, oa.usage_of(done, note)))
             yield ServerSentEvent(data="[DONE]")

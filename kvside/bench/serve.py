@@ -127,7 +127,7 @@ def _stream(base: str, body: dict, headers: dict | None = None) -> dict:
         cached = timings.get("cache_n", 0)
     return {"ttft_s": ttft if ttft is not None else time.perf_counter() - t0, "text": "".join(text),
             "cached_tokens": cached, "prompt_tokens": usage.get("prompt_tokens") or timings.get("prompt_n", 0),
-            "session": session}
+            "session": session, "prompt_ms": timings.get("prompt_ms")}
 
 
 FIDELITY_TOKENS = 32  # of each reply, teacher-forced on the edited cache and on a re-prefill
@@ -258,7 +258,8 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
         r = _stream(base, body, headers)
         history.append({"role": "assistant", "content": r["text"] or "ok"})
         row = {"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
-               "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped}
+               "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped,
+               "server_prompt_ms": r["prompt_ms"]}  # the server's own time from reading to the first token
         if agents > 1:
             row["agent"] = a
         if measure_from is not None and i >= measure_from:

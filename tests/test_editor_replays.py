@@ -56,8 +56,13 @@ def read_answer(response: httpx.Response, stream: bool) -> dict:
         message["tool_calls"] = [{"id": c["id"], "type": "function",
                                   "function": {"name": c["name"], "arguments": c["arguments"]}}
                                  for _, c in sorted(calls.items())]
-        for c in message["tool_calls"]:
+        for i, c in enumerate(message["tool_calls"]):
             assert c["id"] and c["function"]["name"]
+            if finish == "length" and i == len(message["tool_calls"]) - 1:
+                # cut at max_tokens mid-call: its arguments are half written, as OpenAI's are; the
+                # text of the call also came as content (what a whole reply gives for it)
+                assert c["function"]["arguments"].strip("{ ") in content or not c["function"]["arguments"]
+                continue
             json.loads(c["function"]["arguments"])
     return {"message": message, "finish": finish, "usage": usage}
 
@@ -71,7 +76,13 @@ def test_editor_chat_shapes_are_answered_and_the_next_turn_is_a_cache_hit(daemon
     follow = dict(body, messages=body["messages"] + [answer["message"], {"role": "user", "content": "Thanks."}])
     second = read_answer(httpx.post(daemon_url + "/v1/chat/completions", json=follow, timeout=120),
                          body.get("stream", False))
-    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= answer["usage"]["prompt_tokens"]
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    if answer["finish"] == "length" and answer["message"].get("tool_calls"):
+        # a reply cut mid-call comes back as the client kept it (the half call, and its text as
+        # content), not as the model wrote it: that turn is rewritten from its header on
+        assert cached >= answer["usage"]["prompt_tokens"] - 8
+    else:
+        assert cached >= answer["usage"]["prompt_tokens"]
 
 
 def test_usage_says_what_binding_edited(daemon_url):

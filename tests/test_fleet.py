@@ -366,7 +366,9 @@ def _saved_users(folder: Path, name: str) -> list[str]:
     from kvside import sessionfile
 
     header = sessionfile.read_header(folder / f"{name}.kvs").header
-    return [m["content"] for m in header["messages"] if m["role"] == "user"]
+    # live ones: a turn sent again because its reply was saved but never heard (the daemon was
+    # killed in between) is a regenerate, and the file keeps the first try's records, masked
+    return [m["content"] for m in header["messages"] if m["role"] == "user" and m["state"] == "live"]
 
 
 def test_a_fleet_loses_nothing_when_a_daemon_drains_mid_run(fleet):

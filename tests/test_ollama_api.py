@@ -96,3 +96,17 @@ def test_refusals_are_clear_ollama_errors(client, call, message):
         out = call(client)
         list(out) if not isinstance(out, (ollama.ChatResponse, ollama.GenerateResponse)) else out
     assert err.value.status_code in (400, 404) and message in err.value.error
+
+
+def test_each_front_samples_with_its_own_apis_repeat_penalty(live):
+    """OpenAI's API and llama-server apply no repeat penalty unless asked; Ollama applies 1.1. Each
+    front's default shows in what the reply was sampled with."""
+    from kvside.engine.sampling import SamplingParams
+    from kvside.server import ollama_api
+
+    assert SamplingParams().repeat_penalty == 1.0
+    assert ollama_api.options({}, 512)["repeat_penalty"] == 1.1
+    assert ollama_api.options({"options": {"repeat_penalty": 1.0}}, 512)["repeat_penalty"] == 1.0
+    body = {"prompt": "Once upon a time", "n_predict": 2}
+    settings = httpx.post(live.url + "/completion", json=body, timeout=120).json()["generation_settings"]
+    assert settings["repeat_penalty"] == 1.0

@@ -26,6 +26,9 @@ from kvside.server.pool import parse_keep_alive
 # Copilot Chat's Ollama provider refuses servers older than 0.6.4; kvside speaks that API level.
 API_VERSION = "0.6.4"
 
+# Ollama's default where a request does not say (kvside's own default, as llama-server's, is none)
+OLLAMA_REPEAT_PENALTY = 1.1
+
 # options Ollama takes and the engine's names for them
 _OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
             "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
@@ -59,6 +62,7 @@ def options(body: dict, n_ctx: int) -> dict:
         del fields["max_tokens"]  # -1: until the model stops (the session's default bound)
     parsed = oa.parse_completion({"prompt": "", **fields})  # the same type and range checks as /v1
     params = dict(parsed.params)
+    params.setdefault("repeat_penalty", OLLAMA_REPEAT_PENALTY)
     if "repeat_last_n" in fields:
         if not isinstance(fields["repeat_last_n"], int) or isinstance(fields["repeat_last_n"], bool):
             raise InvalidRequest("'repeat_last_n' must be an integer", param="options.repeat_last_n")

@@ -24,7 +24,7 @@ class SamplingParams:
     top_p: float = 0.95
     min_p: float = 0.05
     # none, as llama-server and OpenAI's API default to (the Ollama front asks for Ollama's 1.1): the
-    # penalties sampler walks the whole vocabulary every token, 4% of SmolLM2's decode rate (measured)
+    # penalties sampler walks the whole vocabulary every token (docs/benchmarks.md, Latency)
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     frequency_penalty: float = 0.0

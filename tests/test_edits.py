@@ -364,7 +364,8 @@ def test_a_failed_edit_puts_the_cells_back_exactly_each_time(exact):
         exact.check(n)
         assert exact.ledger(n).tok == want[n][0]
         np.testing.assert_array_equal(exact.next_logits(n, PROBE, all_logits=True), want[n][1])
-    exact.delete_session(a), exact.delete_session(b)
+    exact.delete_session(a)
+    exact.delete_session(b)
 
 
 def test_bad_edits_are_clear_errors(exact):

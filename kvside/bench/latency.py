@@ -1,8 +1,9 @@
 """`kvside bench latency`: short chat requests, the per-request overhead an editor feels, against
 llama.cpp's llama-server (`make peer`) in one run. Each request is a new ~30-token conversation
 (nothing to reuse for either server), streamed, 8 tokens. One client sending one request after
-another, and 8 clients at once; the servers take turns in legs of each. For kvside, the share of the requests' wall time spent outside
-llama_decode comes from its /metrics (kvside_llama_decode_seconds)."""
+another, and 8 clients at once; the servers take turns in legs of each. For kvside, the share of
+the requests' wall time spent outside llama_decode comes from its /metrics
+(kvside_llama_decode_seconds)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ def _summary(clients: int, legs: list[dict]) -> dict:
     return out
 
 
+def _split(n: int, parts: int) -> list[int]:
+    """n requests in at most `parts` legs of sizes differing by at most one."""
+    parts = max(1, min(parts, n))
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
 def rounds(bases: dict[str, str], requests: int, clients: int, max_tokens: int, legs: int = 4) -> dict:
     """One client sending `requests` new conversations one after another, then `clients` at once
     sending twice as many in all, on each server. The work is cut into legs and the servers take
@@ -78,12 +85,9 @@ def rounds(bases: dict[str, str], requests: int, clients: int, max_tokens: int, 
     kinds = list(bases)
     for base in bases.values():
         _leg(base, 1, 2, max_tokens, 900)  # warm up
-    legs = max(1, min(legs, requests))
-    per_leg = [requests // legs + (1 if i < requests % legs else 0) for i in range(legs)]
-    many_per_client = max(1, requests // clients * 2)
-    many_legs = max(1, min(legs, many_per_client))
-    many_per_leg = [many_per_client // many_legs + (1 if i < many_per_client % many_legs else 0)
-                    for i in range(many_legs)]
+    per_leg = _split(requests, legs)
+    many_per_leg = _split(max(1, requests // clients * 2), legs)
+    legs, many_legs = len(per_leg), len(many_per_leg)
     one: dict[str, list[dict]] = {kind: [] for kind in kinds}
     many: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for i in range(max(legs, many_legs)):

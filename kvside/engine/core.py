@@ -549,10 +549,11 @@ class Core:
         self.mem.rm(scratch, pos, -1)
         self.mem.shift_pending = False
 
-    def seq_state(self, seq: int):
-        """The sequence's state (llama_state_seq_get_data) with every shift applied to its keys."""
+    def seq_state(self, seq: int, into=None):
+        """The sequence's state (llama_state_seq_get_data) with every shift applied to its keys
+        (`into`: see state.get_seq_state)."""
         self.settle()
-        return get_seq_state(self.ctx, seq)
+        return get_seq_state(self.ctx, seq, into)
 
     def prefill(self, s: Session, pieces: list[tuple[int, list[int]]]) -> None:
         tokens = [t for _, toks in pieces for t in toks]

@@ -11,10 +11,12 @@ from kvside.errors import CacheFull, KvsideError
 ON_DEVICE = 2  # LLAMA_STATE_SEQ_FLAGS_ON_DEVICE
 
 
-def get_seq_state(ctx, seq: int):
-    """The sequence's state in a ctypes buffer (supports the buffer protocol; no extra copy)."""
+def get_seq_state(ctx, seq: int, into=None):
+    """The sequence's state in a ctypes buffer (supports the buffer protocol; no extra copy).
+    `into`: a buffer to write into instead of a new one (`into(size)` gives it, at least size
+    bytes long); the state is then its first size bytes, size = llama_state_seq_get_size."""
     size = lib.llama_state_seq_get_size(ctx, seq)
-    buf = (ctypes.c_uint8 * size)()
+    buf = into(size) if into is not None else (ctypes.c_uint8 * size)()
     written = lib.llama_state_seq_get_data(ctx, buf, size, seq)
     assert written == size, f"state size changed while copying ({written} != {size})"
     return buf

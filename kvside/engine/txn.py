@@ -35,9 +35,8 @@ class Snapshot:
         self.buffer, self.size = None, 0
         size = lib.llama_state_seq_get_size(core.ctx, s.seq)
         if size <= SNAPSHOT_MAX_BYTES:
-            core.settle()  # a state read before a pending K-shift is applied has stale keys
-            self.buffer = _borrow(core, size)
-            self.size = lib.llama_state_seq_get_data(core.ctx, self.buffer, size, s.seq)
+            self.buffer = core.seq_state(s.seq, into=lambda n: _borrow(core, n))
+            self.size = size
         self.fields = {f: copy.deepcopy(getattr(s, f)) for f in _FIELDS}
 
     def restore(self) -> None:

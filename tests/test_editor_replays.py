@@ -147,6 +147,23 @@ def test_bench_serve_pairs_late_turns_of_the_same_prompt_length():
     assert paired_difference(ours, theirs, late_from=9) == {"turns": 0}
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_bench_serve_servers_follow_each_other_equally_often(n):
+    from collections import Counter
+
+    from kvside.bench.serve import turn_order
+
+    cycle = 2 * n if n % 2 else n
+    rows = [turn_order(n, t) for t in range(cycle)]
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    assert turn_order(n, cycle) == rows[0]
+    # within the turns of one cycle: each server first equally often, each ordered pair once (or twice)
+    assert Counter(row[0] for row in rows) == {i: cycle // n for i in range(n)}
+    pairs = Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
+    assert set(pairs) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert set(pairs.values()) == {cycle // n}
+
+
 def test_continue_llamacpp_provider_streams_completion(daemon_url):
     """Continue's llama.cpp provider: POST /completion streamed, reading `content` from each event;
     the chat markup in its client-rendered prompt is read as special tokens, as llama-server does."""

@@ -351,9 +351,9 @@ def load_run(base: str, clients: int, requests: int, max_tokens: int, leak_check
 def turn_order(n: int, turn: int) -> list[int]:
     """The order n servers take their turns in on turn `turn`: the rows of a balanced Latin square
     (Williams' design), so that over n turns (2n for odd n) each server goes first as often as the
-    others and follows each other server equally often. Which server goes just before matters on
-    a 2-core machine: measured with plain rotation, where each server followed the same one in
-    three turns of four, two identical kvside daemons differed by 2-5% in prefill time."""
+    others and follows each other server equally often. What ran just before a turn can change it
+    on a 2-core machine (a long re-prefill warms it); with plain rotation each server followed
+    the same one in three turns of four."""
     first = [0]
     for k in range(1, n):  # 0, 1, n-1, 2, n-2, ...: every difference between neighbours once
         first.append((k + 1) // 2 if k % 2 else n - k // 2)

@@ -172,11 +172,13 @@ class Core:
         self._spent = {"gens": 0.0, "jobs": 0.0}  # engine time each side used while both had work
         self._counter = 0
         self.decode_seconds = 0.0  # wall time inside llama_decode (the rest of a request is overhead)
+        # how llama.cpp's compute is run: here, or on the process's compute thread (the Engine sets it)
+        self.compute = None
         self._embedder: Embedder | None = None
         if config.embedding_model:  # loaded now: a bad file is an error at start, not at the first request
             try:
                 self._embedder = Embedder(self.model, resolve(config.embedding_model).path, self.n_ctx,
-                                          self.n_threads, n_gpu_layers)
+                                          self.n_threads, n_gpu_layers, compute=self._compute)
             except BaseException:
                 self.batch.close()
                 lib.llama_free(self.ctx)
@@ -449,7 +451,7 @@ class Core:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            self._embedder = Embedder(self.model, None, self.n_ctx, self.n_threads)
+            self._embedder = Embedder(self.model, None, self.n_ctx, self.n_threads, compute=self._compute)
         return self._embedder
 
     def embed(self, inputs: list, truncate: bool = True, normalize: bool = True) -> tuple[list[np.ndarray], int]:
@@ -505,6 +507,9 @@ class Core:
                 self.mem.rm(seq, start, -1)
                 raise decode_error(rc)
 
+    def _compute(self, fn, *args):
+        return self.compute(fn, *args) if self.compute is not None else fn(*args)
+
     def llama_decode(self, batch: Batch) -> int:
         """Every llama_decode the engine runs goes through here: timed for /metrics, and taught to
         the cost model (a pending K-shift is applied by this decode, and priced by it)."""
@@ -516,7 +521,7 @@ class Core:
                     raise EditError(self.mem.window_lost(pos))
             self.mem.before_decode()
         t0 = time.perf_counter()
-        rc = lib.llama_decode(self.ctx, batch.raw)
+        rc = self._compute(lib.llama_decode, self.ctx, batch.raw)
         seconds = time.perf_counter() - t0
         self.decode_seconds += seconds
         if rc == 0:

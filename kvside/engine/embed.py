@@ -21,7 +21,9 @@ MAX_CTX = 8192  # an embedding context need not span a long model's whole traini
 
 
 class Embedder:
-    def __init__(self, chat_model: Model, path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int = 0):
+    def __init__(self, chat_model: Model, path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
+                 compute=None):
+        self.compute = compute or (lambda fn, *args: fn(*args))  # on the process's compute thread (compute.py)
         self.own = path is not None
         self.model = Model(path, n_gpu_layers=n_gpu_layers) if self.own else chat_model
         try:
@@ -86,7 +88,7 @@ class Embedder:
         self.batch.clear()
         for i, t in enumerate(tokens):
             self.batch.add(t, i, 0, True)
-        rc = (lib.llama_encode if self.encoder else lib.llama_decode)(self.ctx, self.batch.raw)
+        rc = self.compute(lib.llama_encode if self.encoder else lib.llama_decode, self.ctx, self.batch.raw)
         if rc != 0:
             raise KvsideError(f"llama.cpp could not embed the input (code {rc}): {recent_log(2)}")
         ptr = lib.llama_get_embeddings_seq(self.ctx, 0) if self.pooling != "none" else \

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvside._llama import native_patch_loaded
 
-from kvside.engine import binding, compose, edits, persist, reference
+from kvside.engine import binding, compose, compute, edits, persist, reference
 from kvside.engine.core import Core, EngineConfig
 from kvside.engine.fleet import Steward
 from kvside.engine.jobs import LongWork
@@ -64,6 +64,7 @@ class Engine:
         if self._thread is None or self._closed:
             return
         self._closed = True
+        compute.release(self)  # other engines' compute goes elsewhere from now on
         if self._steward is not None:
             self._steward.stop()
         self._queue.put(_STOP)
@@ -82,8 +83,9 @@ class Engine:
             self._load_error = exc
             self._ready.set()
             return
-        self._ready.set()
         core = self.core
+        core.compute = lambda fn, *args: compute.run(self, fn, *args)
+        self._ready.set()
         try:
             while True:
                 block = not core.active and not core.ready

@@ -7,7 +7,7 @@ machine a daemon that had also decoded with a second model fell from 143 to 104 
 (docs/benchmarks.md, "Two models in one daemon"). So one engine thread computes for every engine
 in the process: the first to ask owns it; the others post their calls to the owner's queue, where
 they run between its own steps, and wait. When the owner closes, the next engine to ask takes over
-(its pool starts as the old owner's thread ends with its own).
+(the old owner's pool goes with its thread).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from kvside.errors import EngineClosed
 _lock = threading.Lock()
 _owner = None  # the Engine whose thread computes for this process
 _gone: "weakref.WeakSet" = weakref.WeakSet()  # engines closing: they never take over
-_threads: set[int] = set()  # every thread that has computed (tests: one at a time)
 
 
 def run(engine, fn: Callable[..., Any], *args) -> Any:
@@ -33,8 +32,6 @@ def run(engine, fn: Callable[..., Any], *args) -> Any:
                 _owner = engine
             owner = _owner
             here = owner is None or owner is engine  # a closing engine's last steps run where they are
-            if here:
-                _threads.add(threading.get_ident())
         if here:
             return fn(*args)
         try:
@@ -52,8 +49,3 @@ def release(engine) -> None:
         _gone.add(engine)
         if _owner is engine:
             _owner = None
-
-
-def threads_used() -> set[int]:
-    with _lock:
-        return set(_threads)

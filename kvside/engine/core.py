@@ -510,6 +510,11 @@ class Core:
     def _compute(self, fn, *args):
         return self.compute(fn, *args) if self.compute is not None else fn(*args)
 
+    def _timed_decode(self, batch: Batch) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        rc = lib.llama_decode(self.ctx, batch.raw)
+        return rc, time.perf_counter() - t0
+
     def llama_decode(self, batch: Batch) -> int:
         """Every llama_decode the engine runs goes through here: timed for /metrics, and taught to
         the cost model (a pending K-shift is applied by this decode, and priced by it)."""
@@ -520,9 +525,7 @@ class Core:
                 if not self.mem.window_ok(seq, pos):
                     raise EditError(self.mem.window_lost(pos))
             self.mem.before_decode()
-        t0 = time.perf_counter()
-        rc = self._compute(lib.llama_decode, self.ctx, batch.raw)
-        seconds = time.perf_counter() - t0
+        rc, seconds = self._compute(self._timed_decode, batch)  # timed where it runs, not waited for
         self.decode_seconds += seconds
         if rc == 0:
             self.mem.shift_pending = False

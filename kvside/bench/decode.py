@@ -50,16 +50,19 @@ def run(model: str | None, n_tokens: int, reps: int, n_ctx: int, n_threads: int 
     ref = resolve(model)
     engine = Engine(model=str(ref.path), n_ctx=n_ctx, max_sessions=1, n_threads=n_threads).start()
     threads = engine.info()["n_threads"]
-    llm = Llama(model_path=str(ref.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    # `Llama` runs on the engine's thread too: a second thread computing would give the process a
+    # second OpenMP pool, which slows both (kvside/engine/compute.py)
+    llm = engine.call(lambda _core: Llama(model_path=str(ref.path), n_ctx=n_ctx, n_threads=threads,
+                                          n_threads_batch=threads, verbose=False))
     n_prompt = len(llm.tokenize(PROMPT.encode(), add_bos=True))
     kv, lc = [], []
     try:
         for _ in range(reps):
             kv.append(_kvside_run(engine, n_tokens))
-            lc.append(_llama_run(llm, n_tokens))
+            lc.append(engine.call(lambda _core: _llama_run(llm, n_tokens)))
     finally:
+        engine.call(lambda _core: llm.close())
         engine.close()
-        llm.close()
     kv_tok_s = median([r[1] for r in kv])
     lc_tok_s = median([r[1] for r in lc])
     kv_prefill = median([r[0] for r in kv])

@@ -190,3 +190,47 @@ def test_refusals_leave_the_cache_as_it_was(exact):
     with pytest.raises(InvalidRequest, match="needs close_gap"):
         exact.mask(name, span=(10, 20), strategy="recompute:8")
     exact.delete_session(name)
+
+
+def test_attention_over_other_sessions_cells_is_exact(exact):
+    """The patch's attention steps over masked cells sixteen and four at a time. A session whose
+    cells lie in runs of every length between another session's, after a third session's block,
+    computes exactly what it computes with its cells together: the reference kernels sum a row's
+    unmasked cells in cell order, so only a cell skipped or visited wrongly could change a bit."""
+    runs = [5, 17, 3, 33, 1, 40, 2, 19, 4, 16]  # a session's chunks
+    gaps = [21, 2, 48, 7, 16, 3, 1, 30, 64, 9]  # the other session's chunks between them
+    tokens = exact.call(lambda core: corpus.tokens(core.model, sum(runs) + sum(gaps)))
+    ours, noise = tokens[:sum(runs)], tokens[sum(runs):]
+    names = [exact.new_session() for _ in range(3)]
+
+    def chunks(seq):
+        at = 0
+        for n in seq:
+            yield at, n
+            at += n
+
+    def run(core):
+        together, spread, other = (core.get(n) for n in names)
+        rows = {"together": [], "spread": []}
+
+        def feed(s, toks, key=None):
+            out = core.decode_now(s.seq, toks, s.ledger.next_pos, logits="last" if key else "none")
+            s.ledger.append(toks, 0)
+            if key:
+                rows[key].append(out)
+
+        for at, n in chunks(runs):  # one block of cells, decoded chunk by chunk
+            feed(together, ours[at:at + n], "together")
+        for (at, n), (bt, m) in zip(chunks(runs), chunks(gaps)):  # the same chunks, interleaved
+            feed(other, noise[bt:bt + m])
+            feed(spread, ours[at:at + n], "spread")
+        return rows
+
+    rows = exact.call(run)
+    try:
+        for i, (a, b) in enumerate(zip(rows["together"], rows["spread"])):
+            np.testing.assert_array_equal(a, b, err_msg=f"chunk {i}")
+        assert_same_cache(exact, names[0], names[1])
+    finally:
+        for name in names:
+            exact.delete_session(name)

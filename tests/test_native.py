@@ -192,16 +192,14 @@ def test_refusals_leave_the_cache_as_it_was(exact):
     exact.delete_session(name)
 
 
-def test_attention_over_other_sessions_cells_is_exact(exact):
-    """The patch's attention steps over masked cells sixteen and four at a time. A session whose
-    cells lie in runs of every length between another session's, after a third session's block,
-    computes exactly what it computes with its cells together: the reference kernels sum a row's
-    unmasked cells in cell order, so only a cell skipped or visited wrongly could change a bit."""
-    runs = [5, 17, 3, 33, 1, 40, 2, 19, 4, 16]  # a session's chunks
-    gaps = [21, 2, 48, 7, 16, 3, 1, 30, 64, 9]  # the other session's chunks between them
-    tokens = exact.call(lambda core: corpus.tokens(core.model, sum(runs) + sum(gaps)))
-    ours, noise = tokens[:sum(runs)], tokens[sum(runs):]
-    names = [exact.new_session() for _ in range(3)]
+def interleave(engine, runs, gaps, decode_steps=0):
+    """Three sessions: `together` takes chunks of `runs` tokens one after another (its cells in one
+    block); then `other` and `spread` take turns, `other` a chunk of `gaps`, `spread` the same
+    chunk `together` took (its cells in runs between other's). Then both decode `decode_steps`
+    tokens one at a time. Returns the names and each chunk's and step's last logits, per session."""
+    tokens = engine.call(lambda core: corpus.tokens(core.model, sum(runs) + sum(gaps) + decode_steps))
+    ours, noise, steps = tokens[:sum(runs)], tokens[sum(runs):sum(runs) + sum(gaps)], tokens[sum(runs) + sum(gaps):]
+    names = [engine.new_session() for _ in range(3)]
 
     def chunks(seq):
         at = 0
@@ -224,9 +222,20 @@ def test_attention_over_other_sessions_cells_is_exact(exact):
         for (at, n), (bt, m) in zip(chunks(runs), chunks(gaps)):  # the same chunks, interleaved
             feed(other, noise[bt:bt + m])
             feed(spread, ours[at:at + n], "spread")
+        for tok in steps:
+            feed(together, [tok], "together")
+            feed(spread, [tok], "spread")
         return rows
 
-    rows = exact.call(run)
+    return names, engine.call(run)
+
+
+def test_attention_over_other_sessions_cells_is_exact(exact):
+    """The patch's attention steps over masked cells sixteen and four at a time. A session whose
+    cells lie in runs of every length between another session's, after a third session's block,
+    computes exactly what it computes with its cells together: the reference kernels sum a row's
+    unmasked cells in cell order, so only a cell skipped or visited wrongly could change a bit."""
+    names, rows = interleave(exact, runs=[5, 17, 3, 33, 1, 40, 2, 19, 4, 16], gaps=[21, 2, 48, 7, 16, 3, 1, 30, 64, 9])
     try:
         for i, (a, b) in enumerate(zip(rows["together"], rows["spread"])):
             np.testing.assert_array_equal(a, b, err_msg=f"chunk {i}")
@@ -234,3 +243,36 @@ def test_attention_over_other_sessions_cells_is_exact(exact):
     finally:
         for name in names:
             exact.delete_session(name)
+
+
+def test_a_decode_does_not_depend_on_other_sessions_cells():
+    """With llama.cpp's default attention too: a decode row is split among the threads by its own
+    cells, so other sessions' cells in the shared cache (here enough to make the cache 1,400 cells
+    long) change nothing in it, before and after the session has the 512 cells that split it.
+    Chunks stay under 64 tokens, the size from which prefill attention works in tiles of cells."""
+    runs = [37, 5, 63, 1, 50, 1, 60, 29, 1, 63, 48, 1, 63, 55, 1, 1]  # 479 tokens
+    gaps = [63, 2, 48, 7, 63, 3, 1, 30, 63, 9, 40, 1, 63, 21, 5, 2]
+    with Engine(n_ctx=1024, max_sessions=3, n_threads=2) as engine:
+        names, rows = interleave(engine, runs, gaps, decode_steps=60)  # the session reaches 539 cells
+        for i, (a, b) in enumerate(zip(rows["together"], rows["spread"])):
+            np.testing.assert_array_equal(a, b, err_msg=f"row {i}")
+        assert_same_cache(engine, names[0], names[1])
+
+
+def test_prefill_attention_over_other_sessions_tiles_is_the_same():
+    """A prompt of 64 tokens or more is attended in tiles of 64 cells, and the patch visits only the
+    tiles between the first and the last cell any of its rows sees. A session prefilled after
+    another session's 128 cells (two tiles, so its own cells fall into tiles the same way) gives
+    the same logits, bit for bit, as the same session alone in the cache."""
+    tokens = None
+    logits = []
+    for before in (0, 128):
+        with Engine(n_ctx=1024, max_sessions=2, n_threads=2) as engine:
+            tokens = tokens or engine.call(lambda core: corpus.tokens(core.model, 400))
+            if before:
+                other = engine.new_session()
+                engine.call(lambda core: core.prefill(core.get(other), [(0, tokens[200:200 + before])]))
+            name = engine.new_session()
+            engine.call(lambda core: core.prefill(core.get(name), [(0, tokens[:130])]))
+            logits.append(engine.next_logits(name, tokens[130:200], all_logits=True))
+    np.testing.assert_array_equal(logits[0], logits[1])

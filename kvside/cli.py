@@ -409,12 +409,23 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
         if ns.requests < 2 or ns.load_clients < 1 or ns.decode_reps < 1:
             raise KvsideError_usage("--requests must be at least 2, --load-clients and --decode-reps at least 1")
+        idle_tokens = ns.idle_tokens if ns.idle_tokens is not None else ns.n_ctx * 3 // 4
+        if ns.idle_sessions < 0 or ns.idle_sessions >= ns.load_clients:
+            raise KvsideError_usage("--idle-sessions must be 0 or more and below --load-clients (the sessions "
+                                    "each server holds), so the measured stream has one of its own")
+        if ns.idle_sessions and not 16 <= idle_tokens <= ns.n_ctx - ns.tokens - 64:
+            raise KvsideError_usage(f"--idle-tokens must be between 16 and --n-ctx - --tokens - 64 "
+                                    f"({ns.n_ctx - ns.tokens - 64})")
+        if not 16 <= ns.prompt_tokens <= ns.n_ctx - 64:
+            raise KvsideError_usage(f"--prompt-tokens must be between 16 and --n-ctx - 64 ({ns.n_ctx - 64})")
+        idle = (ns.idle_sessions, idle_tokens)
         if ns.url:
             result = latency.against(ns.url.rstrip("/"), ns.requests, ns.load_clients, ns.max_tokens, ns.tokens,
-                                     ns.decode_reps)
+                                     ns.decode_reps, ns.prompt_tokens, idle=idle)
         else:
             result = latency.run(ns.model, ns.n_ctx, ns.threads or os.cpu_count() or 2, ns.requests, ns.load_clients,
-                                 ns.max_tokens, decode_tokens=ns.tokens, decode_reps=ns.decode_reps)
+                                 ns.max_tokens, decode_tokens=ns.tokens, decode_reps=ns.decode_reps,
+                                 prompt_tokens=ns.prompt_tokens, idle=idle)
         print(json.dumps(result, indent=2) if ns.json else latency.table(result))
         return 0
     if ns.what == "fim":
@@ -919,6 +930,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, help="decode, restore, costs, fleet, rpc: repetitions")
     p.add_argument("--decode-reps", type=int, default=5,
                    help="latency: reps of the single-stream decode, the servers taking turns")
+    p.add_argument("--prompt-tokens", type=int, default=900,
+                   help="latency: tokens of the new prompt whose reading time is measured")
+    p.add_argument("--idle-sessions", type=int, default=3,
+                   help="latency: then leave this many long sessions idle in each server and measure the decode and "
+                        "the prompt again (0: skip)")
+    p.add_argument("--idle-tokens", type=int, default=None,
+                   help="latency: prompt tokens of each idle session (default: three quarters of --n-ctx)")
     p.add_argument("--ctx", type=int, default=1024, help="roll, restore, rpc, fleet: tokens in the cache (fleet: about)")
     p.add_argument("--sessions", type=int, default=4, help="fleet: sessions resident when the daemon is drained")
     p.add_argument("--drop", type=int, default=256, help="roll, rpc: tokens dropped")

@@ -77,6 +77,9 @@ def test_unloadable_architecture_is_one_line(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["bench", "fim", "--requests", "1"], "--requests"),
     (["bench", "latency", "--requests", "1"], "--requests"),
+    (["bench", "latency", "--idle-sessions", "8", "--load-clients", "8"], "--idle-sessions"),
+    (["bench", "latency", "--idle-tokens", "4000", "--n-ctx", "2048"], "--idle-tokens"),
+    (["bench", "latency", "--prompt-tokens", "2000", "--n-ctx", "2048"], "--prompt-tokens"),
     (["serve", "--reuse-chunk", "-1"], "--reuse-chunk"),
     (["serve", "--reuse-repair", "-3"], "--reuse-repair"),
 ])

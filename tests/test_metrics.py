@@ -63,6 +63,24 @@ def test_bench_latency_reads_the_daemons_time_in_llama_decode(url):
     assert latency._decode_seconds(url) > 0
 
 
+def test_bench_latency_leaves_long_sessions_idle_before_measuring_again(url, monkeypatch):
+    from kvside.bench import latency
+
+    def resident():
+        rows = httpx.get(url + "/kvside/sessions").json()["sessions"]
+        return sorted(r["n_cells"] for r in rows if r["resident"])
+
+    held = latency._idle_session(url, 0, 300)
+    assert 200 <= held <= 450
+    assert any(held <= n <= held + 2 for n in resident())  # kept, idle, holding its prompt and reply
+    monkeypatch.setattr(latency, "_decode_once", lambda base, n: 10.0)
+    out = latency.beside_idle({"kvside": url}, 1, 64, 16, prompt_tokens=120, reps=2)
+    assert out["idle_sessions"] == 1 and 30 < out["idle_prompt_tokens"]["kvside"][0] < 100
+    assert out["decode"]["kvside"]["tok_s_all"] == [10.0, 10.0]
+    prompt = out["prompt"]["kvside"]  # read for real: a new prompt each rep, nothing cached
+    assert 80 <= prompt["tokens"] <= 180 and len(prompt["ms_all"]) == 2 and prompt["ms_median"] > 0
+
+
 def test_bench_latency_pairs_the_decode_rates_rep_by_rep(monkeypatch):
     """The servers take turns, the first alternating, and each rep's two rates give one ratio: a
     drift that slows both servers alike over the run does not move the paired ratios."""

@@ -261,18 +261,18 @@ def test_a_decode_does_not_depend_on_other_sessions_cells():
 
 def test_prefill_attention_over_other_sessions_tiles_is_the_same():
     """A prompt of 64 tokens or more is attended in tiles of 64 cells, and the patch visits only the
-    tiles between the first and the last cell any of its rows sees. A session prefilled after
-    another session's 128 cells (two tiles, so its own cells fall into tiles the same way) gives
-    the same logits, bit for bit, as the same session alone in the cache."""
-    tokens = None
+    tiles some row of each group of 64 rows sees. A session prefilled in chunks of 64 that take
+    turns with another session's (its cells every other tile) gives the same logits, bit for bit,
+    as the same session alone in the cache (its cells in consecutive tiles): the tiles group its
+    cells the same way, and only a tile skipped or visited wrongly could change a bit."""
     logits = []
-    for before in (0, 128):
+    for interleaved in (False, True):
         with Engine(n_ctx=1024, max_sessions=2, n_threads=2) as engine:
-            tokens = tokens or engine.call(lambda core: corpus.tokens(core.model, 400))
-            if before:
-                other = engine.new_session()
-                engine.call(lambda core: core.prefill(core.get(other), [(0, tokens[200:200 + before])]))
-            name = engine.new_session()
-            engine.call(lambda core: core.prefill(core.get(name), [(0, tokens[:130])]))
-            logits.append(engine.next_logits(name, tokens[130:200], all_logits=True))
+            tokens = engine.call(lambda core: corpus.tokens(core.model, 454))
+            name, other = engine.new_session(), engine.new_session()
+            for k in range(3):
+                engine.call(lambda core: core.prefill(core.get(name), [(0, tokens[64 * k:64 * (k + 1)])]))
+                if interleaved:
+                    engine.call(lambda core: core.prefill(core.get(other), [(0, tokens[192 + 64 * k:256 + 64 * k])]))
+            logits.append(engine.next_logits(name, tokens[384:454], all_logits=True))
     np.testing.assert_array_equal(logits[0], logits[1])

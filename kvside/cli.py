@@ -173,8 +173,9 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         ("llama-cpp-python", info["llama_cpp_python"]),
         ("libllama", info["library"]),
         ("chosen", info["library_choice"]),
-        ("native patch", "loaded: values:R, values:all, select:F available" if info["native_patch"]
-         else "not loaded (stock llama.cpp): values:R, values:all, select:F need it (make native)"),
+        ("native patch", "loaded: values:R, values:all, select:F available; CPU attention skips other sessions' "
+         "cells" if info["native_patch"] else "not loaded (stock llama.cpp): values:R, values:all, select:F need it, "
+         "and CPU attention slows beside other sessions' cells (make native)"),
         ("attention", info["attention"]),
         ("model", f"{info['model_name']} ({model['description']})"),
         ("path", model["path"]),

@@ -216,9 +216,10 @@ class Core:
         # where its cells sit in the cache (a re-prefill or a restore into other cells moved
         # logits by up to 0.45; on the patched build a decode row depends only on its own cells'
         # order, a prompt's rows still on how its cells fall into tiles of 64), but not on which
-        # other sessions share its batch (under the small-batch rule below). Without it, a restore or a re-prefill reproduces the cache bit
-        # for bit, but a decode batch holding several sessions rounds differently from a solo
-        # one. Serving keeps the default; fidelity measurements and exact restores turn it off.
+        # other sessions share its batch (under the small-batch rule below). Without it, a
+        # restore or a re-prefill reproduces the cache bit for bit, but a decode batch holding
+        # several sessions rounds differently from a solo one. Serving keeps the default;
+        # fidelity measurements and exact restores turn it off.
         if config.flash_attn is not None:
             params.flash_attn_type = 1 if config.flash_attn else 0
         if config.exact and config.reference_kernels:

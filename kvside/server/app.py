@@ -1,8 +1,8 @@
 """The HTTP daemon: OpenAI-compatible endpoints, /health and /metrics, and kvside's own session and
-edit endpoints; Ollama's front (ollama_api.py) and llama-server's (llamacpp_api.py) add their routes
-and use the same plumbing. Every request passes the Guard first (Host, Origin, API key, body
-type). Handlers never let an exception through: every failure becomes an OpenAI-shaped error with
-a fitting status, and the daemon keeps serving.
+edit endpoints; Ollama's front (ollama_api.py), llama-server's (llamacpp_api.py) and OpenAI's
+Responses API (responses_api.py) add their routes and use the same plumbing. Every request passes
+the Guard first (Host, Origin, API key, body type). Handlers never let an exception through:
+every failure becomes an OpenAI-shaped error with a fitting status, and the daemon keeps serving.
 
 Over HTTP, sessions are named, never pathed: session files are resolved under the daemon's
 sessions folder by name. Export and import of files anywhere is the command line's job
@@ -33,6 +33,7 @@ from kvside.errors import EngineClosed, InvalidRequest, KvsideError, ModelNotFou
 from kvside.server import llamacpp_api as llamacpp
 from kvside.server import ollama_api as ollama
 from kvside.server import openai_api as oa
+from kvside.server import responses_api
 from kvside.server.guard import Guard
 from kvside.server.metrics import CountRequests, Metrics
 from kvside.server.pool import ModelPool
@@ -92,6 +93,7 @@ class Daemon:
             Route("/embeddings", self.embeddings, methods=["POST"]),
             *llamacpp.LlamaServerFront(self).routes(),
             *ollama.OllamaFront(self).routes(),
+            *responses_api.ResponsesFront(self).routes(),
             Route("/kvside/sessions", self.list_sessions, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.show_session, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.delete_session, methods=["DELETE"]),

@@ -170,3 +170,33 @@ def test_infill_stops_at_a_dedent_with_n_indent(qwen_url):
         assert not line.strip() or line.startswith("    "), r["content"]
     bad = httpx.post(qwen_url + "/infill", json=dict(body, n_indent=-1), timeout=30)
     assert bad.status_code == 400 and "n_indent" in bad.json()["error"]["message"]
+
+
+def test_responses_api_agent_loop_as_codex_sends_it(client):
+    """Codex's request shape on /v1/responses: instructions, input items, function and custom tools,
+    web search offered by default, streamed; the model chooses the call, and the tool's output goes
+    back with previous_response_id and only the new item, answered on the same cache."""
+    tools = [{"type": "function", "name": WEATHER["function"]["name"],
+              "description": WEATHER["function"]["description"], "strict": False,
+              "parameters": WEATHER["function"]["parameters"]},
+             {"type": "custom", "name": "apply_patch", "description": "Edit files with a patch"},
+             {"type": "web_search", "external_web_access": False}]
+    shape = dict(model=QWEN, instructions="You are a coding agent. Use tools when they help.", tools=tools,
+                 tool_choice="auto", parallel_tool_calls=False, store=True, temperature=0, max_output_tokens=60,
+                 reasoning={"effort": "medium", "summary": "auto"}, include=["reasoning.encrypted_content"],
+                 prompt_cache_key="thread-1", text={"verbosity": "medium"})
+    events = list(client.responses.create(
+        **shape, stream=True,
+        input=[{"type": "message", "role": "user", "content": [{"type": "input_text", "text": ASK[0]["content"]}]}]))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [i.type for i in done] == ["function_call"]
+    assert (done[0].name, json.loads(done[0].arguments)) == ("get_weather", {"city": "Paris"})
+    first = events[-1].response
+    assert events[-1].type == "response.completed" and first.output[0].call_id == done[0].call_id
+
+    # tool_choice none: a message, not another call (the 0.5B model, here as over /v1/chat/completions,
+    # tends to write the call again, as text once calls are off)
+    second = client.responses.create(**dict(shape, tool_choice="none"), previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": done[0].call_id, "output": '{"temperature_c": 18, "sky": "sunny"}'}])
+    assert [o.type for o in second.output] == ["message"] and second.output_text
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens

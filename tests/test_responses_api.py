@@ -281,6 +281,18 @@ def test_namespaced_tools_come_back_with_their_namespace(client):
     assert isinstance(json.loads(call.arguments)["task"], str)
 
 
+def test_hosted_tools_are_left_out_and_said_so(client):
+    """Codex offers web search by default: the request is answered with the client's own tools,
+    and the response lists what the model was not told of."""
+    r = client.responses.create(model=MODEL, input="What is the weather in Paris for the next 3 days?",
+                                tools=[{"type": "web_search", "external_web_access": False}, WEATHER],
+                                tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                max_output_tokens=80)
+    (call,) = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert r.model_extra["kvside"]["tools_ignored"] == ["web_search"]
+
+
 def test_text_format_json_schema_is_followed(client):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer"}},
@@ -294,7 +306,9 @@ def test_text_format_json_schema_is_followed(client):
 
 
 @pytest.mark.parametrize("fields, param", [
-    (dict(input="x", tools=[{"type": "web_search"}]), "tools[0].type"),
+    (dict(input="x", tools=[{"type": "a_tool_nobody_made"}]), "tools[0].type"),
+    (dict(input="x", tools=[{"type": "web_search"}], tool_choice={"type": "function", "name": "web_search"}),
+     "tool_choice"),
     (dict(input="x", tool_choice="required"), "tool_choice"),
     (dict(input=[{"type": "message", "role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]),
      "input[0].content[0]"),

@@ -32,6 +32,11 @@ MAX_STORED = 1024
 # a custom (freeform) tool is offered to the model as a function of one string, as Ollama does
 CUSTOM_PARAMETERS = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
 
+# tools OpenAI runs, or that only its own models know how to call
+HOSTED_TOOLS = frozenset({"web_search", "web_search_preview", "web_search_preview_2025_03_11", "file_search",
+                          "code_interpreter", "computer_use", "computer_use_preview", "image_generation", "mcp",
+                          "local_shell", "shell", "apply_patch", "tool_search"})
+
 # request fields passed on to the chat request as they are
 _PASSED = ("model", "stream", "temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty",
            "frequency_penalty", "presence_penalty", "parallel_tool_calls", "session", "ignore_eos")
@@ -229,6 +234,7 @@ class ToolNames:
     and a namespace's tools are functions named NAMESPACE.NAME (Chat Completions has no groups)."""
     custom: set[str] = field(default_factory=set)
     namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)  # flat name -> (namespace, name)
+    ignored: list[str] = field(default_factory=list)  # types of hosted tools the model is not told of
 
     def flat(self, name: str, namespace: str | None) -> str:
         return f"{namespace}.{name}" if namespace else name
@@ -243,8 +249,10 @@ class ToolNames:
 
 def _tools(tools, choice) -> tuple[list[dict], ToolNames, object]:
     """Responses tools ({type, name, parameters}) as chat tools, how they are named, and the
-    tool_choice in chat's shape. Tools that run on OpenAI's servers (web search, file search,
-    computer use, MCP...) cannot run here and are refused by name."""
+    tool_choice in chat's shape. OpenAI's hosted tools (web search, file search, MCP...) and the
+    tools its own models are trained on (local_shell, shell, apply_patch as built-ins) are left out
+    of the prompt, and the response says so: agents such as Codex offer web search by default, and
+    refusing the request would refuse the agent."""
     if tools is None:
         tools = []
     if not isinstance(tools, list):
@@ -260,9 +268,12 @@ def _tools(tools, choice) -> tuple[list[dict], ToolNames, object]:
             for j, t in enumerate(inner):
                 add(t, f"{where}.tools[{j}]", tool["name"])
             return
+        if kind in HOSTED_TOOLS:
+            names.ignored.append(kind)
+            return
         if kind not in ("function", "custom"):
-            raise InvalidRequest(f"tools of type {kind!r} run on OpenAI's servers; kvside runs 'function', "
-                                 f"'custom' and 'namespace' tools, which the client carries out", param=f"{where}.type")
+            raise InvalidRequest(f"unknown tool type {kind!r}: kvside runs 'function', 'custom' and 'namespace' "
+                                 f"tools", param=f"{where}.type")
         if not isinstance(tool.get("name"), str):
             raise InvalidRequest("a tool needs a 'name'", param=f"{where}.name")
         flat = names.flat(tool["name"], namespace)
@@ -647,6 +658,8 @@ class ResponsesFront:
         body = response_object(rid, model, created, parsed.echo, status_of(done), output,
                                usage(done, note, reasoning_tokens))
         body["kvside"] = {"notices": done.notices, **note}
+        if parsed.names.ignored:
+            body["kvside"]["tools_ignored"] = parsed.names.ignored
         if parsed.store:
             self.store.put(rid, Stored(body, parsed.new_messages + [reply_message(done)], parsed.input_items,
                                        parsed.parent))
@@ -666,7 +679,7 @@ class ResponsesFront:
                     err = event.data["error"]
                     yield writer.event("error", code=err.code or err.kind, message=err.message, param=err.param)
                     failed = response_object(rid, model, created, parsed.echo, "failed", writer.output(),
-                                             error={"code": "server_error", "message": err.message})
+                                             error={"code": err.code or "server_error", "message": err.message})
                     yield writer.event("response.failed", response=failed)
                     break
                 elif event.kind == "done":

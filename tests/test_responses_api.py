@@ -215,6 +215,13 @@ def test_previous_response_id_continues_from_the_session(client):
     assert stateless.output_text == second.output_text
 
 
+def test_input_tokens_counts_what_a_fresh_session_reads(client, daemon_url):
+    ask = dict(model=MODEL, input="How many tokens is this?", instructions=INSTRUCTIONS, tools=[WEATHER])
+    counted = httpx.post(f"{daemon_url}/v1/responses/input_tokens", json=ask).json()
+    r = client.responses.create(**ask, tool_choice="none", temperature=0, max_output_tokens=2, store=False)
+    assert counted == {"object": "response.input_tokens", "input_tokens": r.usage.input_tokens}
+
+
 def test_stored_responses_are_read_listed_and_deleted(client, daemon_url):
     r = client.responses.create(model=MODEL, input=[{"role": "user", "content": "Hello"}], temperature=0,
                                 max_output_tokens=4, metadata={"ticket": "7"})

@@ -606,6 +606,7 @@ class ResponsesFront:
         routes = []
         for base in ("/v1/responses", "/responses"):
             routes += [Route(base, self.create, methods=["POST"]),
+                       Route(base + "/input_tokens", self.input_tokens, methods=["POST"]),
                        Route(base + "/{rid}", self.retrieve, methods=["GET"]),
                        Route(base + "/{rid}", self.delete, methods=["DELETE"]),
                        Route(base + "/{rid}/input_items", self.input_items, methods=["GET"])]
@@ -625,6 +626,20 @@ class ResponsesFront:
             items = items[::-1]
         return JSONResponse({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
                              "last_id": items[-1]["id"] if items else None, "has_more": False})
+
+    async def input_tokens(self, request: HTTPRequest) -> JSONResponse:
+        """POST /v1/responses/input_tokens: how many tokens the request's prompt is, as a fresh
+        session would read it (the template's rendering with the tools, tokenized)."""
+        parsed = parse(await self.d._json(request), self.store)
+        _, engine = await self.d.engine_for(parsed.chat.model)
+        messages, tools = parsed.chat.messages, parsed.chat.reply.tools
+
+        def count(core) -> int:
+            text = llamacpp.apply_template(core, messages, tools)["prompt"]
+            return len(core.model.tokenize(text, add_special=True, parse_special=True))
+
+        return JSONResponse({"object": "response.input_tokens",
+                             "input_tokens": await asyncio.to_thread(engine.call, count)})
 
     async def create(self, request: HTTPRequest):
         body = await self.d._json(request)

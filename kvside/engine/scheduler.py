@@ -195,6 +195,7 @@ class Scheduler:
         gen.usage.cached_tokens = restored if rebuilt else len(s.ledger)
         gen.marks = checkpoints.marks(self.core, s, todo_msg)
         gen.usage.prompt_tokens = len(s.ledger) + len(todo)
+        stream.usage = gen.usage
         s.busy = True
         s.last_used = time.time()
         self.gens.append(gen)

@@ -59,6 +59,10 @@ class Stream:
         self._done = threading.Event()
         self.completion: Completion | None = None
         self.error: KvsideError | None = None
+        # the reply's usage, set when its generation starts (the prompt's tokens and how many of
+        # them were in the cache) and counted on as it decodes; a front that reports the prompt
+        # before the reply ends (Anthropic's message_start) reads it here
+        self.usage: Usage | None = None
         self.on_event = None  # optional callback (engine thread), e.g. to wake an asyncio loop
 
     # -- engine side --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The HTTP daemon: OpenAI-compatible endpoints, /health and /metrics, and kvside's own session and
-edit endpoints; Ollama's front (ollama_api.py), llama-server's (llamacpp_api.py) and OpenAI's
-Responses API (responses_api.py) add their routes and use the same plumbing. Every request passes
-the Guard first (Host, Origin, API key, body type). Handlers never let an exception through:
-every failure becomes an OpenAI-shaped error with a fitting status, and the daemon keeps serving.
+edit endpoints; Ollama's front (ollama_api.py), llama-server's (llamacpp_api.py), OpenAI's
+Responses API (responses_api.py) and Anthropic's Messages API (anthropic_api.py) add their routes
+and use the same plumbing. Every request passes the Guard first (Host, Origin, API key, body type).
+Handlers never let an exception through: every failure becomes an error in the shape the
+request's API uses, with a fitting status, and the daemon keeps serving.
 
 Over HTTP, sessions are named, never pathed: session files are resolved under the daemon's
 sessions folder by name. Export and import of files anywhere is the command line's job
@@ -30,6 +31,7 @@ from kvside.engine import Engine, commands, persist, prompt
 from kvside.engine.fleet import HANDOVER_S, SessionElsewhere
 from kvside.engine.session import check_name
 from kvside.errors import EngineClosed, InvalidRequest, KvsideError, ModelNotFound
+from kvside.server import anthropic_api as anthropic
 from kvside.server import llamacpp_api as llamacpp
 from kvside.server import ollama_api as ollama
 from kvside.server import openai_api as oa
@@ -94,6 +96,7 @@ class Daemon:
             *llamacpp.LlamaServerFront(self).routes(),
             *ollama.OllamaFront(self).routes(),
             *responses_api.ResponsesFront(self).routes(),
+            *anthropic.AnthropicFront(self).routes(),
             Route("/kvside/sessions", self.list_sessions, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.show_session, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.delete_session, methods=["DELETE"]),
@@ -117,6 +120,8 @@ class Daemon:
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         if request.url.path.startswith("/api/"):  # Ollama's clients read {"error": "..."}
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+        if anthropic.is_anthropic(request.url.path):
+            return JSONResponse(anthropic.error_body(exc.status, exc.message), status_code=exc.status, headers=headers)
         return error_response(exc, headers)
 
     async def _on_http(self, request, exc: HTTPException) -> JSONResponse:

@@ -127,6 +127,11 @@ def test_text_reply_whole_and_streamed_agree(client):
     assert u.output_tokens == whole.usage.output_tokens
 
 
+def test_models_list_in_anthropics_shape(client):
+    (model,) = [m for m in client.models.list() if m.id == MODEL]
+    assert model.type == "model" and model.display_name == MODEL
+
+
 def test_max_tokens_is_the_stop_reason_when_it_cuts(client):
     m = client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "Tell a long story."}],
                                extra_body=GREEDY)

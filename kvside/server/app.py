@@ -328,7 +328,10 @@ class Daemon:
             data.append({"id": self.embedding["model"], "object": "model", "created": 0, "owned_by": "kvside",
                          "meta": {"n_embd": self.embedding["n_embd"], "n_ctx": self.embedding["n_ctx"],
                                   "pooling": self.embedding["pooling"]}})
-        return JSONResponse({"object": "list", "data": data})
+        for item in data:  # Anthropic's clients (Claude Code's model picker) read these fields
+            item.update(type="model", display_name=item["id"], created_at="1970-01-01T00:00:00Z")
+        return JSONResponse({"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
     async def chat_completions(self, request: HTTPRequest):
         req = oa.parse_chat(await self._json(request))

@@ -229,8 +229,9 @@ def _forget_download(path: Path) -> None:
             pass
 
 
-def pull(text: str, *, log=print) -> tuple[str, Path]:
-    """Download (or find, offline) the model `text` names; returns (name, first GGUF part)."""
+def pull(text: str, *, log=print, progress=None) -> tuple[str, Path]:
+    """Download (or find, offline) the model `text` names; returns (name, first GGUF part).
+    `progress(file, completed, total)` is called as each file's bytes arrive (a HubFile, bytes)."""
     import httpx
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -268,7 +269,7 @@ def pull(text: str, *, log=print) -> tuple[str, Path]:
     done, fresh_downloads = [], set()
     for f in parts:
         try:
-            local = _download(ref.repo, commit, f, log, fresh_downloads)
+            local = _download(ref.repo, commit, f, log, fresh_downloads, progress)
         except HfHubHTTPError as exc:
             raise PullError(f"downloading {f.path} failed: {exc}".splitlines()[0]
                             + " (run the same pull again to resume)") from None
@@ -307,7 +308,7 @@ class ChecksumMismatch(PullError):
     pass
 
 
-def _download(repo: str, commit: str, f: HubFile, log, fresh_downloads: set) -> Path:
+def _download(repo: str, commit: str, f: HubFile, log, fresh_downloads: set, progress=None) -> Path:
     """The file in the hub's cache (snapshots/<commit>/<path>, a link to blobs/<etag>), downloaded
     or resumed when it is not there yet. Raises ChecksumMismatch (the partial file removed) when the
     bytes are not the ones the hub lists."""
@@ -333,7 +334,7 @@ def _download(repo: str, commit: str, f: HubFile, log, fresh_downloads: set) -> 
         with open(part, "ab") as out:
             fcntl.flock(out, fcntl.LOCK_EX)  # a second pull of the same file waits, then finds the blob
             if not blob.is_file():
-                _transfer(meta.location or url, headers, part, out, f)
+                _transfer(meta.location or url, headers, part, out, f, progress)
                 os.replace(part, blob)
                 fresh_downloads.add(pointer)
     pointer.parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +346,7 @@ def _download(repo: str, commit: str, f: HubFile, log, fresh_downloads: set) -> 
     return pointer
 
 
-def _transfer(url: str, headers: dict, part: Path, out, f: HubFile) -> None:
+def _transfer(url: str, headers: dict, part: Path, out, f: HubFile, progress=None) -> None:
     """Append the rest of the file to `part` (from its current size), hashing everything it holds."""
     import httpx
     from huggingface_hub.utils import tqdm
@@ -369,11 +370,16 @@ def _transfer(url: str, headers: dict, part: Path, out, f: HubFile) -> None:
             elif r.status_code not in (200, 206):
                 raise PullError(f"the hub answered {r.status_code} for {f.path}")
             with tqdm(total=f.size, initial=have, unit="B", unit_scale=True, desc=f.path.rsplit("/", 1)[-1]) as bar:
+                if progress is not None:
+                    progress(f, have, f.size)
                 for block in r.iter_bytes(1 << 20):
                     out.write(block)
                     if h is not None:
                         h.update(block)
                     bar.update(len(block))
+                    have += len(block)
+                    if progress is not None:
+                        progress(f, have, f.size)
         out.flush()
         os.fsync(out.fileno())
     size = part.stat().st_size

@@ -234,3 +234,22 @@ def test_best_match_follows_a_client_that_dropped_more_than_it_kept_but_runs_on_
     assert m is not None and m.dropped == [2, 3, 4, 5] and m.new == msgs(("tool", "out 4"))
     # the same head with an earlier reply of this session last is not enough: another client's
     assert best_match({"s": held(SYS, U1, T1, R1, T2, R2, T3, R3)}, msgs(SYS, U1, T1, R1, ("tool", "x"))) is None
+
+
+def test_a_conversation_binds_to_its_session_after_the_engine_restarts(tmp_path):
+    """An editor's chat, then the daemon restarts: the sessions request binding made were saved
+    on close, and the next request of the same conversation is matched against their files and
+    continues from the cache instead of being read again."""
+    chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    with Engine(n_ctx=512, max_sessions=2, n_threads=2, persist=True, sessions_dir=str(tmp_path)) as e:
+        first = e.bind_chat(chat, max_tokens=6, **GREEDY).wait()
+        unrelated = e.bind_chat([{"role": "user", "content": "Count to three."}], max_tokens=4, **GREEDY).wait()
+    assert first.session != unrelated.session
+    later = chat + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Another."}]
+    with Engine(n_ctx=512, max_sessions=2, n_threads=2, persist=True, sessions_dir=str(tmp_path)) as e:
+        events = []
+        done = e.bind_chat(later, max_tokens=2, on_event=events.append, **GREEDY).wait()
+        e.check(done.session)
+    bound = next(ev.data for ev in events if ev.kind == "bound")
+    assert done.session == first.session and bound.get("reused_messages") == 3
+    assert done.usage.cached_tokens >= first.usage.prompt_tokens

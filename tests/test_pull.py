@@ -191,3 +191,68 @@ def test_a_new_revision_replaces_the_old_one_and_keeps_unchanged_files(env, hub)
     assert not first.exists()  # the old revision's link is gone
     ask = kvside(env, "ask", "--model", REPO, "-n", "2", "--temperature", "0", "hello")
     assert ask.returncode == 0, ask.stderr
+
+
+# -- Ollama's /api/pull and /api/delete on a daemon ------------------------------------------------------
+@pytest.fixture
+def daemon(env):
+    """A daemon that may load a second model (the pulled one) on demand."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "kvside.cli", "serve", "--port", str(port), "--n-ctx", "256",
+                             "--threads", "2", "--max-sessions", "1", "--max-models", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_ollama_client_pulls_uses_and_deletes_a_hub_model(daemon, models):
+    """`ollama pull hf.co/OWNER/REPO:QUANT` against the daemon: progress lines with bytes, then the
+    model is listed, answers by its name, and is deleted with its files."""
+    import ollama
+
+    client = ollama.Client(host=daemon)
+    lines = list(client.pull(f"hf.co/{REPO}:Q8_0", stream=True))
+    assert lines[0].status == "pulling manifest" and lines[-1].status == "success"
+    size = len(models["Q8_0"]["Tiny-Chat-Q8_0.gguf"])
+    done = [p for p in lines if p.total == size and p.completed == size]
+    assert done and done[-1].digest.startswith("sha256:")
+    name = f"{REPO}:Q8_0"
+    assert name in [m.model.removesuffix(":latest") for m in client.list().models]
+    reply = client.generate(model=name, prompt="hello", raw=True, options={"num_predict": 2, "temperature": 0})
+    assert reply.done
+    client.delete(name)
+    assert name not in [m.model.removesuffix(":latest") for m in client.list().models]
+    with pytest.raises(ollama.ResponseError) as err:
+        client.delete(name)
+    assert err.value.status_code == 404
+
+
+def test_pull_refuses_what_it_cannot_pull_with_the_reason(daemon):
+    import httpx
+
+    library = httpx.post(daemon + "/api/pull", json={"model": "llama3.2:1b", "stream": False})
+    assert library.status_code == 404 and "Ollama's library" in library.json()["error"]
+    missing = httpx.post(daemon + "/api/pull", json={"model": "hf.co/nobody/Nothing-GGUF", "stream": False})
+    assert missing.status_code == 500 and "no repository nobody/Nothing-GGUF" in missing.json()["error"]
+    streamed = [json.loads(line) for line in httpx.post(daemon + "/api/pull", json={"model": "nobody/Nothing-GGUF"},
+                                                        timeout=60).text.splitlines()]
+    assert "no repository" in streamed[-1]["error"]
+    served = httpx.request("DELETE", daemon + "/api/delete", json={"model": "smollm2-135m"})
+    assert served.status_code == 400 and "serves" in served.json()["error"]
+    local = httpx.post(daemon + "/api/pull", json={"model": "smollm2-135m", "stream": False})
+    assert local.status_code == 200 and local.json() == {"status": "success"}

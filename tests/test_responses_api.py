@@ -6,6 +6,7 @@ session that holds it. On the default SmolLM2 model the tool paths are the force
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ from openai import BadRequestError, NotFoundError, OpenAI
 from conftest import LiveDaemon
 from kvside.engine import Engine
 from kvside.engine.stream import Event
-from kvside.errors import InvalidRequest
+from kvside.errors import InvalidRequest, KvsideError
 from kvside.server import responses_api as ra
 
 MODEL = "smollm2-135m"
@@ -368,3 +369,79 @@ def test_reasoning_is_an_item_of_its_own(reasoning_client):
              {"role": "user", "content": "And of Italy?"}]
     nxt = reasoning_client.responses.create(model=MODEL, input=items, temperature=0, max_output_tokens=4)
     assert nxt.usage.input_tokens_details.cached_tokens > 0
+
+
+# -- stored responses on disk --------------------------------------------------------------------------
+def _stored(text: str, parent=None) -> ra.Stored:
+    return ra.Stored({"id": "x", "output": []}, [{"role": "user", "content": text},
+                                                 {"role": "assistant", "content": text.upper()}], [], parent)
+
+
+def test_a_stored_response_outlives_its_store(tmp_path):
+    """A new store on the same folder (the daemon restarted) reads the whole conversation from one
+    file; a deleted response is gone from both; names that are not response ids never reach the disk."""
+    store = ra.ResponseStore(folder=tmp_path)
+    first = _stored("a")
+    rid1, rid2 = "resp_" + "1" * 32, "resp_" + "2" * 32
+    store.put(rid1, first)
+    store.write(rid1, first)
+    second = _stored("b", first)
+    store.put(rid2, second)
+    store.write(rid2, second)
+    again = ra.ResponseStore(folder=tmp_path)
+    assert [m["content"] for m in again.get(rid2).conversation()] == ["a", "A", "b", "B"]
+    again.delete(rid2)
+    assert not (tmp_path / f"{rid2}.json").exists()
+    with pytest.raises(ra.ResponseNotFound):
+        ra.ResponseStore(folder=tmp_path).get(rid2)
+    (tmp_path.parent / "secret.json").write_text("{}")
+    for name in ("../secret", "resp_../../secret", "resp_" + "1" * 31):
+        with pytest.raises(ra.ResponseNotFound):
+            again.get(name)
+
+
+def test_the_folder_keeps_only_the_newest_and_a_damaged_file_is_a_clear_error(tmp_path):
+    import os
+
+    store = ra.ResponseStore(capacity=3, folder=tmp_path)
+    ids = [f"resp_{i:032x}" for i in range(5)]
+    for i, rid in enumerate(ids):
+        stored = _stored(str(i))
+        store.put(rid, stored)
+        store.write(rid, stored)
+        os.utime(tmp_path / f"{rid}.json", ns=(i * 10**9, i * 10**9))
+    store._prune()
+    assert sorted(p.stem for p in tmp_path.glob("resp_*.json")) == ids[2:]
+    (tmp_path / f"{ids[4]}.json").write_text("{not json")
+    with pytest.raises(KvsideError) as err:
+        ra.ResponseStore(folder=tmp_path).get(ids[4])
+    assert ids[4] in err.value.message and (tmp_path / f"{ids[4]}.json").exists()
+
+
+def test_a_conversation_continues_after_the_daemon_restarts(tmp_path):
+    """Codex continues with previous_response_id; the daemon was restarted meanwhile. The
+    conversation comes from the stored response's file and the cache from the session's file."""
+    def serve():
+        return Engine(n_ctx=512, max_sessions=2, n_threads=2, persist=True, sessions_dir=str(tmp_path))
+
+    with serve() as e:
+        live = LiveDaemon(e)
+        c = OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        first = c.responses.create(model=MODEL, input="What is the capital of France?", instructions=INSTRUCTIONS,
+                                   temperature=0, max_output_tokens=12)
+        path = tmp_path / "responses" / f"{first.id}.json"
+        for _ in range(100):  # written off the event loop
+            if path.exists():
+                break
+            time.sleep(0.05)
+        live.stop()
+    assert path.exists()
+    with serve() as e:
+        live = LiveDaemon(e)
+        c = OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        assert c.responses.retrieve(first.id).output_text == first.output_text
+        second = c.responses.create(model=MODEL, input="And of Italy?", previous_response_id=first.id,
+                                    instructions=INSTRUCTIONS, temperature=0, max_output_tokens=4)
+        live.stop()
+    assert second.model_extra["kvside"].get("reused_messages") == 3, second.model_extra
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens

@@ -320,6 +320,29 @@ def scan(core) -> None:
         except OSError:
             pass
     known_again(core)
+    if core.fleet is None:
+        remember_auto(core)
+
+
+def remember_auto(core) -> None:
+    """Sessions that request binding made in an earlier run, matched again: what each file's
+    header says it holds goes into request binding's memory, as if the session had just been sent
+    to disk, so a client that comes back after a restart continues from the cache instead of
+    being read again. Oldest first, so the bound drops the oldest; files it cannot read are left
+    known by name only. (A shared folder has its own path: left_by_others.)"""
+    from kvside.engine.binding import AUTO_PREFIX, chat_history, tools_key
+
+    paths = sorted(core.sessions_dir.glob(f"{AUTO_PREFIX}*{SUFFIX}"), key=lambda p: file_stamp(p) or (0, 0))
+    for path in paths[-MAX_SAVED_AUTO * core.max_sessions:]:
+        name = path.stem
+        if name in core.sessions or name.startswith("."):
+            continue
+        try:
+            header = sessionfile.read_header(path, verify=False).header
+            s = session_from_header(header, name, path.name)
+        except (KvsideError, OSError):
+            continue
+        core.auto_saved[name] = (tools_key(s.tools), chat_history(s))
 
 
 def known_again(core) -> None:

@@ -95,7 +95,8 @@ class Daemon:
             Route("/embeddings", self.embeddings, methods=["POST"]),
             *llamacpp.LlamaServerFront(self).routes(),
             *ollama.OllamaFront(self).routes(),
-            *responses_api.ResponsesFront(self).routes(),
+            *responses_api.ResponsesFront(self, folder=Path(engine.call(lambda core: core.sessions_dir)) /
+                                          "responses").routes(),
             *anthropic.AnthropicFront(self).routes(),
             Route("/kvside/sessions", self.list_sessions, methods=["GET"]),
             Route("/kvside/sessions/{name}", self.show_session, methods=["GET"]),

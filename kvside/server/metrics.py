@@ -10,7 +10,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 ROUTES = {"/health", "/v1/models", "/models", "/v1/chat/completions", "/v1/completions", "/infill", "/completion", "/completions",
           "/v1/embeddings", "/api/embed", "/api/embeddings", "/props",
           "/tokenize", "/detokenize", "/apply-template", "/api/version", "/api/tags", "/api/ps", "/api/show",
-          "/api/chat", "/api/generate", "/kvside/sessions", "/kvside/restore", "/metrics"}
+          "/api/chat", "/api/generate", "/api/pull", "/api/delete", "/kvside/sessions", "/kvside/restore", "/metrics",
+          "/v1/responses", "/responses", "/v1/responses/input_tokens", "/responses/input_tokens", "/v1/messages",
+          "/v1/messages/count_tokens"}
 
 
 _SESSION_ACTIONS = {"roll", "mask", "compact", "prune", "erratum", "fork", "save", "strategy", "attach", "file"}
@@ -20,6 +22,9 @@ def route_of(path: str) -> str:
     """A route label with session names taken out, so the label set stays small."""
     if path in ROUTES:
         return path
+    for base in ("/v1/responses/", "/responses/"):  # a stored response, by id
+        if path.startswith(base):
+            return base + "{id}" + ("/input_items" if path.endswith("/input_items") else "")
     if path.startswith("/kvside/sessions/"):
         rest = path[len("/kvside/sessions/"):].split("/")
         if len(rest) == 1:

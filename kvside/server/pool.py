@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kvside.errors import KvsideError, ModelNotFound
+from kvside.errors import InvalidRequest, KvsideError, ModelNotFound
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default
 # A model handed to a request is not unloaded for this long, even with keep_alive 0: the request
@@ -175,6 +175,21 @@ class ModelPool:
         self.loaded.pop(entry.name, None)
         self.infos.pop(entry.name, None)
         entry.engine.close()  # saves its sessions (persist) before freeing the model
+
+    def unload(self, name: str) -> bool:
+        """Unload model `name` now (to delete its files); False when it is not loaded. The daemon's
+        first model never unloads; a model answering a request is ModelUnavailable."""
+        with self.lock:
+            entry = self.loaded.get(name)
+            if entry is None:
+                return False
+            if entry.primary:
+                raise InvalidRequest(f"{name!r} is the model this daemon serves; it cannot be removed while it runs",
+                                     param="model")
+            if busy(entry.engine):
+                raise ModelUnavailable(f"{name!r} is answering a request; try again when it has finished")
+            self._unload(entry)
+            return True
 
     def describe(self, model: str | None) -> tuple[dict, str, bool]:
         """(info, chat template source, has FIM tokens) of an installed model, without loading it

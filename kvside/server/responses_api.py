@@ -6,23 +6,27 @@ events. Vocabulary: the Responses API's words here (items, output_text, call_id)
 A stored response (`store`, true unless the client says otherwise) keeps its conversation, so a
 client that continues with `previous_response_id` sends only what is new. The cache does not care
 which way the conversation arrives: either way the messages are the same, and binding finds the
-session that holds them. Stored responses live in memory for the daemon's life, the most recent
-MAX_STORED of them."""
+session that holds them. The most recent MAX_STORED responses are kept, in memory and in the
+daemon's sessions folder (responses/), so a conversation continues across a restart."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sys
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sse_starlette.sse import ServerSentEvent
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from kvside import atomic
 from kvside.errors import InvalidRequest, KvsideError
 from kvside.server import llamacpp_api as llamacpp
 from kvside.server import openai_api as oa
@@ -57,6 +61,9 @@ def new_id(prefix: str) -> str:
 
 
 # -- the store ------------------------------------------------------------------------------------
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
+
+
 @dataclass
 class Stored:
     response: dict  # the response object as it was answered
@@ -75,29 +82,90 @@ class Stored:
 
 
 class ResponseStore:
-    """The most recent stored responses by id. A continued response keeps its parent object alive
-    even once the parent's id is forgotten, so a chain never breaks in the middle."""
+    """The most recent stored responses by id, in memory, and each also written to `folder` (the
+    daemon's sessions folder) so that a response can be continued after the daemon restarts, or
+    on another daemon sharing the folder. A continued response keeps its parent object alive even
+    once the parent's id is forgotten, so a chain never breaks in the middle; a file holds the
+    whole conversation, so it needs no other file."""
 
-    def __init__(self, capacity: int = MAX_STORED):
+    def __init__(self, capacity: int = MAX_STORED, folder: Path | None = None):
         self.capacity = capacity
+        self.folder = folder
         self._by_id: OrderedDict[str, Stored] = OrderedDict()
+        self._deleted: set[str] = set()  # deleted while their file was still being written
+        self._writes = 0
 
     def get(self, rid: str) -> Stored:
-        stored = self._by_id.get(rid)
+        stored = self._by_id.get(rid) or self._read(rid)
         if stored is None:
-            raise ResponseNotFound(f"no stored response with id {rid!r} (responses are kept in this daemon's memory, "
-                                   f"the last {self.capacity}, and only when 'store' was not false)")
+            raise ResponseNotFound(f"no stored response with id {rid!r} (kvside keeps the last {self.capacity}, "
+                                   f"and none made with 'store': false)")
+        self._by_id[rid] = stored
         self._by_id.move_to_end(rid)
+        self._trim()
         return stored
 
     def put(self, rid: str, stored: Stored) -> None:
+        """Keep `stored` in memory now, and write it out: the caller runs `write` off the event
+        loop (a file written with fsync is milliseconds the loop would otherwise wait)."""
         self._by_id[rid] = stored
+        self._trim()
+
+    def _trim(self) -> None:
         while len(self._by_id) > self.capacity:
             self._by_id.popitem(last=False)
+
+    def _path(self, rid: str) -> Path | None:
+        if self.folder is None or not RESPONSE_ID.fullmatch(rid):  # a name, never a path
+            return None
+        return self.folder / f"{rid}.json"
+
+    def write(self, rid: str, stored: Stored) -> None:
+        path = self._path(rid)
+        if path is None or rid in self._deleted:
+            return
+        data = {"format": 1, "response": stored.response, "conversation": stored.conversation(),
+                "input_items": stored.input_items}
+        try:
+            atomic.write_bytes(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+        except OSError as exc:  # a full disk loses the continuation after a restart, not the reply
+            print(f"kvside: could not store response {rid} ({exc})", file=sys.stderr)
+            return
+        if rid in self._deleted:  # deleted while it was being written
+            path.unlink(missing_ok=True)
+        self._writes += 1
+        if self._writes % 64 == 1:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Only the newest `capacity` files stay."""
+        try:
+            files = sorted(self.folder.glob("resp_*.json"), key=lambda f: f.stat().st_mtime_ns)
+        except OSError:
+            return
+        for old in files[: max(len(files) - self.capacity, 0)]:
+            old.unlink(missing_ok=True)
+
+    def _read(self, rid: str) -> Stored | None:
+        path = self._path(rid)
+        if path is None or rid in self._deleted:
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+            return Stored(data["response"], data["conversation"], data["input_items"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KvsideError(f"stored response {rid} cannot be read ({type(exc).__name__}); it is left as it is "
+                              f"in {path}") from None
 
     def delete(self, rid: str) -> None:
         self.get(rid)
         del self._by_id[rid]
+        self._deleted.add(rid)
+        path = self._path(rid)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 # -- request: items to messages ---------------------------------------------------------------------
@@ -598,9 +666,9 @@ class EventWriter:
 class ResponsesFront:
     """The handlers of /v1/responses, over the daemon's admission, binding and streaming."""
 
-    def __init__(self, daemon, capacity: int = MAX_STORED):
+    def __init__(self, daemon, capacity: int = MAX_STORED, folder: Path | None = None):
         self.d = daemon
-        self.store = ResponseStore(capacity)
+        self.store = ResponseStore(capacity, folder)
 
     def routes(self) -> list[Route]:
         routes = []
@@ -676,8 +744,11 @@ class ResponsesFront:
         if parsed.names.ignored:
             body["kvside"]["tools_ignored"] = parsed.names.ignored
         if parsed.store:
-            self.store.put(rid, Stored(body, parsed.new_messages + [reply_message(done)], parsed.input_items,
-                                       parsed.parent))
+            stored = Stored(body, parsed.new_messages + [reply_message(done)], parsed.input_items, parsed.parent)
+            self.store.put(rid, stored)
+            # written off the loop and not waited for: the reply is not held up by an fsync, and a
+            # continuation that comes at once finds the response in memory
+            asyncio.get_running_loop().run_in_executor(None, self.store.write, rid, stored)
         return body
 
     async def _events(self, stream, queue, first, parsed: Parsed, rid: str, created: int, note: dict, engine):

@@ -30,7 +30,10 @@ FIELDS = ["messages", "prompt", "model", "content", "tokens", "with_pieces", "ad
           "drop", "keep", "strategy", "boundary", "span", "close_gap", "up_to", "summary", "mode", "kind",
           "keep_last", "text", "name", "as", "document", "recompute", "path",
           # Ollama's
-          "options", "system", "raw", "format", "tools", "images", "think", "keep_alive"]
+          "options", "system", "raw", "format", "tools", "images", "think", "keep_alive",
+          # the Responses API's and Anthropic's
+          "input", "instructions", "previous_response_id", "max_output_tokens", "text", "tool_choice", "store",
+          "reasoning", "stop_sequences", "output_config", "parallel_tool_calls", "metadata"]
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x", 3]),
                                  "content": st.text(max_size=30) | json_values})
 field_values = {f: json_values for f in FIELDS} | {"messages": st.lists(message, max_size=3) | json_values}
@@ -59,7 +62,8 @@ def assert_clean(r):
 
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/infill", "/kvside/restore", "/tokenize", "/detokenize",
-             "/apply-template", "/api/chat", "/api/generate", "/api/show"] + \
+             "/apply-template", "/api/chat", "/api/generate", "/api/show", "/v1/responses", "/v1/responses/input_tokens",
+             "/v1/messages", "/v1/messages/count_tokens"] + \
     [f"/kvside/sessions/fz/{edit}" for edit in EDITS if edit not in ("compact",)]
 
 
@@ -71,6 +75,10 @@ def test_random_json_never_gets_a_5xx(client, path, body):
         body.setdefault("max_tokens", 4)
     if isinstance(body, dict) and path.startswith("/api/"):
         body.setdefault("options", {"num_predict": 4})
+    if isinstance(body, dict) and path == "/v1/responses":
+        body.setdefault("max_output_tokens", 4)
+    if isinstance(body, dict) and path == "/v1/messages":
+        body.setdefault("max_tokens", 4)
     assert_clean(client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}))
 
 

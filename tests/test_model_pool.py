@@ -119,6 +119,28 @@ def test_keep_alive_zero_unloads_after_the_request(home):
         d.stop()
 
 
+def test_ollama_loads_and_unloads_a_model_with_an_empty_request(home):
+    """Open WebUI's and Ollama's own way: a request with nothing to answer loads the model, the same
+    with keep_alive 0 unloads it at once; the daemon's first model says it stays."""
+    d = Served(home, "--model", "tiny-llama", "--max-models", "3")
+    try:
+        load = httpx.post(d.url + "/api/generate", json={"model": "tiny-qwen2"}, timeout=120)
+        assert load.json()["done_reason"] == "load" and d.loaded() == {"tiny-llama", "tiny-qwen2"}
+        chat_load = httpx.post(d.url + "/api/chat", json={"model": "tiny-gemma3", "messages": []}, timeout=120)
+        assert chat_load.json()["done_reason"] == "load" and chat_load.json()["message"]["content"] == ""
+        assert d.loaded() == {"tiny-llama", "tiny-qwen2", "tiny-gemma3"}
+        unload = httpx.post(d.url + "/api/generate", json={"model": "tiny-qwen2", "keep_alive": 0}, timeout=60)
+        assert unload.json()["done_reason"] == "unload" and d.loaded() == {"tiny-llama", "tiny-gemma3"}
+        chat_unload = httpx.post(d.url + "/api/chat", json={"model": "tiny-gemma3:latest", "messages": [],
+                                                            "keep_alive": 0}, timeout=60)
+        assert chat_unload.json()["done_reason"] == "unload" and d.loaded() == {"tiny-llama"}
+        first = httpx.post(d.url + "/api/generate", json={"model": "tiny-llama", "keep_alive": 0}, timeout=60)
+        assert first.status_code == 400 and "serves" in first.json()["error"]
+        assert d.loaded() == {"tiny-llama"}
+    finally:
+        d.stop()
+
+
 def test_a_memory_budget_refuses_what_cannot_fit_and_makes_room_for_what_can(home):
     # footprints at --n-ctx 512, 4 sessions: tiny-llama and tiny-qwen2 about 1.1 MB each with their KV
     # cache, tiny-gemma3 (6 layers) about 3 MB

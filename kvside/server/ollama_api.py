@@ -406,8 +406,29 @@ class OllamaFront:
         fim = await asyncio.to_thread(self.d.engine.call, prompt.has_fim)
         return JSONResponse(show(self.d.info, self.d.template["source"], fim))
 
+    async def _load_or_unload(self, body: dict, shape: dict) -> JSONResponse | None:
+        """Ollama's way to load a model (a request with nothing to answer) or unload it (the same
+        with keep_alive 0), as Open WebUI and others send it; None when the request has something
+        to answer. The daemon's first model cannot be unloaded, and saying so beats a false yes."""
+        empty = body.get("messages") == [] if "messages" in body else not body.get("prompt") and not body.get("suffix")
+        if not empty:
+            return None
+        name = body.get("model") or body.get("name")
+        if parse_keep_alive(body.get("keep_alive")) == 0:
+            await asyncio.to_thread(self.d.pool.unload, await asyncio.to_thread(self.d.pool.canonical, name))
+            reason = "unload"
+        else:
+            await self.route(body)  # loads it
+            reason = "load"
+        return JSONResponse({"model": name or self.d.model_name, "created_at": now(), **shape, "done": True,
+                             "done_reason": reason})
+
     async def chat(self, request: HTTPRequest):
         body = await self.d._json(request)
+        if isinstance(body, dict) and "messages" in body:
+            answered = await self._load_or_unload(body, {"message": {"role": "assistant", "content": ""}})
+            if answered is not None:
+                return answered
         model, engine = await self.route(body)
         messages, params, streaming, spec = chat_request(body, self.d.info["n_ctx"])
         explicit = request.headers.get("x-kvside-session")
@@ -428,12 +449,14 @@ class OllamaFront:
 
     async def generate(self, request: HTTPRequest):
         body = await self.d._json(request)
+        if isinstance(body, dict) and (not isinstance(body.get("prompt"), str) or not body["prompt"]):
+            generate_request(body, self.d.info["n_ctx"])  # the request's other fields checked first
+            answered = await self._load_or_unload(body, {"response": ""})
+            if answered is not None:
+                return answered
         model, engine = await self.route(body)
         text, suffix, params, streaming, raw = generate_request(body, self.d.info["n_ctx"])
         spec = reply_spec(body)
-        if not text and suffix is None:  # Ollama answers an empty prompt by loading the model
-            return JSONResponse({"model": model, "created_at": now(), "response": "", "done": True,
-                                 "done_reason": "load"})
         explicit = request.headers.get("x-kvside-session")
         session = check_name(explicit) if explicit else None
         t0 = time.perf_counter()

@@ -178,7 +178,8 @@ def test_text_reply_whole_and_streamed_agree(client):
     assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
     assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          f"response.{whole.status}"]
+                          "response.completed"]
+    assert events[-1].response.status == whole.status
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     final = events[-1].response
@@ -187,10 +188,16 @@ def test_text_reply_whole_and_streamed_agree(client):
 
 
 def test_max_output_tokens_makes_the_response_incomplete(client):
-    r = client.responses.create(model=MODEL, input="Write a long story about a dragon.", temperature=0,
-                                max_output_tokens=5)
+    """Whole, and through the openai client's stream helper, which needs response.completed to end."""
+    ask = dict(model=MODEL, input="Write a long story about a dragon.", temperature=0, max_output_tokens=5)
+    r = client.responses.create(**ask)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 5
+    with client.responses.stream(**ask) as s:
+        for _ in s:
+            pass
+        streamed = s.get_final_response()
+    assert streamed.status == "incomplete" and streamed.output_text == r.output_text
 
 
 def test_previous_response_id_continues_from_the_session(client):

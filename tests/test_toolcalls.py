@@ -211,3 +211,50 @@ def test_a_tool_result_is_a_tool_turn_where_a_template_without_tools_renders_tha
     assert not strict.renders_tool_role
     text = strict.render(history, add_generation_prompt=False, tools=[WEATHER])
     assert text.endswith("[user] <tool_response>\nsunny\n</tool_response>\n")
+
+
+def _allowed(core, rule, prefix: str, candidates: list[int]) -> set[int]:
+    """Which of `candidates` a constraint's grammar allows once the reply so far is `prefix` (fed to
+    it token by token, as the sampler would accept them; the prefix must be one it allows)."""
+    import ctypes
+
+    import llama_cpp
+
+    from kvside._llama import lib
+    from kvside.engine.sampling import _grammar_sampler
+
+    sampler = _grammar_sampler(core.model.vocab, rule, core.model.tokenize)
+    try:
+        for token in core.model.tokenize(prefix) if prefix else []:
+            lib.llama_sampler_accept(sampler, token)
+        data = (llama_cpp.llama_token_data * len(candidates))(*[llama_cpp.llama_token_data(c, 0.0, 0.0)
+                                                                   for c in candidates])
+        cur = llama_cpp.llama_token_data_array(data, len(candidates), -1, False)
+        lib.llama_sampler_apply(sampler, ctypes.byref(cur))
+        return {data[i].id for i in range(cur.size) if data[i].logit != float("-inf")}
+    finally:
+        lib.llama_sampler_free(sampler)
+
+
+def test_a_forced_call_after_an_opened_think_block_comes_after_the_reasoning(engine):
+    """A template whose generation prompt opens <think> (reasoning models): a forced call, or a
+    JSON reply, may not start inside the reasoning, where it would be read as reasoning; the model
+    reasons, closes the block, and then only the call (or the JSON) may follow, and the reply may
+    not end before it."""
+    spec = ReplySpec(tools=[WEATHER], tool_choice="get_weather", parallel=False)
+    fmt = FORMATS["hermes"]
+
+    def check(core):
+        first = lambda text: core.model.tokenize(text)[0]  # noqa: E731
+        call, word, brace, eos = first("<tool_call>"), first("Hello"), first("{"), core.model.eos
+        thinking = constraint(spec, fmt, think=True)
+        assert _allowed(core, thinking, "", [call, word, eos]) == {call, word}  # reasoning first, any text
+        assert _allowed(core, thinking, "Let me look it up.", [word, eos]) == {word}  # no end inside it
+        assert _allowed(core, thinking, "Let me look it up.</think>\n", [call, word, eos]) == {call}
+        assert _allowed(core, constraint(spec, fmt), "", [call, word]) == {call}  # no think block: the call at once
+        schema = ReplySpec(response_format={"type": "json_object"})
+        json_after = constraint(schema, fmt, think=True)
+        assert _allowed(core, json_after, "Some thought.</think>", [brace, word]) == {brace}
+        return True
+
+    assert engine.call(check)

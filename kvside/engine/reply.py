@@ -55,24 +55,39 @@ class Constraint:
     patterns: list[str] = field(default_factory=list)  # regexes that do
 
 
-def constraint(spec: ReplySpec, fmt: Format) -> Constraint | None:
+def constraint(spec: ReplySpec, fmt: Format, think: bool = False) -> Constraint | None:
     """The grammar a reply follows: a tool call's syntax and its arguments' JSON schema (lazily,
     from the moment the model starts a call, unless a call is forced), or the response_format's
-    JSON schema from the first token."""
+    JSON schema from the first token. `think`: the generation prompt opened a reasoning block, so
+    a grammar that holds from the first token lets the reasoning come first and holds after it."""
     if spec.calls_allowed:
         named = spec.tool_choice not in ("auto", "required")  # a named function is called once
         grammar = fmt.grammar(spec.tools_for_choice(), spec.parallel and not named)
         if spec.forced:
-            return Constraint(grammar)
+            return Constraint(_after_thinking(grammar) if think else grammar)
         words, patterns = fmt.triggers()
         return Constraint(grammar, lazy=True, words=words, patterns=patterns)
     if spec.response_format is not None:
         kind = spec.response_format.get("type")
-        if kind == "json_object":
-            return Constraint(toolcalls.schema_grammar({"type": "object"}))
-        if kind == "json_schema":
-            return Constraint(toolcalls.schema_grammar(spec.response_format["schema"]))
+        schema = {"type": "object"} if kind == "json_object" else spec.response_format.get("schema")
+        if kind in ("json_object", "json_schema"):
+            grammar = toolcalls.schema_grammar(schema)
+            return Constraint(_after_thinking(grammar) if think else grammar)
     return None
+
+
+# Reasoning text up to the first "</think>": any text that does not contain it.
+_THINK_BODY = ('think-body ::= ( [^<] | "<" ( [^/] | "/" ( [^t] | "t" ( [^h] | "h" ( [^i] | "i" ( [^n] | "n" '
+               '( [^k] | "k" [^>] ) ) ) ) ) ) )*\nthink-gap ::= [ \\t\\n]*\n')
+
+
+def _after_thinking(grammar: str) -> str:
+    """`grammar` behind a reasoning block the generation prompt opened: without this a forced call
+    (or a JSON reply) would be written inside the reasoning, where it is neither (llama.cpp's chat
+    formats for reasoning models do the same)."""
+    if "\nroot ::= " not in grammar:
+        return grammar
+    return grammar.replace("\nroot ::= ", '\nroot ::= think-body "</think>" think-gap ', 1).rstrip("\n") + "\n" + _THINK_BODY
 
 
 # -- reading a reply as it streams ---------------------------------------------------------------

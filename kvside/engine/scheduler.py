@@ -182,7 +182,7 @@ class Scheduler:
         }
         s.messages.extend(new)
         self.core.clear_pending(s)
-        rule = constraint(spec, self.core.tool_format) if spec is not None else None
+        rule = constraint(spec, self.core.tool_format, think) if spec is not None else None
         sampler = Sampler(params, s.ledger.tok + todo, self.core.model.n_vocab, vocab=self.core.model.vocab,
                           constraint=rule, tokenize=self.core.model.tokenize)
         gen = _Gen(s, stream, params, sampler, StopMatcher(params.stop), todo, todo_msg, reply_id, mode, history, rollback)

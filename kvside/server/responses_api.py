@@ -775,8 +775,10 @@ class ResponsesFront:
                         yield out
                     body = await self._finish(parsed, rid, created, model, done, note, engine, writer.output())
                     body["timings"] = llamacpp.timings(done)
-                    kind = "response.incomplete" if body["status"] == "incomplete" else "response.completed"
-                    yield writer.event(kind, response=body)
+                    # response.completed even when max_output_tokens cut the reply (its status says
+                    # "incomplete"): the openai client's stream helper and Codex end a stream on
+                    # response.completed alone, and treat one without it as broken
+                    yield writer.event("response.completed", response=body)
                 else:
                     for out in writer.feed(event):
                         yield out

@@ -200,3 +200,31 @@ def test_responses_api_agent_loop_as_codex_sends_it(client):
         {"type": "function_call_output", "call_id": done[0].call_id, "output": '{"temperature_c": 18, "sky": "sunny"}'}])
     assert [o.type for o in second.output] == ["message"] and second.output_text
     assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
+
+
+def test_anthropic_messages_agent_loop_as_claude_code_sends_it(qwen_url):
+    """Claude Code's shape on /v1/messages: system blocks with cache_control, tools with
+    input_schema, streamed; the model chooses the call, and the tool_result turn is read on the
+    same cache (cache_read_input_tokens)."""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=qwen_url, api_key="unused", max_retries=0)
+    tools = [{"name": "get_weather", "description": WEATHER["function"]["description"],
+              "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#",
+                               **WEATHER["function"]["parameters"], "additionalProperties": False}}]
+    shape = dict(model=QWEN, max_tokens=60, tools=tools, extra_body={"temperature": 0},
+                 system=[{"type": "text", "text": "You are a coding agent. Use tools when they help.",
+                          "cache_control": {"type": "ephemeral"}}])
+    ask = [{"role": "user", "content": [{"type": "text", "text": ASK[0]["content"]}]}]
+    with client.messages.stream(**shape, messages=ask) as s:
+        first = s.get_final_message()
+    assert first.stop_reason == "tool_use"
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    assert (use.name, use.input) == ("get_weather", {"city": "Paris"})
+    second = client.messages.create(**shape, tool_choice={"type": "none"}, messages=ask + [
+        {"role": "assistant", "content": first.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                      "content": '{"temperature_c": 18, "sky": "sunny"}'}]}])
+    assert second.stop_reason in ("end_turn", "max_tokens") and second.content[0].type == "text"
+    read_before = first.usage.input_tokens + first.usage.cache_read_input_tokens
+    assert second.usage.cache_read_input_tokens >= read_before

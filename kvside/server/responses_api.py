@@ -52,7 +52,6 @@ def new_id(prefix: str) -> str:
 @dataclass
 class Parsed:
     chat: oa.Request  # the chat request the engine answers
-    conversation: list[dict]  # its messages without the instructions
     new_messages: list[dict]  # what this request added to the previous response's conversation
     input_items: list[dict]
     names: ToolNames
@@ -260,7 +259,9 @@ def _text_format(text) -> dict | None:
     """`text.format` as chat's response_format."""
     if text is None:
         return None
-    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(text, dict):
+        raise InvalidRequest("'text' must be an object: {'format': {...}, 'verbosity': ...}", param="text")
+    fmt = text.get("format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
@@ -337,7 +338,7 @@ def parse(body, store: ResponseStore) -> Parsed:
             "truncation": body.get("truncation") or "disabled",
             "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")} if reasoning else None,
             "metadata": body.get("metadata") or {}, "store": stored}
-    return Parsed(req, conversation, new, _with_ids(items), names, echo, stored, parent)
+    return Parsed(req, new, _with_ids(items), names, echo, stored, parent)
 
 
 def _with_ids(items: list) -> list[dict]:

@@ -75,10 +75,12 @@ def test_random_json_never_gets_a_5xx(client, path, body):
         body.setdefault("max_tokens", 4)
     if isinstance(body, dict) and path.startswith("/api/"):
         body.setdefault("options", {"num_predict": 4})
-    if isinstance(body, dict) and path == "/v1/responses":
+    if isinstance(body, dict) and path.startswith("/v1/responses"):  # a valid input, so the other fields are read
         body.setdefault("max_output_tokens", 4)
-    if isinstance(body, dict) and path == "/v1/messages":
+        body.setdefault("input", "hi")
+    if isinstance(body, dict) and path.startswith("/v1/messages"):
         body.setdefault("max_tokens", 4)
+        body.setdefault("messages", [{"role": "user", "content": "hi"}])
     assert_clean(client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}))
 
 

@@ -190,6 +190,8 @@ def test_anthropic_defined_tools_are_left_out_and_said_so(client):
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400,
      "invalid_request_error"),
     ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tool_choice": {"type": "any"}}, 400, "invalid_request_error"),
+    ({"model": MODEL, "max_tokens": 5, "messages": ASK, "tools": [WEATHER], "tool_choice": {"type": "tool"}}, 400,
+     "invalid_request_error"),
     ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": ASK}, 404, "not_found_error"),
 ])
 def test_errors_are_in_anthropics_shape(daemon_url, body, status, kind):

@@ -332,6 +332,7 @@ def test_text_format_json_schema_is_followed(client):
     (dict(input="x", background=True), "background"),
     (dict(input="x", text={"format": {"type": "yaml"}}), "text.format"),
     (dict(input="x", text="json"), "text"),
+    (dict(input="x", text={"format": {"type": "json_schema", "schema": "nope"}}), "text.format.schema"),
     (dict(input="x", max_output_tokens="9"), "max_output_tokens"),
 ])
 def test_bad_requests_are_clear_400s(daemon_url, fields, param):

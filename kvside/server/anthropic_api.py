@@ -167,7 +167,9 @@ def _tools(tools, choice) -> tuple[list[dict], list[str], object, bool]:
     parallel = not choice.get("disable_parallel_tool_use", False)
     kind = choice["type"]
     if kind == "tool":
-        return out, ignored, {"type": "function", "function": {"name": choice.get("name")}}, parallel
+        if not isinstance(choice.get("name"), str):
+            raise InvalidRequest("tool_choice {'type': 'tool'} needs the tool's 'name'", param="tool_choice.name")
+        return out, ignored, {"type": "function", "function": {"name": choice["name"]}}, parallel
     return out, ignored, {"auto": "auto", "any": "required", "none": "none"}[kind], parallel
 
 

@@ -268,7 +268,9 @@ def _text_format(text) -> dict | None:
         raise InvalidRequest("text.format must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
                              param="text.format")
     if fmt["type"] == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "output"), "schema": fmt.get("schema"),
+        if not isinstance(fmt.get("schema"), dict):
+            raise InvalidRequest("a json_schema format needs its 'schema' object", param="text.format.schema")
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "output"), "schema": fmt["schema"],
                                                        "strict": bool(fmt.get("strict"))}}
     return {"type": fmt["type"]}
 

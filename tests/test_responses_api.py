@@ -156,6 +156,21 @@ def test_writer_opens_an_item_per_kind_and_numbers_every_event():
     assert (custom["type"], custom["call_id"], custom["input"]) == ("custom_tool_call", "c2", "x\ny")
 
 
+def test_writer_never_finishes_a_call_the_engine_did_not_read_as_one():
+    """A call cut off, or with arguments that are not an object, turns out to be text at the end:
+    its item gets no done event (an agent runs a call when its item is done) and is not in the
+    response; the text comes as a message."""
+    w = ra.EventWriter(ra.ToolNames())
+    engine_events = [Event("tool_call", "read", {"index": 0, "id": "c1", "name": "read"}),
+                     Event("tool_args", "[1, 2", {"index": 0}), Event("text", "<tool_call>read [1, 2")]
+    out = [e for ev in engine_events for e in w.feed(ev)] + w.finish(_Done("<tool_call>read [1, 2", "", []))
+    decoded = [_decoded(e) for e in out]
+    done_items = [d["item"]["type"] for t, d in decoded if t == "response.output_item.done"]
+    assert done_items == ["message"]
+    assert not [t for t, _ in decoded if t == "response.function_call_arguments.done"]
+    assert [i["type"] for i in w.output()] == ["message"]
+
+
 def test_writer_gives_an_empty_reply_its_message():
     w = ra.EventWriter(ra.ToolNames())
     types = [_decoded(e)[0] for e in w.finish(_Done())]

@@ -258,3 +258,36 @@ def test_a_forced_call_after_an_opened_think_block_comes_after_the_reasoning(eng
         return True
 
     assert engine.call(check)
+
+
+def _stream(reader: ReplyReader, text: str) -> tuple[list, list, object]:
+    """(deltas while the text arrives one character at a time, the last deltas, the whole reply)."""
+    during = [d for ch in text for d in reader.feed(ch)]
+    parsed, last = reader.finish()
+    return during, last, parsed
+
+
+def test_a_call_written_without_markup_is_announced_only_once_whole():
+    """A small model writes the call as a fenced JSON object: it is a call only if it is whole and
+    its arguments an object, so nothing of it streams as a call before then, and a broken one
+    streams as the text it is (before, its first fragments went out as a call the client could not
+    take back)."""
+    fenced = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+    during, last, parsed = _stream(ReplyReader(FORMATS["generic"], names={"get_weather"}), fenced)
+    assert during == []
+    assert [d.kind for d in last] == ["call", "arguments"] and _calls(parsed) == [("get_weather", {"city": "Paris"})]
+    broken = '```json\n{"name": "get_weather", "arguments": ["Paris"]}\n```'
+    during, last, parsed = _stream(ReplyReader(FORMATS["generic"], names={"get_weather"}), broken)
+    assert not [d for d in during + last if d.kind in ("call", "arguments")]
+    assert parsed.calls == [] and "".join(d.text for d in last if d.kind == "content") == parsed.content
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "ls", "arguments": {"path": "."}}',
+    '<tool_call>\n{"name": "ls", "arguments": {"path": "."}}\n</tool_call>',
+])
+def test_a_call_to_a_function_the_request_did_not_offer_is_text(text):
+    """Codex offers `shell`; a 0.5B model wrote {"name": "ls", ...}, and Codex, asked to run `ls`,
+    answered "unsupported call", which the model echoed back in a loop."""
+    parsed = _stream(ReplyReader(FORMATS["hermes"], names={"shell"}), text)[2]
+    assert parsed.calls == [] and parsed.content.strip() == text

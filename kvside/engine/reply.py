@@ -101,11 +101,14 @@ class Delta:
 
 class ReplyReader:
     """Feed the model's text; get what is new as Deltas. `think`: the generation prompt already
-    opened a reasoning block (the model's first words are reasoning)."""
+    opened a reasoning block (the model's first words are reasoning). `names`: the functions the
+    request offers; a call to any other is not a call (a model writing JSON without markup names
+    whatever it likes, and a client asked to run an unknown function can only fail)."""
 
-    def __init__(self, fmt: Format | None, *, think: bool = False):
+    def __init__(self, fmt: Format | None, *, think: bool = False, names: set[str] | None = None):
         self.fmt = fmt
         self.think = think
+        self.names = names
         self.text = ""
         self.sent = Parsed()
         self.ids: list[str] = []
@@ -132,14 +135,18 @@ class ReplyReader:
 
     def feed(self, text: str) -> list[Delta]:
         self.text += text
-        return self._diff(self._parse(partial=True))
+        now = self._parse(partial=True)
+        if now.bare:  # a call without markup is told apart from JSON text only once it is whole
+            now = Parsed(reasoning=now.reasoning)
+        return self._diff(now)
 
     def finish(self) -> tuple[Parsed, list[Delta]]:
         """The whole reply, and the last deltas. Calls whose arguments do not parse as a JSON
-        object are not calls: their text goes back into the content."""
+        object, or that name a function the request did not offer, are not calls: their text goes
+        back into the content."""
         final = self._parse(partial=False)
         for call, raw in zip(list(final.calls), list(final.raw_calls)):
-            if not call.valid():
+            if not call.valid() or (self.names is not None and call.name not in self.names):
                 final.calls.remove(call)
                 final.content += raw
         if final.calls and not final.content.strip():

@@ -188,8 +188,9 @@ class Scheduler:
         gen = _Gen(s, stream, params, sampler, StopMatcher(params.stop), todo, todo_msg, reply_id, mode, history, rollback)
         gen.spec = spec
         if mode == "chat":
-            gen.reader = ReplyReader(self.core.tool_format if spec is not None and spec.calls_allowed else None,
-                                     think=think)
+            calls = spec is not None and spec.calls_allowed
+            gen.reader = ReplyReader(self.core.tool_format if calls else None, think=think,
+                                     names={t["function"]["name"] for t in spec.tools_for_choice()} if calls else None)
         gen.rollback_first_msg = new[0].id if new else -1
         gen.notices.extend(notices)
         gen.usage.cached_tokens = restored if rebuilt else len(s.ledger)

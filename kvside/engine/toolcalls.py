@@ -39,6 +39,7 @@ class Parsed:
     reasoning: str = ""
     calls: list[Call] = field(default_factory=list)
     raw_calls: list[str] = field(default_factory=list)  # each call's own text (for invalid ones)
+    bare: bool = False  # the reply read as one call written without markup: a guess until it is whole
 
 
 # -- JSON scanning -------------------------------------------------------------------------------
@@ -144,9 +145,9 @@ def _bare_call(text: str, partial: bool) -> Parsed | None:
         return Parsed() if partial and end is None else None
     rest = text[end:] if end is not None else ""
     if rest.strip() not in ("", "```"):
-        return None if not partial else Parsed(calls=[call], raw_calls=[text])
+        return None if not partial else Parsed(calls=[call], raw_calls=[text], bare=True)
     call.complete = end is not None
-    return Parsed(calls=[call], raw_calls=[text])
+    return Parsed(calls=[call], raw_calls=[text], bare=True)
 
 
 # -- formats -------------------------------------------------------------------------------------

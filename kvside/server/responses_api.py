@@ -436,14 +436,18 @@ class _Item:
 class EventWriter:
     """The typed events of a streamed response, from the engine's events. Each output item opens
     with its first event and closes when another begins: reasoning, then text, then one item per
-    call. A custom tool's input is sent whole when its call closes (the model writes it as a JSON
-    string, which is not the input until it is decoded)."""
+    call. A call is done only once the reply has ended and the engine has read it as a call: an
+    agent runs a call when its item is done, and a call cut off or with arguments that are not an
+    object is text, never a call (its item is left without a done event and out of the response).
+    A custom tool's input is sent whole then too (the model writes it as a JSON string, which is
+    not the input until it is decoded)."""
 
     def __init__(self, names: ToolNames):
         self.names = names
         self.seq = 0
         self.items: list[_Item] = []
         self.open: _Item | None = None
+        self.calls_waiting: list[_Item] = []  # closed calls, done when the reply ends
 
     def event(self, kind: str, **data) -> ServerSentEvent:
         data = {"type": kind, "sequence_number": self.seq, **data}
@@ -501,15 +505,17 @@ class EventWriter:
             shaped["input"] = ""
         return shaped
 
-    def close(self, calls: list[dict] | None = None) -> list[ServerSentEvent]:
-        """Close the open item. A call's arguments are the fragments streamed, so that the done
-        event repeats what the deltas said; `calls` (the engine's reading of the reply) fills in a
-        call whose arguments never streamed."""
+    def close(self) -> list[ServerSentEvent]:
+        """Close the open item; a call waits for the reply's end."""
         item, self.open = self.open, None
         if item is None:
             return []
-        if item.kind in ("function_call", "custom_tool_call") and not item.text:
-            item.text = next((c["function"]["arguments"] for c in calls or [] if c["id"] == item.call["id"]), "")
+        if item.kind in ("function_call", "custom_tool_call"):
+            self.calls_waiting.append(item)
+            return []
+        return self._done(item)
+
+    def _done(self, item: _Item) -> list[ServerSentEvent]:
         out: list[ServerSentEvent] = []
         if item.kind == "reasoning":
             out.append(self.event("response.reasoning_text.done", item_id=item.id, output_index=item.index,
@@ -535,8 +541,18 @@ class EventWriter:
         return out
 
     def finish(self, done) -> list[ServerSentEvent]:
-        """Close what is open; a reply with no output at all still gets its (empty) message."""
-        out = self.close(done.tool_calls)
+        """Close what is open, and finish the calls the engine read as calls (their arguments as
+        they streamed, so the done event repeats the deltas; the engine's where none streamed); a
+        reply with no output at all still gets its (empty) message."""
+        out = self.close()
+        final = {c["id"]: c["function"]["arguments"] for c in done.tool_calls}
+        for item in self.calls_waiting:
+            if item.call["id"] in final:
+                item.text = item.text or final[item.call["id"]]
+                out += self._done(item)
+            else:
+                self.items.remove(item)
+        self.calls_waiting = []
         if not self.items:
             out += self._start("message", new_id("msg"))
             out += self.close()

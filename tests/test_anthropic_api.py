@@ -56,6 +56,14 @@ def test_blocks_become_the_chat_messages_of_the_same_turns():
     ]
 
 
+def test_a_system_message_between_the_turns_stays_where_it_is():
+    """Claude Code 2.1 sends {"role": "system"} messages inside `messages`."""
+    out = aa.to_messages("S", [{"role": "user", "content": "q"}, {"role": "system", "content": "agents: a, b"},
+                               {"role": "user", "content": [{"type": "text", "text": "go"}]}])
+    assert out == [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+                   {"role": "system", "content": "agents: a, b"}, {"role": "user", "content": "go"}]
+
+
 def test_a_user_turn_of_tool_results_only_adds_no_empty_user_message():
     out = aa.to_messages(None, [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"}]}])
     assert out == [{"role": "tool", "tool_call_id": "t", "content": ""}]
@@ -63,7 +71,7 @@ def test_a_user_turn_of_tool_results_only_adds_no_empty_user_message():
 
 @pytest.mark.parametrize("messages, param", [
     ([], "messages"),
-    ([{"role": "system", "content": "x"}], "messages[0].role"),
+    ([{"role": "tool", "content": "x"}], "messages[0].role"),
     ([{"role": "user", "content": [{"type": "image", "source": {}}]}], "messages[0].content[0]"),
     ([{"role": "user", "content": [{"type": "tool_result"}]}], "messages[0].content[0]"),
     ([{"role": "assistant", "content": [{"type": "server_tool_use", "id": "s"}]}], "messages[0].content[0]"),

@@ -90,10 +90,13 @@ def to_messages(system, messages) -> list[dict]:
         raise InvalidRequest("'messages' must be a non-empty list", param="messages")
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise InvalidRequest("each message needs the role 'user' or 'assistant'", param=f"{where}.role")
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+            raise InvalidRequest("each message needs the role 'user', 'assistant' or 'system'", param=f"{where}.role")
         blocks = _blocks(m.get("content"), f"{where}.content")
-        if m["role"] == "user":
+        if m["role"] == "system":  # Claude Code puts system text between the turns too
+            out.append({"role": "system", "content": "".join(
+                _text_of(b, f"{where}.content[{j}]") for j, b in enumerate(blocks))})
+        elif m["role"] == "user":
             texts, results = [], []
             for j, b in enumerate(blocks):
                 at = f"{where}.content[{j}]"

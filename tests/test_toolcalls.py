@@ -291,3 +291,27 @@ def test_a_call_to_a_function_the_request_did_not_offer_is_text(text):
     answered "unsupported call", which the model echoed back in a loop."""
     parsed = _stream(ReplyReader(FORMATS["hermes"], names={"shell"}), text)[2]
     assert parsed.calls == [] and parsed.content.strip() == text
+
+
+def test_a_property_with_only_a_description_is_any_value(engine):
+    """Claude Code's tools describe some properties without a type (any JSON value, as JSON Schema
+    means it); the converter refused them and the request failed with an internal error."""
+    from kvside.engine.sampling import Sampler, SamplingParams
+
+    tool = {"type": "function", "function": {"name": "run", "parameters": {
+        "type": "object", "properties": {"args": {"description": "passed to the script verbatim"},
+                                         "n": {"type": "integer", "description": "how many"}},
+        "required": ["args"]}}}
+    rule = constraint(ReplySpec(tools=[tool], tool_choice="required"), FORMATS["hermes"])
+
+    def build(core):
+        Sampler(SamplingParams(), [], core.model.n_vocab, vocab=core.model.vocab, constraint=rule,
+                tokenize=core.model.tokenize).close()
+        return True
+
+    assert engine.call(build)
+    call = '<tool_call>\n{"name": "run", "arguments": {"args": ["a", {"b": 1}], "n": 2}}\n</tool_call>'
+    assert toolcalls.schema_grammar({"description": "any"}) and _calls(ReplyReader(FORMATS["hermes"]).finish()[0]) == []
+    reader = ReplyReader(FORMATS["hermes"], names={"run"})
+    reader.feed(call)
+    assert _calls(reader.finish()[0]) == [("run", {"args": ["a", {"b": 1}], "n": 2})]

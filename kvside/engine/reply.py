@@ -62,7 +62,11 @@ def constraint(spec: ReplySpec, fmt: Format, think: bool = False) -> Constraint 
     a grammar that holds from the first token lets the reasoning come first and holds after it."""
     if spec.calls_allowed:
         named = spec.tool_choice not in ("auto", "required")  # a named function is called once
-        grammar = fmt.grammar(spec.tools_for_choice(), spec.parallel and not named)
+        try:
+            grammar = fmt.grammar(spec.tools_for_choice(), spec.parallel and not named)
+        except Exception as exc:  # the converter raises AssertionError, ValueError, ... on schemas it cannot take
+            raise InvalidRequest(f"cannot build a grammar from the tools' parameter schemas: {exc}",
+                                 param="tools") from None
         if spec.forced:
             return Constraint(_after_thinking(grammar) if think else grammar)
         words, patterns = fmt.triggers()

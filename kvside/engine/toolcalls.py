@@ -475,12 +475,40 @@ def _format(conv: SchemaConverter) -> str:
     return rules + "\nws ::= [ \\t\\n]*"
 
 
+# keys that describe a value without constraining it; the grammar converter takes none of them alone
+_ANNOTATIONS = frozenset({"description", "title", "examples", "default", "$comment", "deprecated", "readOnly",
+                          "writeOnly", "$schema", "$id"})
+_ANY = {"type": ["string", "number", "boolean", "object", "array", "null"]}
+
+
+def _plain(schema):
+    """A JSON schema as the grammar converter can take it: annotations dropped, and a schema that
+    says nothing of its value but a description (tools' schemas often have such properties) is any
+    value, as JSON Schema means it."""
+    if isinstance(schema, list):
+        return [_plain(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _ANNOTATIONS:
+            continue
+        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
+            out[key] = {name: _plain(s) for name, s in value.items()}
+        elif key in ("items", "additionalProperties", "not", "anyOf", "oneOf", "allOf", "prefixItems"):
+            out[key] = _plain(value)
+        else:
+            out[key] = value
+    return out or dict(_ANY)
+
+
 def _calls_schema(tools: list[dict], args_key: str) -> dict:
     alts = []
     for fn in _functions(tools):
+        params = _plain(fn.get("parameters") or {"type": "object"})
         alts.append({
             "type": "object",
-            "properties": {"name": {"const": fn["name"]}, args_key: fn.get("parameters") or {"type": "object"}},
+            "properties": {"name": {"const": fn["name"]}, args_key: {"type": "object"} if params == _ANY else params},
             "required": ["name", args_key],
         })
     return alts[0] if len(alts) == 1 else {"anyOf": alts}
@@ -490,7 +518,7 @@ def schema_grammar(schema: dict) -> str:
     """GBNF for one JSON value following `schema` (response_format)."""
     conv = _converter()
     try:
-        schema = conv.resolve_refs(schema, "request")
+        schema = conv.resolve_refs(_plain(schema), "request")
         conv.visit(schema, "")
     except Exception as exc:  # the converter raises ValueError, KeyError, ... on schemas it cannot take
         raise InvalidRequest(f"cannot build a grammar from this JSON schema: {exc}", param="response_format") from None

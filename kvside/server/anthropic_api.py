@@ -325,12 +325,9 @@ class AnthropicFront:
             body = dict(body, max_tokens=1)
         req, _, _ = parse(body)
         _, engine = await self.d.engine_for(req.model)
-
-        def count(core) -> int:
-            text = llamacpp.apply_template(core, req.messages, req.reply.tools)["prompt"]
-            return len(core.model.tokenize(text, add_special=True, parse_special=True))
-
-        return JSONResponse({"input_tokens": await asyncio.to_thread(engine.call, count)})
+        count = await asyncio.to_thread(engine.call,
+                                        lambda core: llamacpp.prompt_token_count(core, req.messages, req.reply.tools))
+        return JSONResponse({"input_tokens": count})
 
     async def create(self, request: HTTPRequest):
         req, ignored, streaming = parse(await self.d._json(request))

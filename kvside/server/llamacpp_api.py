@@ -108,6 +108,13 @@ def apply_template(core, messages: list[dict], tools: list[dict] = ()) -> dict:
     return {"prompt": core.template.render(messages, add_generation_prompt=True, tools=list(tools) or None)}
 
 
+def prompt_token_count(core, messages: list[dict], tools: list[dict] = ()) -> int:
+    """How many tokens a fresh session reads for a chat request (the Responses API's input_tokens
+    and Anthropic's count_tokens answer with it)."""
+    return len(core.model.tokenize(apply_template(core, messages, tools)["prompt"], add_special=True,
+                                   parse_special=True))
+
+
 def template_facts(core) -> dict:
     try:
         core.template.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],

@@ -600,13 +600,8 @@ class ResponsesFront:
         parsed = parse(await self.d._json(request), self.store)
         _, engine = await self.d.engine_for(parsed.chat.model)
         messages, tools = parsed.chat.messages, parsed.chat.reply.tools
-
-        def count(core) -> int:
-            text = llamacpp.apply_template(core, messages, tools)["prompt"]
-            return len(core.model.tokenize(text, add_special=True, parse_special=True))
-
-        return JSONResponse({"object": "response.input_tokens",
-                             "input_tokens": await asyncio.to_thread(engine.call, count)})
+        count = await asyncio.to_thread(engine.call, lambda core: llamacpp.prompt_token_count(core, messages, tools))
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
 
     async def create(self, request: HTTPRequest):
         body = await self.d._json(request)

@@ -315,3 +315,43 @@ def test_a_property_with_only_a_description_is_any_value(engine):
     reader = ReplyReader(FORMATS["hermes"], names={"run"})
     reader.feed(call)
     assert _calls(reader.finish()[0]) == [("run", {"args": ["a", {"b": 1}], "n": 2})]
+
+
+def _nesting(grammar: str) -> int:
+    deepest = depth = 0
+    for ch in grammar:
+        depth += (ch == "(") - (ch == ")")
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_a_very_long_length_bound_does_not_nest_the_grammar_past_what_llama_cpp_can_read(engine, fmt):
+    """Claude Code's Workflow tool bounds a string at 524,288 characters. The grammar converter
+    writes a bound as that many nested groups, and llama.cpp's parser, reading them by recursion,
+    overflowed the engine thread's stack: the daemon died with a segfault on Claude Code's first
+    request. A bound that long is left out; a short one still holds."""
+    from kvside.engine.sampling import Sampler, SamplingParams
+
+    tool = {"type": "function", "function": {"name": "workflow", "parameters": {
+        "type": "object", "properties": {
+            "script": {"type": "string", "maxLength": 524288},
+            "steps": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 100000},
+            "tag": {"type": "string", "maxLength": 5}},
+        "required": ["script"]}}}
+    rules = [constraint(ReplySpec(tools=[tool]), FORMATS[fmt]),
+             constraint(ReplySpec(tools=[tool], tool_choice="required"), FORMATS[fmt])]
+    for rule in rules:
+        assert _nesting(rule.grammar) < 50, "a long bound became deep nesting"
+    schema = toolcalls.schema_grammar({"type": "string", "maxLength": 10**7})
+    assert _nesting(schema) < 50
+    if fmt != "qwen3_coder":  # its parameter values are free text
+        assert "(char (char (char (char (char)?)?)?)?)?" in rules[0].grammar  # maxLength 5 kept
+
+    def build(core):
+        for rule in rules:
+            Sampler(SamplingParams(), [], core.model.n_vocab, vocab=core.model.vocab, constraint=rule,
+                    tokenize=core.model.tokenize).close()
+        return True
+
+    assert engine.call(build)

@@ -407,7 +407,7 @@ class Harmony(Format):
         conv = _converter()
         alts = []
         for t in _functions(tools):
-            rule = conv.visit(t.get("parameters") or {"type": "object"}, f"args-{t['name']}")
+            rule = conv.visit(_plain(t.get("parameters") or {"type": "object"}), f"args-{t['name']}")
             alts.append(f'"{t["name"]}" [^<]* "<|message|>" {rule}')
         return _format(conv) + "\nroot ::= \"to=functions.\" (" + " | ".join(alts) + ")\n"
 
@@ -479,19 +479,25 @@ def _format(conv: SchemaConverter) -> str:
 _ANNOTATIONS = frozenset({"description", "title", "examples", "default", "$comment", "deprecated", "readOnly",
                           "writeOnly", "$schema", "$id"})
 _ANY = {"type": ["string", "number", "boolean", "object", "array", "null"]}
+# The converter writes a length bound of n as n nested groups, and llama.cpp's grammar parser reads
+# nesting by recursion: Claude Code's Workflow tool bounds a string at 524,288 characters, and parsing
+# its grammar overflowed the engine thread's stack and killed the daemon. A bound past this one says
+# nothing a call needs, so the grammar leaves it out (the call is still parsed and checked as JSON).
+_LONGEST_BOUND = 1000
+_BOUNDS = frozenset({"minLength", "maxLength", "minItems", "maxItems"})
 
 
 def _plain(schema):
-    """A JSON schema as the grammar converter can take it: annotations dropped, and a schema that
-    says nothing of its value but a description (tools' schemas often have such properties) is any
-    value, as JSON Schema means it."""
+    """A JSON schema as the grammar converter can take it: annotations and very long length bounds
+    dropped, and a schema that says nothing of its value but a description (tools' schemas often
+    have such properties) is any value, as JSON Schema means it."""
     if isinstance(schema, list):
         return [_plain(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for key, value in schema.items():
-        if key in _ANNOTATIONS:
+        if key in _ANNOTATIONS or (key in _BOUNDS and isinstance(value, int) and value > _LONGEST_BOUND):
             continue
         if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
             out[key] = {name: _plain(s) for name, s in value.items()}

@@ -64,6 +64,20 @@ def test_a_system_message_between_the_turns_stays_where_it_is():
                    {"role": "system", "content": "agents: a, b"}, {"role": "user", "content": "go"}]
 
 
+def test_claude_codes_billing_line_is_not_part_of_the_prompt():
+    """Claude Code's first system block is a billing line whose hash changes on every request; in
+    the prompt it changed every turn's first tokens, and everything behind it was read again."""
+    for cch in ("417", "84c"):
+        line = f"x-anthropic-billing-header: cc_version=2.1.197.{cch}; cc_entrypoint=sdk-cli; cch=0a{cch};"
+        blocks = [{"type": "text", "text": line}, {"type": "text", "text": "You are an agent."},
+                  {"type": "text", "text": "Be brief."}]
+        assert aa.to_messages(blocks, ASK)[0] == {"role": "system", "content": "You are an agent.\n\nBe brief."}
+        assert aa.to_messages(line + "\nYou are an agent.", ASK)[0] == {"role": "system", "content": "You are an agent."}
+        assert aa.to_messages([{"type": "text", "text": line}], ASK) == [{"role": "user", "content": ASK[0]["content"]}]
+    said = "Quote this: x-anthropic-billing-header: is a header."  # not a line of its own: kept
+    assert aa.to_messages(said, ASK)[0]["content"] == said
+
+
 def test_a_user_turn_of_tool_results_only_adds_no_empty_user_message():
     out = aa.to_messages(None, [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"}]}])
     assert out == [{"role": "tool", "tool_call_id": "t", "content": ""}]

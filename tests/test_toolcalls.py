@@ -355,3 +355,31 @@ def test_a_very_long_length_bound_does_not_nest_the_grammar_past_what_llama_cpp_
         return True
 
     assert engine.call(build)
+
+
+def test_a_bare_call_to_an_offered_function_is_held_to_the_grammar_once_begun(engine):
+    """Small models asked for <tool_call> markup often write the call as bare (or fenced) JSON,
+    and get it wrong: Qwen2.5-Coder-0.5B under Cline wrote `{"name": "read_files", "arguments":
+    ["."}}`, under simonw/llm `{"name": "llm_time", "arguments": {"properties": {}}` (unclosed):
+    text, not calls. Once a reply begins a bare call to an offered function, the grammar holds
+    it to that function's schema. Other JSON, and a call to a name not offered, stay free."""
+    fmt = FORMATS["hermes"]
+    rule = constraint(ReplySpec(tools=[WEATHER, SEARCH]), fmt)
+
+    def check(core):
+        first = lambda text: core.model.tokenize(text)[0]  # noqa: E731
+        quote, bracket, word, close = first('"'), first("["), first("Hello"), first("}")
+        free = {quote, bracket, word, close}
+        for begun in ('{"name": "get_weather", ', '{"name":"get_weather",', '```json\n{"name": "get_weather",\n  ',
+                      '\n{\n  "name": "get_weather", '):
+            assert _allowed(core, rule, begun, list(free)) == {quote}, begun  # "arguments" comes next
+        brace = first("{")
+        assert _allowed(core, rule, '{"name": "get_weather", "arguments": ', list(free | {brace})) == {brace}
+        for other in ('{"name": "my-package", ', 'Sure: {"name": "get_weather", ', '{"name": "get_weather_x", '):
+            assert _allowed(core, rule, other, list(free)) == free, other  # not a call begun: untouched
+        return True
+
+    assert engine.call(check)
+    reader = ReplyReader(fmt, names={"get_weather", "search"})
+    reader.feed('```json\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n```')
+    assert _calls(reader.finish()[0]) == [("get_weather", {"city": "Paris", "days": 3})]

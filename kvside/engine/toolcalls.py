@@ -150,6 +150,22 @@ def _bare_call(text: str, partial: bool) -> Parsed | None:
     return Parsed(calls=[call], raw_calls=[text], bare=True)
 
 
+# The grammar's whitespace between JSON tokens (`space` in _format), as a regex.
+_SPACE = r"(?: |\n[ \t]{0,20})?"
+
+
+def _bare_trigger(tools: list[dict]) -> str:
+    """A reply that begins a bare (or ```json fenced) call to an offered function: from there the
+    grammar holds, so the call comes out whole and valid (a 0.5B model asked for <tool_call>
+    markup often writes `{"name": "read_files", "arguments": ["."}}` instead, which is text). It
+    matches only at the end of the call's name and its comma, the whole reply so far, in the
+    grammar's own whitespace: so the text it hands over is always text the grammar accepts, and a
+    reply with other JSON (a package.json begins {"name": too) is not touched, as llama-server's
+    trigger names the functions too."""
+    names = "|".join(re.escape(fn["name"]) for fn in _functions(tools))
+    return (rf'^\s*((?:```(?:json)?\n)?\{{{_SPACE}"name"{_SPACE}:{_SPACE}"(?:{names})",{_SPACE}"?)$')
+
+
 # -- formats -------------------------------------------------------------------------------------
 class Format:
     """Hermes / Qwen2.5: <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>."""
@@ -157,6 +173,7 @@ class Format:
     name = "hermes"
     start = "<tool_call>"
     end = "</tool_call>"
+    bare = True  # a call written without markup is read, and constrained once begun (_bare_trigger)
 
     # parsing
     def parse(self, text: str, partial: bool) -> Parsed:
@@ -197,18 +214,20 @@ class Format:
         conv.visit(_calls_schema(tools, "arguments"), "call")
         return f'"{self.start}" ws call ws "{self.end}"'
 
-    def triggers(self) -> tuple[list[str], list[str]]:
+    def triggers(self, tools: list[dict]) -> tuple[list[str], list[str]]:
         """What switches a lazy grammar on: (literal words, regex patterns). A word that is one
         token of the vocabulary triggers on that token, so what the grammar is handed first is
-        exactly its first symbol. (A bare call is read, not constrained: a trigger in the middle
-        of text the model already wrote hands the grammar text it may not accept.)"""
-        return [self.start], []
+        exactly its first symbol. A pattern hands the grammar the text from its first group on,
+        which it must accept (llama.cpp aborts the process on text its grammar rejects)."""
+        return [self.start], [_bare_trigger(tools)] if self.bare else []
 
-    def grammar(self, tools: list[dict], parallel: bool) -> str:
+    def grammar(self, tools: list[dict], parallel: bool, bare: bool = False) -> str:
+        """The calls' grammar; `bare`: also one call without markup, as _bare_trigger starts it."""
         conv = _converter()
         one = self.call_rule(conv, tools)
         many = f" (ws {one})*" if parallel else ""
-        return _format(conv) + f"\nroot ::= {one}{many}\n"
+        alone = ' | ("```json\\n" | "```\\n") call "```" | call' if bare else ""
+        return _format(conv) + f"\nroot ::= {one}{many}{alone}\n"
 
 
 class Generic(Format):
@@ -230,6 +249,7 @@ class Llama3(Format):
     several calls separated by ';'."""
 
     name = "llama3"
+    bare = False
     start = "<|python_tag|>"
 
     def parse(self, text: str, partial: bool) -> Parsed:
@@ -268,7 +288,7 @@ class Llama3(Format):
         many = ' (ws ";" ws call)*' if parallel else ""
         return _format(conv) + f'\nroot ::= ("{self.start}" ws)? {one}{many}\n'
 
-    def triggers(self):
+    def triggers(self, tools):
         return [self.start], [r'^\s*(\{)\s*"name"\s*:[\s\S]*$']
 
 
@@ -277,6 +297,7 @@ class Mistral(Format):
     templates, [TOOL_CALLS]name[ARGS]{...}."""
 
     name = "mistral"
+    bare = False
     start = "[TOOL_CALLS]"
 
     def parse(self, text, partial):
@@ -321,7 +342,7 @@ class Mistral(Format):
         many = ' (ws "," ws call)*' if parallel else ""
         return _format(conv) + f'\nroot ::= "{self.start}" ws "[" ws call{many} ws "]"\n'
 
-    def triggers(self):
+    def triggers(self, tools):
         return [self.start], []
 
 
@@ -331,6 +352,7 @@ class Qwen3Coder(Format):
     booleans) are taken as JSON, as the template renders non-strings with tojson."""
 
     name = "qwen3_coder"
+    bare = False
 
     def read_call(self, body):
         m = re.match(r"\s*<function=([^>\n]+)>", body)
@@ -369,6 +391,7 @@ class Harmony(Format):
     commentary message addressed to=functions.NAME is a call whose body is the arguments."""
 
     name = "harmony"
+    bare = False
     start = "<|channel|>"
     _ENDS = ["<|end|>", "<|call|>", "<|return|>", "<|start|>"]
 
@@ -411,7 +434,7 @@ class Harmony(Format):
             alts.append(f'"{t["name"]}" [^<]* "<|message|>" {rule}')
         return _format(conv) + "\nroot ::= \"to=functions.\" (" + " | ".join(alts) + ")\n"
 
-    def triggers(self):
+    def triggers(self, tools):
         return ["to=functions."], []
 
 

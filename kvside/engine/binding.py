@@ -16,13 +16,18 @@ every difference into a cache edit instead of a re-prefill of everything after i
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
+import numpy as np
+
 from kvside.engine.session import MSG_DROPPED
 from kvside.errors import InvalidRequest, KvsideError
+
+log = logging.getLogger("kvside.binding")
 
 
 def _key(m: dict) -> tuple:
@@ -348,7 +353,43 @@ def plan_share(core, messages: list[dict], tools: list[dict]) -> Share | None:
             n += 1
         if n > best_n:
             best, best_n = c, n
+    saved = _saved_to_share(core, tokens, best_n)
+    if saved is not None:
+        best, best_n = saved
     return Share(best.name, best_n, pieces) if best is not None and best_n >= MIN_SHARED else None
+
+
+# A saved session is brought back for its prefix when that gains this many tokens at least, and is a
+# quarter of the file at least: bringing a cell back is a copy, reading it again a pass through every
+# layer, so a file mostly of use costs a fraction of the reading it saves.
+MIN_SHARED_FROM_DISK = 256
+
+
+def _saved_to_share(core, tokens: list[int], resident_n: int):
+    """The saved session (request binding's, on disk) whose cache begins with the longest run of
+    `tokens`, brought back, and that run's length; None when none shares enough more than the
+    resident ones do. An agent CLI starts every task as a new conversation with the same long system
+    prompt and tools: after a restart, or once their sessions went to disk, they were read again."""
+    from kvside.engine import persist
+
+    best, best_n = None, resident_n
+    want = np.asarray(tokens, dtype=np.int32)
+    for name, saved in core.auto_saved.items():
+        limit = min(len(saved.head), len(want) - 1)  # one token at least is read for the logits
+        differ = np.flatnonzero(saved.head[:limit] != want[:limit])
+        n = int(differ[0]) if differ.size else limit
+        if n > best_n and persist.still_as_saved(core, name):
+            best, best_n = (name, saved), n
+    if best is None:
+        return None
+    name, saved = best
+    if best_n - resident_n < MIN_SHARED_FROM_DISK or 4 * best_n < saved.n_cells:
+        return None
+    try:
+        return persist.bring_back(core, name), best_n
+    except KvsideError as exc:  # a damaged file, or every resident session busy: read instead
+        log.warning("saved session %s was not brought back to share its prefix: %s", name, exc.message)
+        return None
 
 
 def new_session_sharing(core, name: str, share: Share | None, tools: list[dict]):
@@ -467,8 +508,8 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
         candidates = {n: chat_history(c) for n, c in core.sessions.items()
                       if c.auto_bound and not c.busy and tools_key(c.tools) == tools} if reuse else {}
         if reuse:  # on disk: brought back (exactly) if they match best
-            candidates.update({n: held for n, (key, held) in core.auto_saved.items()
-                               if key == tools and persist.still_as_saved(core, n)})
+            candidates.update({n: saved.history for n, saved in core.auto_saved.items()
+                               if saved.tools == tools and persist.still_as_saved(core, n)})
         # a shared folder: also those other daemons left there (a conversation that moved here)
         others = persist.left_by_others(core, tools) if reuse and core.fleet is not None else {}
         match = best_match({**candidates, **others}, messages)

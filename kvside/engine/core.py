@@ -156,8 +156,8 @@ class Core:
         self.tool_format = toolcalls.detect(self.template_choice.source)  # how this model writes tool calls
         self.sessions: dict[str, Session] = {}
         self.evicted: dict[str, Path] = {}  # sessions on disk, restored on first use
-        # of those, request binding's: (their tools, what each holds)
-        self.auto_saved: dict[str, tuple[str, list[dict]]] = {}
+        # of those, request binding's: their tools, what each holds (persist.SavedAuto)
+        self.auto_saved: dict[str, persist.SavedAuto] = {}
         self.auto_stamps: dict[str, tuple[int, int] | None] = {}  # with a shared folder: their files as saved
         # with a shared folder: other daemons' request-bound sessions, (file stamp, tools, history)
         self.folder_index: dict[str, tuple] = {}

@@ -56,6 +56,15 @@ class Ledger:
         self.state.extend([state] * len(tokens))
         return start
 
+    def head(self) -> list[int]:
+        """The tokens of the cells at positions 0, 1, 2, ... up to the first hole or edit: the
+        part of this cache a new prompt that begins the same way can share."""
+        n = 0
+        for n, p in enumerate(self.pos):
+            if p != n:
+                return self.tok[:n]
+        return list(self.tok)
+
     def index(self, p: int) -> int:
         """Index of the first cell at position >= p."""
         return bisect.bisect_left(self.pos, p)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from kvside import sessionfile
 from kvside.engine import checkpoints
@@ -212,6 +215,20 @@ def session_path(core, name: str) -> Path:
 MAX_SAVED_AUTO = 8  # sessions made by request binding kept on disk, per resident session
 
 
+class SavedAuto(NamedTuple):
+    """What request binding remembers of a session it made that is on disk."""
+    tools: str  # binding.tools_key of its tool definitions
+    history: list[dict]  # binding.chat_history: the conversation it holds
+    head: np.ndarray  # Ledger.head, int32: the tokens a new conversation could share
+    n_cells: int  # what bringing it back reads
+
+
+def remembered(s: Session) -> SavedAuto:
+    from kvside.engine.binding import chat_history, tools_key
+
+    return SavedAuto(tools_key(s.tools), chat_history(s), np.asarray(s.ledger.head(), dtype=np.int32), len(s.ledger))
+
+
 def evict(core, s: Session) -> Path | None:
     if s.text_cache:  # a cache of a text prompt the client holds: nothing to keep
         core.delete_session(s.name)
@@ -228,9 +245,7 @@ def evict(core, s: Session) -> Path | None:
         # what it holds stays in memory, so a request that continues it can still be matched
         # and brought back instead of prefilled; request binding's sessions are a cache (the
         # client holds the conversation), so beyond a bound the oldest ones are dropped
-        from kvside.engine.binding import chat_history, tools_key
-
-        core.auto_saved[s.name] = (tools_key(s.tools), chat_history(s))
+        core.auto_saved[s.name] = remembered(s)
         if core.fleet is not None:
             core.auto_stamps[s.name] = file_stamp(path)
         while len(core.auto_saved) > MAX_SAVED_AUTO * core.max_sessions:
@@ -330,7 +345,7 @@ def remember_auto(core) -> None:
     to disk, so a client that comes back after a restart continues from the cache instead of
     being read again. Oldest first, so the bound drops the oldest; files it cannot read are left
     known by name only. (A shared folder has its own path: left_by_others.)"""
-    from kvside.engine.binding import AUTO_PREFIX, chat_history, tools_key
+    from kvside.engine.binding import AUTO_PREFIX
 
     paths = sorted(core.sessions_dir.glob(f"{AUTO_PREFIX}*{SUFFIX}"), key=lambda p: file_stamp(p) or (0, 0))
     for path in paths[-MAX_SAVED_AUTO * core.max_sessions:]:
@@ -342,7 +357,7 @@ def remember_auto(core) -> None:
             s = session_from_header(header, name, path.name)
         except (KvsideError, OSError):
             continue
-        core.auto_saved[name] = (tools_key(s.tools), chat_history(s))
+        core.auto_saved[name] = remembered(s)
 
 
 def known_again(core) -> None:

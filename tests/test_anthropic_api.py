@@ -245,3 +245,14 @@ def test_reasoning_is_a_thinking_block(reasoning_client):
     deltas = "".join(e.delta.thinking for e in events if e.type == "content_block_delta")
     assert final.content[0].type == "thinking" and final.content[0].thinking == deltas and deltas
     assert reasoning_client.messages.create(**ask).content[0].thinking == deltas
+
+
+def test_the_billing_line_is_left_out_on_the_chat_api_too():
+    """Proxies that carry Claude Code to the chat API (claude-code-router) pass its billing line
+    in the first system message; only there is it read as one."""
+    from kvside.server.openai_api import parse_chat
+
+    line = "x-anthropic-billing-header: cc_version=2.1.197.417; cc_entrypoint=cli; cch=0a417;\n"
+    req = parse_chat({"messages": [{"role": "system", "content": line + "You are an agent."},
+                                   {"role": "user", "content": line + "quoted"}]})
+    assert [m["content"] for m in req.messages] == ["You are an agent.", line + "quoted"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import uuid
 
 from sse_starlette.sse import ServerSentEvent
@@ -73,13 +72,6 @@ def _result_text(content, where: str) -> str:
     return "".join(out)
 
 
-# Claude Code puts a billing line first in its system prompt, with a hash that changes on every
-# request: "x-anthropic-billing-header: cc_version=2.1.197.417; cc_entrypoint=cli; cch=...;".
-# Anthropic's API reads it as a header, not as prompt; left in the prompt, it changed every request's
-# first tokens, and the 18k tokens of system prompt and tools behind it were read again each turn.
-_BILLING_LINE = re.compile(r"^x-anthropic-billing-header:[^\n]*(?:\n|$)", re.M)
-
-
 def to_messages(system, messages) -> list[dict]:
     """Anthropic's system and messages as chat messages. A user turn's tool_result blocks become
     tool messages (first, as they answer the calls just before); an assistant turn's thinking,
@@ -87,10 +79,10 @@ def to_messages(system, messages) -> list[dict]:
     out: list[dict] = []
     if system is not None:
         if isinstance(system, list):
-            texts = (_BILLING_LINE.sub("", _text_of(b, f"system[{j}]")) for j, b in enumerate(_blocks(system, "system")))
-            text = "\n\n".join(t for t in texts if t)
+            texts = [_text_of(b, f"system[{j}]") for j, b in enumerate(_blocks(system, "system"))]
+            text = "\n\n".join(t for t in map(oa.without_billing_line, texts) if t)
         elif isinstance(system, str):
-            text = _BILLING_LINE.sub("", system)
+            text = oa.without_billing_line(system)
         else:
             raise InvalidRequest("'system' must be a string or a list of text blocks", param="system")
         if text:

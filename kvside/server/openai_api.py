@@ -4,6 +4,7 @@ engine; this module is where one becomes the other."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -118,6 +119,18 @@ def _common(body: dict) -> tuple[dict, bool, bool, str | None, str | None]:
     return params, stream, bool(options.get("include_usage")), model, session
 
 
+# Claude Code puts a billing line first in its system prompt, with a hash that changes on every
+# request: "x-anthropic-billing-header: cc_version=2.1.197.417; cc_entrypoint=cli; cch=...;".
+# Anthropic's API reads it as a header, not as prompt; left in the prompt, it changed every request's
+# first tokens, and the 18k tokens of system prompt and tools behind them were read again. Proxies
+# that carry Claude Code to the chat API (claude-code-router) pass it in the first system message.
+_BILLING_LINE = re.compile(r"^x-anthropic-billing-header:[^\n]*(?:\n|$)", re.M)
+
+
+def without_billing_line(text: str) -> str:
+    return _BILLING_LINE.sub("", text)
+
+
 def parse_chat(body: dict) -> Request:
     params, stream, usage, model, session = _common(body)
     messages = body.get("messages")
@@ -135,6 +148,8 @@ def parse_chat(body: dict) -> Request:
         if role not in ("system", "user", "assistant", "tool"):
             raise InvalidRequest(f"unsupported role {role!r}", param=f"messages[{i}].role")
         msg = {"role": role, "content": _content_text(m.get("content"), i)}
+        if i == 0 and role == "system":
+            msg["content"] = without_billing_line(msg["content"])
         if role == "assistant":
             calls = _history_calls(m.get("tool_calls"), i)
             if calls:

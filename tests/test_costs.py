@@ -44,6 +44,16 @@ def test_a_decode_that_applied_a_shift_prices_the_shift_not_the_rate():
     assert c.shift() == pytest.approx(0.150)
 
 
+def test_a_restore_is_priced_per_cell_from_those_measured():
+    costs = DecodeCosts(512)
+    assert costs.restore(1000) is None  # nothing measured: the caller falls back to its token rule
+    costs.record_restore(10, 5.0)  # a tiny file is mostly fixed costs: not a rate
+    assert costs.restore(1000) is None
+    costs.record_restore(2000, 0.2)
+    assert costs.restore(1000) == pytest.approx(0.1)
+    assert costs.report()["restore_ms_per_1k_cells"] == pytest.approx(100.0)
+
+
 def test_the_engine_learns_rates_and_the_shift_price_from_its_decodes():
     with Engine(n_ctx=512, max_sessions=1, n_threads=2) as e:
         def run(core):

@@ -131,6 +131,7 @@ def test_a_new_conversation_shares_the_prefix_of_a_saved_session(tmp_path):
         n_system = e.call(lambda core: len(core.model.tokenize(SYSTEM * 6)))
         assert n_system >= 256 and second["shared_tokens"] >= n_system
         assert done.usage.cached_tokens == second["shared_tokens"]
+        assert e.call(lambda core: core.costs.restore_s is not None)  # what bringing it back cost: measured
         e.check(second["session"])
         e.check(first.session)
         # a short shared run is read instead: bringing back a whole file is not worth it for it
@@ -139,3 +140,37 @@ def test_a_new_conversation_shares_the_prefix_of_a_saved_session(tmp_path):
     with Engine(n_ctx=1024, max_sessions=1, n_threads=2, exact=True) as fresh:
         _, alone = ask(fresh, long_chat("How do I run the tests?"))
     assert done.text == alone.text
+
+
+def test_a_damaged_saved_session_is_read_past_not_shared(tmp_path):
+    """A saved session whose file was damaged since is not brought back: the new conversation is
+    read in full and answered, and the file stays for `kvside sessions` to report."""
+    long_chat = lambda q: [{"role": "system", "content": SYSTEM * 6}, {"role": "user", "content": q}]  # noqa: E731
+    with Engine(n_ctx=1024, max_sessions=2, n_threads=2, exact=True, persist=True, sessions_dir=str(tmp_path)) as e:
+        first = e.bind_chat(long_chat("Where is the Makefile?"), max_tokens=4, **GREEDY).wait()
+    path = tmp_path / f"{first.session}.kvs"
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])  # cells damaged, header whole: found at start
+    path.write_bytes(bytes(data))
+    with Engine(n_ctx=1024, max_sessions=2, n_threads=2, exact=True, persist=True, sessions_dir=str(tmp_path)) as e:
+        bound, done = ask(e, long_chat("How do I run the tests?"))
+        assert "shared_from" not in bound and done.usage.cached_tokens == 0 and done.text
+        assert e.call(lambda core: first.session not in core.auto_saved)  # not tried again
+        e.check(bound["session"])
+    assert path.exists()
+
+
+def test_once_measured_a_saved_session_is_brought_back_only_when_reading_would_cost_more(tmp_path):
+    """With the engine's decode rates and a restore measured, the choice is made in seconds: a
+    restore measured slow (1 s a cell) is not worth a prefix of a few hundred tokens; a fast one is."""
+    long_chat = lambda q: [{"role": "system", "content": SYSTEM * 6}, {"role": "user", "content": q}]  # noqa: E731
+    opts = dict(n_ctx=1024, max_sessions=2, n_threads=2, exact=True, persist=True, sessions_dir=str(tmp_path))
+    with Engine(**opts) as e:
+        e.bind_chat(long_chat("Where is the Makefile?"), max_tokens=4, **GREEDY).wait()
+    for restore_s, shares in ((1.0, False), (1e-9, True)):
+        with Engine(**opts) as e:
+            ask(e, [{"role": "user", "content": "Count to three."}])  # the engine measures its decodes
+            e.call(lambda core: setattr(core.costs, "restore_s", restore_s))
+            bound, done = ask(e, long_chat("How do I run the tests?"))
+            assert ("shared_from" in bound) == shares, restore_s
+            assert done.usage.cached_tokens == bound.get("shared_tokens", 0)

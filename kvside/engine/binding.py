@@ -25,7 +25,7 @@ from difflib import SequenceMatcher
 import numpy as np
 
 from kvside.engine.session import MSG_DROPPED
-from kvside.errors import InvalidRequest, KvsideError
+from kvside.errors import InvalidRequest, KvsideError, NoIdleSession
 
 log = logging.getLogger("kvside.binding")
 
@@ -359,9 +359,10 @@ def plan_share(core, messages: list[dict], tools: list[dict]) -> Share | None:
     return Share(best.name, best_n, pieces) if best is not None and best_n >= MIN_SHARED else None
 
 
-# A saved session is brought back for its prefix when that gains this many tokens at least, and is a
-# quarter of the file at least: bringing a cell back is a copy, reading it again a pass through every
-# layer, so a file mostly of use costs a fraction of the reading it saves.
+# Until the engine has measured a restore and its decodes, a saved session is brought back for its
+# prefix when that gains this many tokens at least, and is a quarter of the file at least: bringing a
+# cell back is a copy, reading it again a pass through every layer, so a file mostly of use costs a
+# fraction of the reading it saves. Once measured, the two are weighed in seconds (costs.py).
 MIN_SHARED_FROM_DISK = 256
 
 
@@ -383,12 +384,21 @@ def _saved_to_share(core, tokens: list[int], resident_n: int):
     if best is None:
         return None
     name, saved = best
-    if best_n - resident_n < MIN_SHARED_FROM_DISK or 4 * best_n < saved.n_cells:
+    gain, restore_s = best_n - resident_n, core.costs.restore(saved.n_cells)
+    if core.costs.measured and restore_s is not None:
+        worth = core.costs.read(gain, core.used_cells()) > restore_s
+    else:
+        worth = gain >= MIN_SHARED_FROM_DISK and 4 * best_n >= saved.n_cells
+    if not worth:
         return None
     try:
         return persist.bring_back(core, name), best_n
-    except KvsideError as exc:  # a damaged file, or every resident session busy: read instead
-        log.warning("saved session %s was not brought back to share its prefix: %s", name, exc.message)
+    except NoIdleSession:  # every resident session is busy: read instead
+        return None
+    except (KvsideError, OSError) as exc:  # damaged or gone since: read instead, and not tried again
+        core.auto_saved.pop(name, None)
+        log.warning("saved session %s was not brought back to share its prefix: %s", name,
+                    getattr(exc, "message", exc))
         return None
 
 

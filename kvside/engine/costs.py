@@ -23,6 +23,7 @@ SMALL_BATCH = 64  # below this many tokens per ubatch llama.cpp's CPU kernels di
 DEPTH_STEP = 512  # cache depth (used cells) buckets: rates are kept per bucket
 WEIGHT = 0.2  # of a new sample in a rate's running average
 SHIFT_SAMPLE_MAX = 16  # tokens: decodes larger than this that apply a shift do not price it
+RESTORE_SAMPLE_MIN = 64  # cells: a smaller session's restore is mostly the file's fixed costs
 
 
 class DecodeCosts:
@@ -30,6 +31,7 @@ class DecodeCosts:
         self.n_ubatch = n_ubatch
         self.rates: dict[tuple[bool, int], float] = {}  # (big batch, depth bucket) -> seconds per token
         self.shift_s: float | None = None  # what applying a pending K-shift adds to a decode
+        self.restore_s: float | None = None  # seconds per cell of bringing a saved session back
         self.samples = 0
 
     # -- learning ---------------------------------------------------------------------------------
@@ -48,6 +50,12 @@ class DecodeCosts:
         key = (n_tokens >= SMALL_BATCH, depth // DEPTH_STEP)
         self.rates[key] = _average(self.rates.get(key), seconds / n_tokens)
         self.samples += 1
+
+    def record_restore(self, n_cells: int, seconds: float) -> None:
+        """A saved session of n_cells was brought back (its file read, checked and loaded) in
+        `seconds`."""
+        if n_cells >= RESTORE_SAMPLE_MIN:
+            self.restore_s = _average(self.restore_s, seconds / n_cells)
 
     def _rate(self, big: bool, depth: int) -> float | None:
         """Seconds per token, from the nearest bucket measured: same batch class first."""
@@ -78,6 +86,10 @@ class DecodeCosts:
         """Applying a K-shift once (every move of one edit is applied by the same re-rotation)."""
         return self.shift_s if self.shift_s is not None else 0.0
 
+    def restore(self, n_cells: int) -> float | None:
+        """Bringing a saved session of n_cells back; None until one was measured."""
+        return None if self.restore_s is None else self.restore_s * n_cells
+
     @property
     def measured(self) -> bool:
         return bool(self.rates)
@@ -87,6 +99,7 @@ class DecodeCosts:
         rows = {f"{'big' if big else 'small'}@{b * DEPTH_STEP}": round(r * 1000, 3)
                 for (big, b), r in sorted(self.rates.items())}
         return {"ms_per_token": rows, "shift_ms": None if self.shift_s is None else round(self.shift_s * 1000, 1),
+                "restore_ms_per_1k_cells": None if self.restore_s is None else round(self.restore_s * 1e6, 1),
                 "samples": self.samples}
 
 

@@ -281,11 +281,13 @@ def make_room(core, keep: set[str] = frozenset()) -> None:
 
 def bring_back(core, name: str) -> Session:
     path = core.evicted.pop(name)
+    t0 = time.perf_counter()
     try:
         s = restore(core, path, name)
     except KvsideError:
         core.evicted[name] = path  # still on disk, still known
         raise
+    core.costs.record_restore(len(s.ledger), time.perf_counter() - t0)
     s.auto_bound = core.auto_saved.pop(name, None) is not None
     core.auto_stamps.pop(name, None)
     return s

@@ -364,18 +364,20 @@ def test_a_bare_call_to_an_offered_function_is_held_to_the_grammar_once_begun(en
     text, not calls. Once a reply begins a bare call to an offered function, the grammar holds
     it to that function's schema. Other JSON, and a call to a name not offered, stay free."""
     fmt = FORMATS["hermes"]
-    rule = constraint(ReplySpec(tools=[WEATHER, SEARCH]), fmt)
+    dotted = {"type": "function", "function": {"name": "read-file.v2", "parameters": {"type": "object"}}}
+    rule = constraint(ReplySpec(tools=[WEATHER, SEARCH, dotted]), fmt)
 
     def check(core):
         first = lambda text: core.model.tokenize(text)[0]  # noqa: E731
         quote, bracket, word, close = first('"'), first("["), first("Hello"), first("}")
         free = {quote, bracket, word, close}
         for begun in ('{"name": "get_weather", ', '{"name":"get_weather",', '```json\n{"name": "get_weather",\n  ',
-                      '\n{\n  "name": "get_weather", '):
+                      '\n{\n  "name": "get_weather", ', '{"name": "read-file.v2", '):
             assert _allowed(core, rule, begun, list(free)) == {quote}, begun  # "arguments" comes next
         brace = first("{")
         assert _allowed(core, rule, '{"name": "get_weather", "arguments": ', list(free | {brace})) == {brace}
-        for other in ('{"name": "my-package", ', 'Sure: {"name": "get_weather", ', '{"name": "get_weather_x", '):
+        for other in ('{"name": "my-package", ', 'Sure: {"name": "get_weather", ', '{"name": "get_weather_x", ',
+                      '{"name": "read-fileXv2", '):  # '.' is a dot, not any character
             assert _allowed(core, rule, other, list(free)) == free, other  # not a call begun: untouched
         return True
 

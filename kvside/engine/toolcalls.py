@@ -162,7 +162,8 @@ def _bare_trigger(tools: list[dict]) -> str:
     grammar's own whitespace: so the text it hands over is always text the grammar accepts, and a
     reply with other JSON (a package.json begins {"name": too) is not touched, as llama-server's
     trigger names the functions too."""
-    names = "|".join(re.escape(fn["name"]) for fn in _functions(tools))
+    # names are letters, digits, '_', '-' and '.' (check_tools): only '.' means more in a regex
+    names = "|".join(fn["name"].replace(".", r"\.") for fn in _functions(tools))
     return (rf'^\s*((?:```(?:json)?\n)?\{{{_SPACE}"name"{_SPACE}:{_SPACE}"(?:{names})",{_SPACE}"?)$')
 
 

@@ -62,18 +62,18 @@ def constraint(spec: ReplySpec, fmt: Format, think: bool = False) -> Constraint 
     a grammar that holds from the first token lets the reasoning come first and holds after it."""
     if spec.calls_allowed:
         named = spec.tool_choice not in ("auto", "required")  # a named function is called once
-        lazy = not spec.forced
+        tools, parallel = spec.tools_for_choice(), spec.parallel and not named
         try:
-            if lazy and fmt.bare:
-                grammar = fmt.grammar(spec.tools_for_choice(), spec.parallel and not named, bare=True)
+            if fmt.bare and not spec.forced:  # a lazy grammar: a bare call may begin it too
+                grammar = fmt.grammar(tools, parallel, bare=True)
             else:
-                grammar = fmt.grammar(spec.tools_for_choice(), spec.parallel and not named)
+                grammar = fmt.grammar(tools, parallel)
         except Exception as exc:  # the converter raises AssertionError, ValueError, ... on schemas it cannot take
             raise InvalidRequest(f"cannot build a grammar from the tools' parameter schemas: {exc}",
                                  param="tools") from None
         if spec.forced:
             return Constraint(_after_thinking(grammar) if think else grammar)
-        words, patterns = fmt.triggers(spec.tools_for_choice())
+        words, patterns = fmt.triggers(tools)
         return Constraint(grammar, lazy=True, words=words, patterns=patterns)
     if spec.response_format is not None:
         kind = spec.response_format.get("type")

@@ -344,16 +344,13 @@ def plan_share(core, messages: list[dict], tools: list[dict]) -> Share | None:
         pieces = prompt.chat_pieces(core, Session(name="-", seq=-1, tools=list(tools)), new, generation=False)
     except Exception:  # a request start_chat refuses with its own clear error
         return None
-    tokens = [t for _, toks in pieces for t in toks]
+    want = np.asarray([t for _, toks in pieces for t in toks], dtype=np.int32)
     best, best_n = None, 0
     for c in core.sessions.values():
-        held = c.ledger
-        n, limit = 0, min(len(held), len(tokens) - 1)  # one token at least is read for the logits
-        while n < limit and held.tok[n] == tokens[n] and held.pos[n] == n:
-            n += 1
+        n = _shared_run(np.asarray(c.ledger.head(), dtype=np.int32), want)
         if n > best_n:
             best, best_n = c, n
-    saved = _saved_to_share(core, tokens, best_n)
+    saved = _saved_to_share(core, want, best_n)
     if saved is not None:
         best, best_n = saved
     return Share(best.name, best_n, pieces) if best is not None and best_n >= MIN_SHARED else None
@@ -366,19 +363,24 @@ def plan_share(core, messages: list[dict], tools: list[dict]) -> Share | None:
 MIN_SHARED_FROM_DISK = 256
 
 
-def _saved_to_share(core, tokens: list[int], resident_n: int):
+def _shared_run(head: np.ndarray, want: np.ndarray) -> int:
+    """How many of `want`'s first tokens a cache beginning with `head` holds (Ledger.head), short of
+    the last one: one token at least is read, for the logits."""
+    limit = min(len(head), len(want) - 1)
+    differ = np.flatnonzero(head[:limit] != want[:limit])
+    return int(differ[0]) if differ.size else max(limit, 0)
+
+
+def _saved_to_share(core, want: np.ndarray, resident_n: int):
     """The saved session (request binding's, on disk) whose cache begins with the longest run of
-    `tokens`, brought back, and that run's length; None when none shares enough more than the
+    `want`, brought back, and that run's length; None when none shares enough more than the
     resident ones do. An agent CLI starts every task as a new conversation with the same long system
     prompt and tools: after a restart, or once their sessions went to disk, they were read again."""
     from kvside.engine import persist
 
     best, best_n = None, resident_n
-    want = np.asarray(tokens, dtype=np.int32)
     for name, saved in core.auto_saved.items():
-        limit = min(len(saved.head), len(want) - 1)  # one token at least is read for the logits
-        differ = np.flatnonzero(saved.head[:limit] != want[:limit])
-        n = int(differ[0]) if differ.size else limit
+        n = _shared_run(saved.head, want)
         if n > best_n and persist.still_as_saved(core, name):
             best, best_n = (name, saved), n
     if best is None:

@@ -385,3 +385,54 @@ def test_a_bare_call_to_an_offered_function_is_held_to_the_grammar_once_begun(en
     reader = ReplyReader(fmt, names={"get_weather", "search"})
     reader.feed('```json\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n```')
     assert _calls(reader.finish()[0]) == [("get_weather", {"city": "Paris", "days": 3})]
+
+
+def _stream_tokens(core, reader: ReplyReader, text: str) -> list[tuple[str, list]]:
+    """Feed `text` to `reader` a token at a time, as the scheduler does: (reply so far, deltas)."""
+    out, so_far = [], ""
+    for token in core.model.tokenize(text):
+        piece = core.model.piece(token).decode()
+        so_far += piece
+        reader.sampled(piece)
+        out.append((so_far, reader.feed(piece)))
+    return out
+
+
+def test_a_bare_call_the_grammar_holds_streams_from_its_name_on(engine):
+    """A bare call was held back until it was whole, so a client saw nothing of it (Qwen2.5-Coder
+    0.5B under OpenCode wrote every call bare: the stream's first byte came when the call was
+    done). Once the lazy grammar holds the reply, the call can only be that call: it is announced,
+    and its arguments stream, from the moment the grammar took over and not before. Bare JSON the
+    grammar does not hold (whitespace it does not write, a name not offered) is read only whole."""
+    fmt = FORMATS["hermes"]
+    rule = constraint(ReplySpec(tools=[WEATHER, SEARCH]), fmt)
+    names = {"get_weather", "search"}
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}'
+
+    def check(core):
+        free = {core.model.tokenize(w)[0] for w in ('"', "[", "Hello", "}")}
+        reader = ReplyReader(fmt, names=names, triggers=rule.patterns)
+        steps = _stream_tokens(core, reader, call)
+        first = next(i for i, (_, deltas) in enumerate(steps) if deltas)
+        assert first < len(steps) - 1, "the call came only once it was whole"
+        prefix, deltas = steps[first]
+        assert deltas[0].kind == "call" and deltas[0].text == "get_weather"
+        assert len(_allowed(core, rule, prefix, list(free))) < len(free), "announced before the grammar held it"
+        assert not any(d for _, d in steps[:first])
+        parsed, last = reader.finish()
+        frags = [d for _, ds in steps for d in ds if d.kind == "arguments"] + [d for d in last if d.kind == "arguments"]
+        assert len(frags) > 1 and json.loads("".join(d.text for d in frags)) == {"city": "Paris", "days": 3}
+        assert _calls(parsed) == [("get_weather", {"city": "Paris", "days": 3})] and parsed.content == ""
+
+        for loose in ('{"name":  "get_weather",  "arguments": {"city": "Paris"}}',  # not the grammar's spacing
+                      '{"name": "get_time", "arguments": {}}'):  # not offered
+            reader = ReplyReader(fmt, names=names, triggers=rule.patterns)
+            assert not any(d for _, d in _stream_tokens(core, reader, loose)), loose
+            parsed, last = reader.finish()
+            if "get_time" in loose:
+                assert parsed.calls == [] and parsed.content == loose
+            else:
+                assert [d.kind for d in last][:1] == ["call"] and _calls(parsed) == [("get_weather", {"city": "Paris"})]
+        return True
+
+    assert engine.call(check)

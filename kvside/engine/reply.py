@@ -10,6 +10,7 @@ content, then for each call its id and name once, then argument fragments.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -111,12 +112,18 @@ class ReplyReader:
     """Feed the model's text; get what is new as Deltas. `think`: the generation prompt already
     opened a reasoning block (the model's first words are reasoning). `names`: the functions the
     request offers; a call to any other is not a call (a model writing JSON without markup names
-    whatever it likes, and a client asked to run an unknown function can only fail)."""
+    whatever it likes, and a client asked to run an unknown function can only fail). `triggers`:
+    the lazy grammar's patterns; once the reply so far matches one, the grammar holds the rest, so
+    a call begun without markup is a call and streams from there."""
 
-    def __init__(self, fmt: Format | None, *, think: bool = False, names: set[str] | None = None):
+    def __init__(self, fmt: Format | None, *, think: bool = False, names: set[str] | None = None,
+                 triggers: list[str] | None = None):
         self.fmt = fmt
         self.think = think
         self.names = names
+        self.triggers = [re.compile(p) for p in triggers or []]
+        self.held_to_grammar = False
+        self.sampled_text = ""
         self.text = ""
         self.sent = Parsed()
         self.ids: list[str] = []
@@ -141,10 +148,21 @@ class ReplyReader:
         out.reasoning = reasoning + out.reasoning
         return out
 
+    def sampled(self, text: str) -> None:
+        """What one sampled token wrote, before a stop string holds any of it back: llama.cpp
+        tries a lazy grammar's patterns after each token on everything the reply wrote so far,
+        and so does this, to know when the grammar holds the reply."""
+        if self.held_to_grammar or not self.triggers:
+            return
+        self.sampled_text += text
+        self.held_to_grammar = any(p.fullmatch(self.sampled_text) for p in self.triggers)
+
     def feed(self, text: str) -> list[Delta]:
         self.text += text
         now = self._parse(partial=True)
-        if now.bare:  # a call without markup is told apart from JSON text only once it is whole
+        if now.bare and not self.held_to_grammar:
+            # a call without markup that no grammar holds is told apart from JSON text only once
+            # it is whole
             now = Parsed(reasoning=now.reasoning)
         return self._diff(now)
 

@@ -190,7 +190,8 @@ class Scheduler:
         if mode == "chat":
             calls = spec is not None and spec.calls_allowed
             gen.reader = ReplyReader(self.core.tool_format if calls else None, think=think,
-                                     names={t["function"]["name"] for t in spec.tools_for_choice()} if calls else None)
+                                     names={t["function"]["name"] for t in spec.tools_for_choice()} if calls else None,
+                                     triggers=rule.patterns if rule is not None and rule.lazy else None)
         gen.rollback_first_msg = new[0].id if new else -1
         gen.notices.extend(notices)
         gen.usage.cached_tokens = restored if rebuilt else len(s.ledger)
@@ -300,6 +301,8 @@ class Scheduler:
         # a reply that may call tools is read with its special tokens ([TOOL_CALLS], <|channel|>...)
         special = g.reader is not None and g.reader.fmt is not None
         text = g.decoder.decode(self.core.model.piece(token, special=special))
+        if g.reader is not None:
+            g.reader.sampled(text)
         emit, hit = g.stops.feed(text)
         cut = indent_cut("".join(g.text) + emit, g.spec.n_indent) if emit and g.spec and g.spec.n_indent else None
         if cut is not None:

@@ -537,6 +537,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         daemon = Daemon(engine, api_key=ns.api_key, host=ns.host, allow_hosts=tuple(ns.allow_host or ()),
                         allow_origins=tuple(ns.allow_origin or ()), max_upload=ns.max_upload << 20,
                         reuse=not ns.no_reuse, pool=pool)
+        if ns.log_requests:
+            from kvside.server import accesslog
+
+            accesslog.switch_on()
         print(f"kvside serving {daemon.model_name} on http://{ns.host}:{ns.port}"
               + (f" (and up to {ns.max_models - 1} other installed models on demand)" if ns.max_models > 1 else ""),
               file=sys.stderr)
@@ -820,6 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and its sessions reopened elsewhere (one on this host: at once)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long replies in flight may take before the sessions are saved")
+    p.add_argument("--log-requests", action="store_true",
+                   help="a line on stderr per request answered: status and time, and for a reply its session, "
+                        "prompt tokens read and reused, tokens written and the cache edits made for it")
     p.add_argument("--max-models", type=int, default=2, metavar="N",
                    help="models loaded at once: requests may name any installed model, loaded on demand and "
                         "unloaded least recently used first (1: this model only)")

@@ -361,7 +361,7 @@ class AnthropicFront:
                     break
                 if event.kind == "done":
                     done = stream.completion
-                    self.d.metrics.reply(done, note)
+                    self.d.replied(done, note)
                     for out in writer.finish(done):
                         yield out
                 elif event.kind != "notice":

@@ -31,11 +31,13 @@ from kvside.engine import Engine, commands, persist, prompt
 from kvside.engine.fleet import HANDOVER_S, SessionElsewhere
 from kvside.engine.session import check_name
 from kvside.errors import EngineClosed, InvalidRequest, KvsideError, ModelNotFound
+from kvside.server import accesslog
 from kvside.server import anthropic_api as anthropic
 from kvside.server import llamacpp_api as llamacpp
 from kvside.server import ollama_api as ollama
 from kvside.server import openai_api as oa
 from kvside.server import responses_api
+from kvside.server.accesslog import RequestLog
 from kvside.server.guard import Guard
 from kvside.server.metrics import CountRequests, Metrics
 from kvside.server.pool import ModelPool
@@ -109,8 +111,9 @@ class Daemon:
         starlette = Starlette(routes=routes, exception_handlers={
             KvsideError: self._on_error, HTTPException: self._on_http, Exception: self._on_error})
         self.metrics = Metrics()
-        self.app = CountRequests(Guard(starlette, api_key=api_key, bind_host=host, allow_hosts=allow_hosts,
-                                       allow_origins=allow_origins, upload_suffixes=(FILE_SUFFIX,)), self.metrics)
+        self.app = RequestLog(CountRequests(Guard(starlette, api_key=api_key, bind_host=host, allow_hosts=allow_hosts,
+                                                  allow_origins=allow_origins, upload_suffixes=(FILE_SUFFIX,)),
+                                            self.metrics))
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _on_error(self, request, exc: Exception) -> JSONResponse:
@@ -152,8 +155,16 @@ class Daemon:
     async def engine_for(self, model: str | None, keep_alive: float | None = None):
         """(name, engine) of the model a request names, loaded if it is installed and not loaded yet."""
         if model is None or model in self.model_aliases:
+            accesslog.note(model=self.model_name)
             return self.model_name, self.engine
-        return await asyncio.to_thread(self.pool.get, model, keep_alive)
+        name, engine = await asyncio.to_thread(self.pool.get, model, keep_alive)
+        accesslog.note(model=name)
+        return name, engine
+
+    def replied(self, done, note: dict | None) -> None:
+        """A reply has finished: count it, and log it with its request (--log-requests)."""
+        self.metrics.reply(done, note)
+        accesslog.replied(done, note)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_aliases:
@@ -249,7 +260,7 @@ class Daemon:
     async def _collect(self, request: HTTPRequest, stream, queue, note: dict | None = None) -> Any:
         """A non-streamed reply, whole."""
         await self._wait_for("done", request, stream, queue)
-        self.metrics.reply(stream.completion, note)
+        self.replied(stream.completion, note)
         return stream.completion
 
     def _sse(self, events, headers: dict) -> EventSourceResponse:
@@ -370,7 +381,7 @@ class Daemon:
                     break
                 elif event.kind == "done":
                     done = stream.completion
-                    self.metrics.reply(done, note)
+                    self.replied(done, note)
                     last = oa.chat_chunk(cid, model, {}, oa.finish_reason(done.finish_reason))
                     last["timings"] = llamacpp.timings(done)  # as llama-server's last chunk carries them
                     yield _data(last)
@@ -441,7 +452,7 @@ class Daemon:
                     break
                 elif event.kind == "done":
                     done = stream.completion
-                    self.metrics.reply(done, note)
+                    self.replied(done, note)
                     if shape == "llama":  # the last event: the whole response with empty content
                         final = llamacpp.completion_response(done, model, warm_up, oa.binding_facts(note))
                         yield _data(dict(final, content=""))

@@ -503,7 +503,7 @@ class OllamaFront:
                         break
                     elif event.kind == "done":
                         done = stream.completion
-                        self.d.metrics.reply(done, note)
+                        self.d.replied(done, note)
                         if done.tool_calls:  # Ollama sends each call whole, in one chunk
                             yield _line({"model": model, "created_at": now(),
                                          **shape("", "", done.tool_calls), "done": False})

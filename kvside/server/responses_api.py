@@ -664,7 +664,7 @@ class ResponsesFront:
                     break
                 elif event.kind == "done":
                     done = stream.completion
-                    self.d.metrics.reply(done, note)
+                    self.d.replied(done, note)
                     for out in writer.finish(done):
                         yield out
                     body = await self._finish(parsed, rid, created, model, done, note, engine, writer.output())

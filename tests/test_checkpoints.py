@@ -113,9 +113,9 @@ def test_a_regenerated_reply_goes_back_to_the_checkpoint_before_it(engine):
         again, note = bound(engine, history, name)  # the client asks for another answer
         assert note.get("dropped_messages"), note
         if engine.n_checkpoints:
-            # the last message is read again after what precedes it, which came back from the
-            # checkpoint taken there
-            assert again.usage.cached_tokens == cells_before_last(engine, name, 2) == restored_cells(engine, name) > 0
+            # everything up to the reply came back from the checkpoint taken there: only the
+            # generation prompt is read
+            assert again.usage.cached_tokens == cells_before_last(engine, name, 1) == restored_cells(engine, name) > 0
         else:
             assert again.usage.cached_tokens == 0 and restored_cells(engine, name) == 0
         assert again.usage.prompt_tokens == first.usage.prompt_tokens
@@ -217,7 +217,7 @@ def test_checkpoints_go_to_disk_with_the_session(engine):
         assert note.get("dropped_messages"), note
         if engine.n_checkpoints:
             assert len(marks) >= 2
-            assert again.usage.cached_tokens == cells_before_last(engine, name, 2) == restored_cells(engine, name) > 0
+            assert again.usage.cached_tokens == cells_before_last(engine, name, 1) == restored_cells(engine, name) > 0
         else:
             assert marks == [] and again.usage.cached_tokens == 0
         assert_equals_fresh_prefill(engine, name, history)

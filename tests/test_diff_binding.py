@@ -418,25 +418,31 @@ def test_a_message_inserted_in_the_middle_is_decoded_into_room_made_there(exact,
         exact.delete_session(name)
 
 
-def test_a_regenerated_reply_binds_to_its_session_and_reads_only_the_last_message(exact):
+def test_a_regenerated_reply_binds_to_its_session_and_reads_only_the_generation_prompt(exact):
     """A client asking for another answer sends its history again without the reply it got: the
-    session that gave that reply answers again, its reply and the last message dropped, the last
-    message read anew after everything before it (no new session, no re-read of the history).
-    With `reprefill` as the strategy the result equals a fresh prefill of the client's messages."""
+    session that gave that reply answers again, only its reply dropped. The last message's cells
+    stay where they are and only the generation prompt is read (it used to read the last message
+    again; llama-server reads one token again). With `reprefill` as the strategy the result equals
+    a fresh prefill of the client's messages."""
     history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a river."}]
     first = exact.bind_chat(history, max_tokens=6, **GREEDY).wait()
-    history += [{"role": "assistant", "content": first.text or "ok"}, {"role": "user", "content": "And a lake?"}]
+    history += [{"role": "assistant", "content": first.text or "ok"},
+                {"role": "user", "content": "And a lake, with a sentence about its shores and the towns on them?"}]
     second = exact.bind_chat(history, max_tokens=6, **GREEDY).wait()
     assert second.session == first.session
-    before = len(exact.ledger(second.session))
+    held = exact.ledger(second.session)
+    last_id = max(held.msg)  # the reply
+    kept = [(t, p) for t, p, m in zip(held.tok, held.pos, held.msg) if m != last_id]
     events = []
     again = exact.bind_chat(history, max_tokens=6, on_event=events.append, **GREEDY).wait()
     note = next(e.data for e in events if e.kind == "bound")
-    assert again.session == first.session and len(note["dropped_messages"]) == 2, note
-    last = exact.messages(again.session)[-2]
-    assert last["content"] == "And a lake?" and last["state"] == "live"
-    read = again.usage.prompt_tokens - again.usage.cached_tokens
-    assert 0 < read < 20 and again.usage.cached_tokens < before  # the last message and the generation prompt
+    assert again.session == first.session and note["dropped_messages"] == [last_id], note
+    live = [m for m in exact.messages(again.session) if m["state"] == "live"]
+    assert [m["content"] for m in live[-2:]] == [history[-1]["content"], again.text]
+    assert again.usage.cached_tokens == len(kept)  # everything but the reply, the last message included
+    assert 0 < again.usage.prompt_tokens - again.usage.cached_tokens <= 4  # <|im_start|>assistant\n
+    after = exact.ledger(again.session)
+    assert [(t, p) for t, p in zip(after.tok, after.pos)][:len(kept)] == kept  # not moved, not read again
     assert again.text == second.text  # greedy: the same answer to the same prompt
     exact.check(again.session)
 

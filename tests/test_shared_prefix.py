@@ -171,6 +171,8 @@ def test_once_measured_a_saved_session_is_brought_back_only_when_reading_would_c
         with Engine(**opts) as e:
             ask(e, [{"role": "user", "content": "Count to three."}])  # the engine measures its decodes
             e.call(lambda core: setattr(core.costs, "restore_s", restore_s))
-            bound, done = ask(e, long_chat("How do I run the tests?"))
+            # a question of its own each time: the same one again would continue the session
+            # the first time saved (another reply to its last message)
+            bound, done = ask(e, long_chat(f"How do I run the tests in {'CI' if shares else 'a container'}?"))
             assert ("shared_from" in bound) == shares, restore_s
             assert done.usage.cached_tokens == bound.get("shared_tokens", 0)

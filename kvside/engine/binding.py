@@ -63,6 +63,7 @@ class Match:
     inserted: list[tuple[int, list[dict]]] = field(default_factory=list)  # (held id, client messages put before it)
     reused_cells: int = 0  # cells of the reused messages: what choosing this session saves reading
     dropped_cells: int = 0  # cells its edits destroy (work another conversation may come back to)
+    again: bool = False  # nothing to append: another reply to the last message (a regenerate)
 
 
 def _live(m: dict) -> bool:
@@ -108,14 +109,21 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
         else:  # an insertion, or a change running to the end: everything from here is read anew
             cut_held, cut_want = i1, j1
             break
-    if cut_want == len(want) and last_equal is not None and dropped and kept > 1:
+    again = False  # no new message: another reply to the client's last one
+    if cut_want == len(want) and last_equal is not None and kept > 1:
         # nothing after what the session holds, but what followed it is gone: the client asks
-        # for another reply (a regenerate). Its last message is read again after what precedes it
-        # (a cache that cannot go back returns to the checkpoint taken there: checkpoints.py).
-        cut_held, cut_want = last_equal
-        kept -= 1
-        cells -= held[cut_held].get("n_cells", 1)
-        dropped = [i for i in dropped if i not in {m["id"] for m in held[cut_held:]}]
+        # for another reply (a regenerate). A reply follows a user or tool message directly: its
+        # cells stay and only the generation prompt is read (llama-server reads one token again);
+        # a cache that cannot drop its end goes back to the checkpoint taken before the reply
+        # (checkpoints.py). After another message the last one is read again.
+        i, j = last_equal
+        if incoming[j].get("role") in ("user", "tool") and (dropped if cut_held == len(held) else cut_held == i + 1):
+            cut_held, again = i + 1, True
+        elif dropped and cut_held == len(held):
+            cut_held, cut_want = i, j
+            kept -= 1
+            cells -= held[i].get("n_cells", 1)
+        dropped = [d for d in dropped if d not in {m["id"] for m in held[cut_held:]}]
     new = incoming[cut_want:]
     resent = set(want[cut_want:])
     gone = list(dropped)  # what the client no longer sends
@@ -124,7 +132,7 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
             dropped.append(m["id"])
             if key not in resent:
                 gone.append(m["id"])
-    if not new or kept + len(replaced) == 0:
+    if (not new and not again) or kept + len(replaced) == 0:
         return None
     pinned = {m["id"] for m in held if m.get("pinned")}
     if pinned & set(dropped):
@@ -143,7 +151,7 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
     size = {m["id"]: m.get("n_cells", 1) for m in held}
     inserted = [(i, msgs) for i, msgs in inserted if i not in dropped]  # before a message that goes: read
     return Match("", kept + len(replaced), dropped, new, replaced, inserted=inserted, reused_cells=cells,
-                 dropped_cells=sum(size[i] for i in dropped))
+                 dropped_cells=sum(size[i] for i in dropped), again=again)
 
 
 def _runs_on(held: list[dict], equal_blocks: list[tuple[int, int, int]], first_new: int) -> bool:
@@ -561,7 +569,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
             stream.session = s.name
             stream.put(Event("bound", data=note))
             core.start_chat(s.name, new, sampling, stream, reply, shared=note.get("shared_tokens", 0),
-                            recheck=recheck)
+                            recheck=recheck, again=match is not None and match.again and not new)
             # cells decoded by the edits were computed for this request: not cached
             core.scheduler.discount_cached(s, note.get("inserted_tokens", 0) + note.get("recomputed_tokens", 0))
     except BaseException:

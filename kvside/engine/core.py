@@ -645,8 +645,8 @@ class Core:
         self._spent[side] += time.perf_counter() - t0
 
     def start_chat(self, name: str, messages: list[dict], params, stream, reply=None, shared: int = 0,
-                   recheck: list[int] = ()) -> None:
-        self.scheduler.start_chat(name, messages, params, stream, reply, shared, recheck)
+                   recheck: list[int] = (), again: bool = False) -> None:
+        self.scheduler.start_chat(name, messages, params, stream, reply, shared, recheck, again)
 
     def start_text(self, name: str, text: str, params, stream, reply=None) -> None:
         self.scheduler.start_text(name, text, params, stream, reply)

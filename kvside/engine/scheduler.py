@@ -68,10 +68,13 @@ class Scheduler:
         return bool(self.gens)
 
     def start_chat(self, name: str, messages: list[dict], params: SamplingParams, stream: Stream,
-                   spec: ReplySpec | None = None, shared: int = 0, recheck: list[int] = ()) -> None:
+                   spec: ReplySpec | None = None, shared: int = 0, recheck: list[int] = (),
+                   again: bool = False) -> None:
         """`shared`: the session is new and its cache already holds the first `shared` tokens of
         this prompt (binding.share_prefix); they are not read again. `recheck`: held messages the
-        client changed in a way the template may render differently (edits.restyle)."""
+        client changed in a way the template may render differently (edits.restyle). `again`: no
+        messages, another reply to the session's last one (a regenerate: the client's history
+        without the reply it got, which binding dropped)."""
         s = self.core.get(name)
         spec = spec or ReplySpec()
         new = []
@@ -81,9 +84,13 @@ class Scheduler:
             if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
                 raise InvalidRequest("each message needs a role (system/user/assistant/tool) and string content")
             new.append(Message.from_request(next_id + i, m))
-        if not new:
+        if again:
+            last = next((m for m in reversed(s.messages) if m.kind in ("chat", "tool") and m.state == "live"), None)
+            if new or last is None or last.role not in ("user", "tool") or s.pending:
+                raise KvsideError("another reply needs a session whose last message is the client's")  # a bug
+        elif not new:
             raise InvalidRequest("no messages to send")
-        if not any(m.content.strip() or m.tool_calls for m in new):
+        elif not any(m.content.strip() or m.tool_calls for m in new):
             raise InvalidRequest("the message is empty")
         if spec.tools:
             if not s.messages:
@@ -91,7 +98,7 @@ class Scheduler:
             elif s.tools != spec.tools:
                 raise InvalidRequest(f"session {name!r} was started with other tools; tool definitions are part of "
                                      "its cached prompt, so start a new session for a new set", param="tools")
-        if not s.messages and (new[0].role == "system" or s.tools):
+        if new and not s.messages and (new[0].role == "system" or s.tools):
             # the system prompt is never rolled away, nor the turn that carries the tool definitions
             new[0].pinned = True
         history = s.template_history() + [m.as_template() for m in new]

@@ -924,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48, help="serve: tokens per reply")
     p.add_argument("--late-from", type=int, default=10, help="serve: first turn counted as late")
     p.add_argument("--load-clients", type=int, default=16, help="serve: concurrent clients in the load run")
-    p.add_argument("--client", default=None, choices=["front", "cline", "placeholder", "clock", "edit", "tools", "shared"],
+    p.add_argument("--client", default=None, choices=["front", "cline", "placeholder", "clock", "edit", "tools", "shared", "regenerate"],
                    help="serve: an agent chat under this client behaviour (see kvside/bench/serve.py)")
     p.add_argument("--url", default=None, help="latency: measure a server already running there instead of "
                    "starting kvside and llama-server")

@@ -111,11 +111,11 @@ def wide_daemon_url(tmp_path_factory):
         live.stop()
 
 
-@pytest.mark.parametrize("client", ["cline", "placeholder", "edit", "tools", "shared"])
+@pytest.mark.parametrize("client", ["cline", "placeholder", "edit", "tools", "shared", "regenerate"])
 def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, wide_daemon_url, client):
     """`kvside bench serve --client` at toy size against this daemon: once the client drops (cline),
-    elides (placeholder), edits its task message (edit) or its tools (tools), the next turns still
-    come from the cache; two agents with the same system prompt and tools (shared) each keep theirs,
+    elides (placeholder), edits its task message (edit) or its tools (tools), or asks for another
+    reply (regenerate), the next turns still come from the cache; two agents with the same system prompt and tools (shared) each keep theirs,
     and the second one's first turn reuses the first one's system prompt."""
     from kvside.bench.serve import agent_run
 
@@ -125,12 +125,16 @@ def test_bench_serve_client_modes_reuse_what_the_client_kept(daemon_url, wide_da
     wide = client in ("tools", "shared")
     rows = list(agent_run(wide_daemon_url if wide else daemon_url, turns=turns, budget_chars=3000 if wide else 1500,
                           max_tokens=4, client=client, explicit=False))
-    # the first turn may share the system prompt with an earlier conversation, nothing more
-    assert len(rows) == turns and rows[0]["cached_tokens"] < 0.5 * rows[0]["prompt_tokens"]
+    # the first turn may share the system prompt with an earlier conversation, nothing more (a
+    # regenerate's figures are those of the second reply to the turn)
+    assert len(rows) == turns
+    assert client == "regenerate" or rows[0]["cached_tokens"] < 0.5 * rows[0]["prompt_tokens"]
     for late in rows[-2:]:
         assert late["cached_tokens"] > 0.5 * late["prompt_tokens"], rows
     if client == "cline":
         assert any(r["dropped_exchanges"] for r in rows)
+    if client == "regenerate":  # each turn asked again: only the generation prompt is read
+        assert all(r["prompt_tokens"] - r["cached_tokens"] <= 4 for r in rows), rows
     if client == "shared":
         assert rows[1]["agent"] == 1 and rows[1]["cached_tokens"] > 0.5 * rows[1]["prompt_tokens"], rows
 

@@ -177,6 +177,8 @@ CLIENTS = {
     "tools": "sends tool definitions and enables one more tool every third turn; drops as cline does",
     "shared": "two agents with the same long system prompt and tools take turns, one session each; "
               "each drops as cline does",
+    "regenerate": "asks for another reply to every turn (the same history again, as a chat app's regenerate or "
+                  "a client's retry; the turn's figures are the second reply's); drops as front does",
 }
 TOOL_WORDS = ("build step finished in 0.{k} s; module {m} compiled with 0 warnings; cache hit for {n} "
               "objects; linked target lib{m}.so; tests collected {n} passed {n} skipped 0; ")
@@ -246,7 +248,7 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
         room = budget_chars - (len(json.dumps(tools)) + len(system) - len(SYSTEM) if tools else 0)
         dropped = 0
         while client != "placeholder" and sum(map(size, history)) > room and len(history) > 3:
-            first = 0 if client in ("front", "clock") else 1  # the others keep their task message
+            first = 0 if client in ("front", "clock", "regenerate") else 1  # the others keep their task message
             del history[first : first + 2]
             dropped += 1
         messages = [{"role": "system", "content": system}] + history
@@ -256,6 +258,8 @@ def agent_run(base: str, turns: int, budget_chars: int, max_tokens: int, client:
         if tools and (first_turn or not explicit):  # a named session keeps the tools it started with
             body["tools"], body["tool_choice"] = tools, "none"
         r = _stream(base, body, headers)
+        if client == "regenerate" and not explicit:  # a named session is sent only what is new
+            r = _stream(base, body, headers)
         history.append({"role": "assistant", "content": r["text"] or "ok"})
         row = {"turn": i, "ttft_s": r["ttft_s"], "cached_tokens": r["cached_tokens"],
                "prompt_tokens": r["prompt_tokens"], "dropped_exchanges": dropped,

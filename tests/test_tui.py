@@ -205,3 +205,74 @@ async def test_fidelity_command_scores_the_cache_after_a_roll(tui_engine):
             await pilot.pause(0.05)
         message = next(m for title, m, _ in notes if title == "fidelity")
         assert message.startswith("8 tokens after") and "KL" in message and "top-1" in message
+
+
+async def test_retry_gives_another_answer_reading_only_the_generation_prompt(tui_engine):
+    """/retry answers the last message again: the old reply leaves the transcript and the cache,
+    the user's message keeps its cells, and only the generation prompt is read (a chat without a
+    system prompt, where the history is one message: no client could ask this over HTTP)."""
+    app = app_for(tui_engine, {"temperature": 1.0, "seed": 7, "max_tokens": 12})
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        name = app.current
+        notes = []
+        app.notify = lambda message, **kw: notes.append(message)
+        await type_and_send(pilot, "/retry")  # nothing to give again yet
+        await pilot.pause(0.1)
+        assert notes and "no reply" in notes[-1]
+        await type_and_send(pilot, "Name a fruit and a colour.")
+        await wait_idle(pilot, name)
+        before = tui_engine.ledger(name)
+        reply_id = max(before.msg)
+        await type_and_send(pilot, "/retry")
+        await pilot.pause(0.1)
+        await wait_idle(pilot, name)
+        items = app.chats[name].items
+        assert [i.role for i in items] == ["user", "assistant"] and items[1].text.strip()
+        done = app.chats[name].last
+        assert done["prompt"] - done["cached"] <= 4, done  # <|im_start|>assistant\n
+        live = [m for m in tui_engine.messages(name) if m["state"] == "live"]
+        assert [m["role"] for m in live] == ["user", "assistant"] and live[1]["id"] != reply_id
+        assert live[1]["content"] == items[1].text
+        after = tui_engine.ledger(name)
+        kept = [(t, p) for t, p, m in zip(before.tok, before.pos, before.msg) if m != reply_id]
+        assert list(zip(after.tok, after.pos))[: len(kept)] == kept
+        tui_engine.check(name)
+
+
+async def test_retry_over_connect_sends_the_history_without_its_reply(tui_engine):
+    """`kvside chat --connect URL`: /retry sends the session's history again without its last reply,
+    as any client asks for another answer, and the daemon reads only the generation prompt. A
+    single message before the reply would be taken as a new message, so that is refused, clearly."""
+    from conftest import LiveDaemon
+
+    from kvside.tui.backend import RemoteBackend, drain
+
+    live = LiveDaemon(tui_engine)
+    backend = RemoteBackend(live.url, params={"max_tokens": 8, "temperature": 1.0})
+    try:
+        await backend.connect()
+        bare = await backend.new_session("remote-bare")
+        async for _ in drain(backend.chat(bare, "Hello there.")):
+            pass
+        events = [e async for e in drain(backend.again(bare))]
+        assert events[-1][0] == "error" and "--connect" in events[-1][1]
+        name = await backend.new_session("remote-retry", system="You are terse.")
+        async for _ in drain(backend.chat(name, "Name a fruit.")):
+            pass
+        reply_id = max(tui_engine.ledger(name).msg)
+        events = [e async for e in drain(backend.again(name))]
+        kind, done = events[-1]
+        assert kind == "done" and 0 < done["prompt"] - done["cached"] <= 4, events
+        live_msgs = [m for m in tui_engine.messages(name) if m["state"] == "live"]
+        assert [m["role"] for m in live_msgs] == ["system", "user", "assistant"] and live_msgs[-1]["id"] != reply_id
+        assert live_msgs[-1]["content"] == "".join(v for k, v in events if k == "text")
+        tui_engine.check(name)
+    finally:
+        await backend.http.aclose()
+        live.stop()
+        for n in ("remote-bare", "remote-retry"):
+            try:
+                tui_engine.delete_session(n)
+            except Exception:
+                pass

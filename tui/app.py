@@ -23,7 +23,7 @@ from kvside.tui.backend import Reply, drain
 from kvside.tui.cachemap import CacheMap
 
 HELP = """/new [NAME]  /rename NAME  /delete  /roll N [STRATEGY]  /compact [UP_TO]  /mask ID [close] [STRATEGY]
-/fork [NAME]  /save [FILE]  /restore FILE [NAME]  /attach DOC [K|STRATEGY]  /help
+/retry  /fork [NAME]  /save [FILE]  /restore FILE [NAME]  /attach DOC [K|STRATEGY]  /help
 /strategy shift|recompute:R|reprefill, and with the native patch values:R|values:all|select:F
 /prune-tools N|off  (when the window fills, mask old tool results, keeping the last N, before rolling turns)
 /fidelity [N]  (the last reply's first N tokens on this cache against a re-prefill of the same tokens: KL, top-1)"""
@@ -68,7 +68,8 @@ class PromptInput(TextArea):
 
 class ChatCommands(Provider):
     COMMANDS = [
-        ("New session", "/new"), ("Fork session", "/fork"), ("Save session", "/save"),
+        ("New session", "/new"), ("Retry: another answer to the last message", "/retry"),
+        ("Fork session", "/fork"), ("Save session", "/save"),
         ("Compact: summarize earlier turns", "/compact"), ("Roll: drop 256 oldest tokens", "/roll 256"),
         ("Strategy: shift", "/strategy shift"), ("Strategy: recompute:64", "/strategy recompute:64"),
         ("Delete session", "/delete"), ("Help", "/help"),
@@ -244,6 +245,26 @@ class ChatApp(App):
         self.query_one("#status", Static).update(f"{chat.name}: reading the prompt...")
         self.stream_reply(chat, answer)
 
+    async def retry(self, chat: Chat) -> None:
+        """Another answer to the last message: the last reply's cells go and only the generation
+        prompt is read, so it starts at once however long the chat."""
+        if not chat.items or chat.items[-1].role != "assistant":
+            self.notify("no reply to give again yet", severity="warning")
+            return
+        try:
+            chat.reply = self.backend.again(chat.name)
+        except KvsideError as exc:
+            self.notify(exc.message, severity="error")
+            return
+        old = chat.items.pop()
+        if old.widget is not None and old.widget.is_mounted:
+            await old.widget.remove()
+        answer = Item("assistant")
+        chat.items.append(answer)
+        await self._mount_item(answer)
+        self.query_one("#status", Static).update(f"{chat.name}: answering again...")
+        self.stream_reply(chat, answer)
+
     @work(group="replies")
     async def stream_reply(self, chat: Chat, item: Item) -> None:
         try:
@@ -329,9 +350,11 @@ class ChatApp(App):
         elif cmd == "new":
             await self.new_chat(args[0] if args else None)
         elif cmd in ("roll", "compact", "mask", "fork", "save", "strategy", "delete", "rename", "attach",
-                     "prune-tools", "fidelity") and \
+                     "prune-tools", "fidelity", "retry") and \
                 self.chats[name].reply is not None:
             self.notify("wait for the reply to finish (Esc stops it)", severity="warning")
+        elif cmd == "retry":
+            await self.retry(self.chats[name])
         elif cmd == "roll":
             r = await b.edit(name, "roll", drop=int(args[0]), strategy=args[1] if len(args) > 1 else None)
             self.notify(f"dropped {r['dropped']} tokens with {r['strategy']} in {r['t_edit_s'] * 1000:.0f} ms"

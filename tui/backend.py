@@ -54,6 +54,13 @@ class LocalBackend(_Backend):
         return _cache_map(await self.call(self.engine.show, name))
 
     def chat(self, name: str, text: str) -> Reply:
+        return self._reply(lambda forward: self.engine.chat(name, text, on_event=forward, **self.params))
+
+    def again(self, name: str) -> Reply:
+        """Another reply to the session's last message, the last reply dropped."""
+        return self._reply(lambda forward: self.engine.again(name, on_event=forward, **self.params))
+
+    def _reply(self, start) -> Reply:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -72,7 +79,7 @@ class LocalBackend(_Backend):
                 item = (event.kind, event.text)
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        stream = self.engine.chat(name, text, on_event=forward, **self.params)
+        stream = start(forward)
         return Reply(queue, stream.cancel)
 
     async def edit(self, name: str, edit: str, **args) -> dict:
@@ -104,6 +111,7 @@ class RemoteBackend(_Backend):
         self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=300)
         self.info: dict = {"model_name": "?", "n_ctx": 0}
         self.params = dict(params or {})
+        self.systems: dict[str, str] = {}  # system prompts of sessions not created on the daemon yet
 
     async def connect(self) -> None:
         r = await self.http.get("/health")
@@ -122,7 +130,10 @@ class RemoteBackend(_Backend):
     async def new_session(self, name: str | None = None, system: str | None = None) -> str:
         import uuid
 
-        return name or f"tui-{uuid.uuid4().hex[:6]}"  # the daemon creates it on first use
+        name = name or f"tui-{uuid.uuid4().hex[:6]}"  # the daemon creates it on first use
+        if system:
+            self.systems[name] = system  # sent before the first message
+        return name
 
     async def delete_session(self, name: str) -> None:
         await self._json("DELETE", f"/kvside/sessions/{name}")
@@ -134,12 +145,42 @@ class RemoteBackend(_Backend):
             return {"runs": [], "removed": [], "next_pos": 0, "n_cells": 0, "n_ctx": self.n_ctx, "messages": []}
 
     def chat(self, name: str, text: str) -> Reply:
+        system = self.systems.pop(name, None)
+        first = [{"role": "system", "content": system}] if system else []
+        return self._reply(name, lambda: first + [{"role": "user", "content": text}])
+
+    def again(self, name: str) -> Reply:
+        """Another reply to the session's last message: its history is sent again without the last
+        reply, as any client asks for one (the daemon drops that reply's cells and reads only the
+        generation prompt)."""
+        async def history() -> list[dict]:
+            shown = await self._json("GET", f"/kvside/sessions/{name}")
+            rows = [m for m in shown["messages"]
+                    if m.get("kind", "chat") in ("chat", "tool") and m.get("state", "live") != "dropped"]
+            live = [i for i, m in enumerate(rows) if m.get("state", "live") == "live"]
+            if len(live) < 2 or rows[live[-1]]["role"] != "assistant":
+                raise KvsideError(f"session {name!r} has no reply to a message of yours to give again")
+            if live[-1] < 2:
+                # a single message sent to a named session is taken as a new one (the user said it
+                # again), not as the history without its reply
+                raise KvsideError("over --connect, /retry needs a system prompt or an earlier exchange before "
+                                  "the reply; the in-process chat has no such limit")
+            return [{"role": m["role"], "content": m["content"]} for m in rows[: live[-1]]]
+
+        return self._reply(name, history)
+
+    def _reply(self, name: str, messages) -> Reply:
+        """Stream a reply in session `name` to the messages that `messages()` returns (a list, or a
+        coroutine of one)."""
         queue: asyncio.Queue = asyncio.Queue()
-        body = {"messages": [{"role": "user", "content": text}], "stream": True,
-                "stream_options": {"include_usage": True}, **_openai_params(self.params)}
 
         async def pump():
             try:
+                sent = messages()
+                if asyncio.iscoroutine(sent):
+                    sent = await sent
+                body = {"messages": sent, "stream": True, "stream_options": {"include_usage": True},
+                        **_openai_params(self.params)}
                 async with self.http.stream("POST", "/v1/chat/completions", json=body,
                                             headers={"X-Kvside-Session": name}) as r:
                     if r.status_code >= 400:

@@ -510,9 +510,7 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
     current work). Without it, the best match among idle sessions that binding created is reused,
     or a new one is made. Returns what was reused and edited; on any failure the chosen session
     is as it was before this call (a session created here is removed again)."""
-    from kvside.engine import compose, persist
-    from kvside.engine.stream import Event
-    from kvside.engine.txn import atomic
+    from kvside.engine import persist
 
     created = False
     if session is not None:
@@ -551,6 +549,34 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
     note: dict = {"session": s.name}
     if session is None:
         note.update(shared)
+    return _edit_and_start(core, s, match, messages, params, stream, note, reply=reply, documents=documents,
+                           created=created)
+
+
+def answer_again(core, name: str, params: dict, stream) -> dict:
+    """Another reply to session `name`'s last message, its last reply dropped (a chat app's
+    regenerate): what bind_and_start does when a client sends its history again without the
+    reply, for a session driven by name, which sends only what is new."""
+    s = core.get(name)
+    history = chat_history(s)
+    live = [m for m in history if _live(m)]
+    if len(live) < 2 or live[-1]["role"] != "assistant" or live[-2]["role"] not in ("user", "tool"):
+        raise InvalidRequest(f"session {name!r} has no reply to a message of yours to give again")
+    messages = history[: history.index(live[-1])]
+    match = Match(s.name, len(messages), [live[-1]["id"]], [], reused_cells=sum(m["n_cells"] for m in messages),
+                  dropped_cells=live[-1]["n_cells"], again=True)
+    match = _repair_or_read_again(core, s, match, messages)
+    return _edit_and_start(core, s, match, messages, params, stream, {"session": s.name})
+
+
+def _edit_and_start(core, s, match: Match | None, messages: list[dict], params: dict, stream, note: dict, *,
+                    reply=None, documents: list[str] = (), created: bool = False) -> dict:
+    """Edit session s as `match` says (None: nothing held matches, `messages` are all new) and start
+    the reply, atomically: on any failure s is as it was (and, `created` here, removed again)."""
+    from kvside.engine import compose
+    from kvside.engine.stream import Event
+    from kvside.engine.txn import atomic
+
     new = messages if match is None else match.new
     several_steps = bool(documents) or (match is not None and bool(match.dropped or match.replaced or match.inserted))
     try:

@@ -357,6 +357,12 @@ class Engine:
         messages = [{"role": "user", "content": message}] if isinstance(message, str) else list(message)
         return self._generate(session, params, lambda core, p, st: core.start_chat(session, messages, p, st), on_event)
 
+    def again(self, session: str, on_event=None, **params: Any) -> Stream:
+        """Another reply to the session's last message (a chat app's regenerate): its last reply's
+        cells go and only the generation prompt is read, as when a client sends its history again
+        without that reply (binding.diff)."""
+        return self._bind(lambda core, stream: binding.answer_again(core, session, params, stream), session, on_event)
+
     def complete(self, session: str, text: str, on_event=None, **params: Any) -> Stream:
         """Append raw text to a session and stream its continuation (no chat template)."""
         return self._generate(session, params, lambda core, p, st: core.start_text(session, text, p, st), on_event)

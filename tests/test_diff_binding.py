@@ -475,3 +475,24 @@ def test_a_message_that_grows_when_positions_ran_out_closes_the_holes_and_is_edi
         exact.check(name)
     finally:
         exact.delete_session(name)
+
+
+def test_a_named_session_whose_client_rewrites_its_system_prompt_reads_it_again_pinned(exact):
+    """A client that names its session and sends a new system prompt (here with `reprefill`, so the
+    change is read again, not edited in place) was refused: binding dropped the old system prompt
+    with what followed, and the cache refuses to drop a pinned message. The client's history is
+    the conversation: the old prompt goes, the new one is read and pinned in its place."""
+    name = exact.new_session(system="")
+    try:
+        exact.set_roll_strategy(name, "reprefill")
+        history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a river."}]
+        first = exact.bind_chat(history, session=name, max_tokens=4, **GREEDY).wait()
+        history = [{"role": "system", "content": "You answer in French, in one word, and never explain."},
+                   history[1], {"role": "assistant", "content": first.text}, {"role": "user", "content": "A lake?"}]
+        again = exact.bind_chat(history, session=name, max_tokens=4, **GREEDY).wait()
+        live = [m for m in exact.messages(name) if m["state"] == "live"]
+        assert [(m["role"], m["content"]) for m in live[:-1]] == [(m["role"], m["content"]) for m in history]
+        assert live[0]["pinned"] and again.usage.cached_tokens < 5
+        exact.check(name)
+    finally:
+        exact.delete_session(name)

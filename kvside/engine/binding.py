@@ -64,20 +64,23 @@ class Match:
     reused_cells: int = 0  # cells of the reused messages: what choosing this session saves reading
     dropped_cells: int = 0  # cells its edits destroy (work another conversation may come back to)
     again: bool = False  # nothing to append: another reply to the last message (a regenerate)
+    named: bool = False  # the client named the session and resent its history (diff's `named`)
 
 
 def _live(m: dict) -> bool:
     return m.get("state", "live") == "live"
 
 
-def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) -> Match | None:
+def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False, named: bool = False) -> Match | None:
     """How `incoming` follows from `held` (a session's chat messages in order, rolled ones
     included: the client may still send what the cache already let go), or None when it does
     not: nothing new to answer, nothing reused, a pinned message would go, or more would be
     dropped than kept (another conversation that shares a head, not this one trimmed).
     cut_at_change: the first change to a message that has cells ends the match (what follows is
     read again rather than kept), for a session that must equal a fresh prefill or where
-    reading again costs less than the edit."""
+    reading again costs less than the edit. named: the client named this session and resends its
+    history (resends_history): it is this conversation whatever it dropped or changed, its system
+    prompt included."""
     have, want = [_key(m) for m in held], [_key(m) for m in incoming]
     kept, dropped, replaced, cells, inserted = 0, [], [], 0, []
     cut_held, cut_want = len(held), len(want)
@@ -135,7 +138,7 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
     if (not new and not again) or kept + len(replaced) == 0:
         return None
     pinned = {m["id"] for m in held if m.get("pinned")}
-    if pinned & set(dropped):
+    if pinned & set(dropped) and not named:
         return None  # the system prompt or the turn with the tool definitions: never dropped
     # Dropping more than is kept is not a client trimming its history but another conversation
     # that shares a head (the same system prompt): taking this session would destroy that
@@ -146,12 +149,12 @@ def diff(held: list[dict], incoming: list[dict], cut_at_change: bool = False) ->
     # client's new turn) is this conversation trimmed, however much it dropped at once (a tight
     # budget after its tools grew): another conversation does not hold this one's last reply.
     head = 1 if have and want and have[0] == want[0] and have[0][0] == "system" else 0
-    if gone and len(gone) > kept - head and not _runs_on(held, equal_blocks, cut_want):
+    if gone and len(gone) > kept - head and not _runs_on(held, equal_blocks, cut_want) and not named:
         return None
     size = {m["id"]: m.get("n_cells", 1) for m in held}
     inserted = [(i, msgs) for i, msgs in inserted if i not in dropped]  # before a message that goes: read
     return Match("", kept + len(replaced), dropped, new, replaced, inserted=inserted, reused_cells=cells,
-                 dropped_cells=sum(size[i] for i in dropped), again=again)
+                 dropped_cells=sum(size[i] for i in dropped), again=again, named=named)
 
 
 def _runs_on(held: list[dict], equal_blocks: list[tuple[int, int, int]], first_new: int) -> bool:
@@ -191,6 +194,14 @@ def _pair(held: list[dict], incoming: list[dict], i1: int, i2: int, j1: int, j2:
         pairs.pop()
         return (pairs, j2 - 1) if pairs else None
     return pairs, None
+
+
+def resends_history(held: list[dict], incoming: list[dict]) -> bool:
+    """Whether messages sent to a named session are its history again (they begin with its first
+    message) rather than only what is new (what the chat app and `kvside ask` send). One message
+    equal to the session's first user message stays new: the user said it again."""
+    return bool(held and incoming) and _key(incoming[0]) == _key(held[0]) and (
+        len(incoming) > 1 or held[0]["role"] == "system")
 
 
 def best_match(sessions: dict[str, list[dict]], incoming: list[dict]) -> Match | None:
@@ -242,7 +253,7 @@ def _repair_or_read_again(core, s, match: Match, messages: list[dict]) -> Match:
     repair_s = costs.read(strat.repaired(later, len(led)), depth) + (costs.shift() if strat.name == "recompute" else 0.0)
     if strat.name != "reprefill" and repair_s < costs.read(later, depth - later):
         return match
-    cut = diff(chat_history(s), messages, cut_at_change=True)
+    cut = diff(chat_history(s), messages, cut_at_change=True, named=match.named)
     if cut is None:
         return match  # nothing before the drop to keep: the mask and the strategy's own repair
     cut.session, cut.retooled = match.session, match.retooled
@@ -289,6 +300,10 @@ def _edit_to_match(core, s, match: Match, messages: list[dict], note: dict) -> l
         # until positions run out (see edits.close_gaps)
         if s.pending_msg in dropped:
             s.pending, s.pending_msg, s.closing = [], -1, ""
+        for i in dropped:
+            # a system prompt the client changed in a way not worth editing goes with everything
+            # after it (the client's new one is read and pinned in its place); a roll never drops it
+            s.message(i).pinned = False
         strat = edits.Strategy.parse(s.roll_strategy)
         gone = set(dropped)
         first = next((i for i, m in enumerate(s.ledger.msg) if m in gone), len(s.ledger))
@@ -500,6 +515,30 @@ def _take_client_reasoning(s, messages: list[dict]) -> list[int]:
     return changed
 
 
+def _after_drops(s, match: Match) -> list[int]:
+    """The live messages right after each dropped run: a template may render them otherwise now
+    (Gemma's folds the system prompt into the first user turn, so the turn that becomes the first
+    takes it on), so they are compared with their rendering once more (edits.restyle)."""
+    dropped, out, after = set(match.dropped), [], False
+    for m in s.messages:
+        if m.kind not in CHAT_KINDS:
+            continue
+        if m.id in dropped:
+            after = True
+        elif after and m.state == "live":
+            out.append(m.id)
+            after = False
+    return out
+
+
+def _last_reply(s) -> list[int]:
+    """The session's latest live reply: its cells are what the model wrote, not the template's
+    rendering of it, which may differ (templates that trim a reply's whitespace: Gemma, Llama 3),
+    so it is compared once more now that the client sends it back (edits.restyle)."""
+    last = next((m for m in reversed(s.messages) if m.state == "live" and m.kind in CHAT_KINDS), None)
+    return [last.id] if last is not None and last.role == "assistant" else []
+
+
 def bind_and_start(core, messages: list[dict], params: dict, stream, *, session: str | None = None,
                    reuse: bool = True, documents: list[str] = (), reply=None) -> dict:
     """Choose the session that answers `messages`, edit it to match, and start the reply, all in
@@ -516,8 +555,10 @@ def bind_and_start(core, messages: list[dict], params: dict, stream, *, session:
     if session is not None:
         if core.known(session):
             s = core.get(session)
-            match = best_match({s.name: chat_history(s)}, messages)
+            held = chat_history(s)
+            match = diff(held, messages, named=resends_history(held, messages))
             if match is not None:
+                match.session = s.name
                 match = _repair_or_read_again(core, s, match, messages)
         else:
             s, match, created = core.new_session(session), None, True
@@ -591,7 +632,8 @@ def _edit_and_start(core, s, match: Match | None, messages: list[dict], params: 
                 held = {e.get("document") for e in s.edit_log if e.get("edit") == "attach"}
                 new_docs = [doc for doc in documents if compose.find(doc)[0] not in held]
                 note["attached"] = compose.attach_documents(core, s, new_docs) if new_docs else []
-            recheck = _take_client_reasoning(s, messages) if match is not None else []
+            recheck = (_take_client_reasoning(s, messages) + _last_reply(s) + _after_drops(s, match)
+                       if match is not None else [])
             stream.session = s.name
             stream.put(Event("bound", data=note))
             core.start_chat(s.name, new, sampling, stream, reply, shared=note.get("shared_tokens", 0),

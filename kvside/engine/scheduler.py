@@ -14,7 +14,7 @@ from kvside.engine.costs import SMALL_BATCH
 from kvside.engine.decode import decode_error
 from kvside.engine.reply import ReplyReader, ReplySpec, constraint
 from kvside.engine.sampling import Sampler, SamplingParams, StopMatcher
-from kvside.engine.session import MSG_DROPPED, Message, Session
+from kvside.engine.session import MSG_DROPPED, MSG_LIVE, Message, Session
 from kvside.engine.stream import Completion, Event, Stream, Usage
 from kvside.errors import EditError, InvalidRequest, KvsideError
 
@@ -98,7 +98,7 @@ class Scheduler:
             elif s.tools != spec.tools:
                 raise InvalidRequest(f"session {name!r} was started with other tools; tool definitions are part of "
                                      "its cached prompt, so start a new session for a new set", param="tools")
-        if new and not s.messages and (new[0].role == "system" or s.tools):
+        if new and not any(m.state == MSG_LIVE for m in s.messages) and (new[0].role == "system" or s.tools):
             # the system prompt is never rolled away, nor the turn that carries the tool definitions
             new[0].pinned = True
         history = s.template_history() + [m.as_template() for m in new]

@@ -24,14 +24,7 @@ KINDS = ("smollm2", "gemma3", "mamba", "lfm2")
 _names = itertools.count()
 
 
-# Gemma's template folds the system prompt into the first user turn. Found by this test, open:
-# once the client drops that turn, the session's prompt has lost the system prompt's text, where a
-# fresh read of the client's messages puts it into the turn that is now first.
-GEMMA_FOLD = pytest.mark.xfail(reason="a dropped first turn takes the folded system prompt with it (open)",
-                               strict=False)
-
-
-@pytest.fixture(scope="module", params=[pytest.param(k, marks=GEMMA_FOLD) if k == "gemma3" else k for k in KINDS])
+@pytest.fixture(scope="module", params=KINDS)
 def engine(request, tmp_path_factory):
     kind = request.param
     model = None if kind == "smollm2" else str(write(kind, tmp_path_factory.mktemp("tiny") / f"{kind}.gguf",

@@ -515,15 +515,16 @@ def _take_client_reasoning(s, messages: list[dict]) -> list[int]:
     return changed
 
 
-def _after_drops(s, match: Match) -> list[int]:
-    """The live messages right after each dropped run: a template may render them otherwise now
-    (Gemma's folds the system prompt into the first user turn, so the turn that becomes the first
-    takes it on), so they are compared with their rendering once more (edits.restyle)."""
-    dropped, out, after = set(match.dropped), [], False
+def _after_changes(s, match: Match) -> list[int]:
+    """The live messages right after each run of dropped or rewritten ones: a template may render
+    them otherwise now (Gemma's folds the system prompt into the first user turn: the turn that
+    becomes first takes it on, and a rewritten system prompt changes that turn's text, not its
+    own cells), so they are compared with their rendering once more (edits.restyle)."""
+    changed, out, after = set(match.dropped) | {i for i, _ in match.replaced}, [], False
     for m in s.messages:
         if m.kind not in CHAT_KINDS:
             continue
-        if m.id in dropped:
+        if m.id in changed:
             after = True
         elif after and m.state == "live":
             out.append(m.id)
@@ -632,7 +633,7 @@ def _edit_and_start(core, s, match: Match | None, messages: list[dict], params: 
                 held = {e.get("document") for e in s.edit_log if e.get("edit") == "attach"}
                 new_docs = [doc for doc in documents if compose.find(doc)[0] not in held]
                 note["attached"] = compose.attach_documents(core, s, new_docs) if new_docs else []
-            recheck = (_take_client_reasoning(s, messages) + _last_reply(s) + _after_drops(s, match)
+            recheck = (_take_client_reasoning(s, messages) + _last_reply(s) + _after_changes(s, match)
                        if match is not None else [])
             stream.session = s.name
             stream.put(Event("bound", data=note))

@@ -18,6 +18,7 @@ from kvside.engine import checkpoints, deviation, native, prompt
 from kvside.engine.jobs import JOB_CHUNK, finish
 from kvside.engine.ledger import ERRATUM, LIVE, RECOMPUTED, SUMMARY
 from kvside.engine.session import (
+    MSG_DROPPED,
     MSG_MASKED,
     MSG_PRUNED,
     MSG_ROLLED,
@@ -607,7 +608,7 @@ def restyle(core, s: Session, new: list[Message], recheck: list[int] = ()) -> Re
     those after it go and the turns are read again before the new messages. `recheck`: held
     messages changed since their cells were read (a reply sent back without its reasoning), whose
     text is compared too."""
-    order = [m for m in s.messages if m.kind != "text"]
+    order = [m for m in s.messages if m.kind != "text" and m.state != MSG_DROPPED]  # as template_history
     ids = [m.id for m in order]
     start = min((ids.index(i) for i in recheck if i in ids), default=None)
     k, texts = core.template.layout([m.as_template() for m in order], [m.as_template() for m in new],

@@ -120,7 +120,11 @@ class Session:
         raise InvalidRequest(f"session {self.name} has no message {msg_id}")
 
     def template_history(self) -> list[dict]:
-        return [m.as_template() for m in self.messages if m.kind != "text"]
+        """The conversation as the template renders what follows it: every message, its cells
+        in the cache or not, but for those the client stopped sending (a template may render the
+        rest otherwise without them: Gemma's folds the system prompt into whichever user turn is
+        first)."""
+        return [m.as_template() for m in self.messages if m.kind != "text" and m.state != MSG_DROPPED]
 
     def log(self, kind: str, **data) -> dict:
         entry = {"edit": kind, "time": time.time(), **data}

@@ -53,3 +53,20 @@ def test_nothing_is_logged_when_it_is_off(daemon_url, caplog):
         assert httpx.get(daemon_url + "/health").status_code == 200
     assert [r for r in caplog.records if r.name == "kvside.requests"] == []
     accesslog.note(model="x")  # outside a logged request: nothing to add to, no error
+
+
+def test_a_client_that_goes_away_mid_stream_is_logged_so(daemon_url, lines):
+    import time
+
+    body = {"messages": [{"role": "user", "content": "Count from one to fifty in words."}], "max_tokens": 200,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", daemon_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content"' in line and '"content": ""' not in line:
+                break  # the first words: the client leaves
+    for _ in range(200):
+        if lines():
+            break
+        time.sleep(0.05)
+    [line] = lines()
+    assert line.startswith("POST /v1/chat/completions 200 ") and "finish=client gone" in line, line

@@ -368,9 +368,7 @@ class AnthropicFront:
                     for out in writer.feed(event):
                         yield out
         finally:
-            if not stream.done:
-                stream.cancel()  # the client went away
-            self.d._done()
+            self.d._stream_ended(stream)
 
 
 def is_anthropic(path: str) -> bool:

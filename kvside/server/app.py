@@ -197,6 +197,14 @@ class Daemon:
     def _done(self) -> None:
         self.active -= 1
 
+    def _stream_ended(self, stream) -> None:
+        """A streamed reply's response has ended. If the client went away before the reply did, its
+        generation stops (its session keeps what was written) and the request's log line says so."""
+        if not stream.done:
+            stream.cancel()
+            accesslog.note(finish="client gone")
+        self._done()
+
     @staticmethod
     def _explicit(request: HTTPRequest, req: oa.Request) -> str | None:
         name = request.headers.get("x-kvside-session") or req.session
@@ -389,9 +397,7 @@ class Daemon:
                         yield _data(oa.usage_chunk(cid, model, oa.usage_of(done, note)))
             yield ServerSentEvent(data="[DONE]")
         finally:
-            if not stream.done:
-                stream.cancel()  # the client went away
-            self._done()
+            self._stream_ended(stream)
 
     async def embeddings(self, request: HTTPRequest) -> JSONResponse:
         inputs, fmt, dims, model = oa.parse_embeddings(await self._json(request))
@@ -463,9 +469,7 @@ class Daemon:
             if shape != "llama":
                 yield ServerSentEvent(data="[DONE]")
         finally:
-            if not stream.done:
-                stream.cancel()
-            self._done()
+            self._stream_ended(stream)
 
     # -- kvside's own endpoints -----------------------------------------------------------------
     # Sessions belong to their model: `?model=NAME` picks whose (loaded on demand, as for a chat

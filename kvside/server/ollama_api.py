@@ -510,8 +510,6 @@ class OllamaFront:
                         yield _line({"model": model, "created_at": now(), **shape(""),
                                      **final_fields(done, t0)})
             finally:
-                if not stream.done:
-                    stream.cancel()  # the client went away
-                self.d._done()
+                self.d._stream_ended(stream)
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)

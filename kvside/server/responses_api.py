@@ -677,6 +677,4 @@ class ResponsesFront:
                     for out in writer.feed(event):
                         yield out
         finally:
-            if not stream.done:
-                stream.cancel()  # the client went away
-            self.d._done()
+            self.d._stream_ended(stream)

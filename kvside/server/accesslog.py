@@ -44,13 +44,11 @@ def replied(done, binding: dict | None) -> None:
     usage = done.usage
     note(session=done.session, prompt=usage.prompt_tokens, cached=usage.cached_tokens, out=usage.completion_tokens,
          ttft=f"{done.t_prefill_s:.2f}s", finish=done.finish_reason)
-    note(**{key: binding[key] for key in _BINDING if binding and binding.get(key)})
+    from kvside.server.openai_api import binding_facts
+
+    note(**{key: value for key, value in binding_facts(binding).items() if value})
     if done.notices:
         note(auto_edits=",".join(n.get("kind", "roll") for n in done.notices))
-
-
-_BINDING = ("reused_messages", "dropped_tokens", "edited_messages", "inserted_tokens", "removed_tokens",
-            "moved_tokens", "recomputed_tokens", "shared_tokens", "tools_changed")
 
 
 class RequestLog:
